@@ -1,0 +1,183 @@
+"""GOPO's objectives (GOPO.md §3) as pure functions on one group of G rollouts; the caller vmaps over groups.
+
+* Expert (EA): the trajectory-level goal-preference loss (default) or group-normalised clipped policy gradient,
+  both on the masked strategy distribution `softmax(z + log M[σ])` whose disallowed strategies have probability 0.
+* Customer-service (CS): per-turn constrained reward `a·v·(q + λ_S·S) − μ·(1 − a)`, advantages normalised over
+  the group's turns, token-level PPO clipping with a clamped k3 KL to the reference, and dual ascent on μ.
+
+Shapes: G rollouts per group, T turns, n_k strategies, L token slots. Every function asserts its shapes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from gopo_jax.metrics.group import group_normalise, pairwise_preference_weights
+
+Array = chex.Array
+_NEG = -1e30  # finite "minus infinity": exp() is exactly 0, yet 0 * _NEG stays finite (no NaN in masked sums)
+
+
+def masked_strategy_log_softmax(logits: Array, allowed: Array) -> Array:
+    """log π_E(· | x) = log softmax(z + log M): f32[..., n_k]; disallowed strategies get exactly zero probability.
+
+    A row with no allowed strategy (a padded turn) returns zeros instead of NaN; callers mask such turns out.
+    """
+    chex.assert_equal_shape([logits, allowed])
+    chex.assert_type(allowed, bool)
+    masked = jnp.where(allowed, logits.astype(jnp.float32), _NEG)
+    logp = jax.nn.log_softmax(masked, axis=-1)
+    any_allowed = jnp.any(allowed, axis=-1, keepdims=True)
+    return jnp.where(allowed & any_allowed, logp, jnp.where(any_allowed, _NEG, 0.0))
+
+
+def strategy_kl(logp: Array, ref_logp: Array, allowed: Array) -> Array:
+    """Exact KL(π ‖ π_ref) over the allowed strategies, per decision: f32[..., n_k] x2 -> f32[...]."""
+    chex.assert_equal_shape([logp, ref_logp, allowed])
+    p = jnp.where(allowed, jnp.exp(logp), 0.0)
+    return jnp.sum(jnp.where(allowed, p * (logp - ref_logp), 0.0), axis=-1)
+
+
+def strategy_entropy(logp: Array, allowed: Array) -> Array:
+    chex.assert_equal_shape([logp, allowed])
+    p = jnp.where(allowed, jnp.exp(logp), 0.0)
+    return -jnp.sum(jnp.where(allowed, p * logp, 0.0), axis=-1)
+
+
+def trajectory_scores(esndcg: Array, business: Array, *, lambda_b: float, use_esndcg: bool = True) -> Array:
+    """S_i = ESNDCG(τ_i) + λ_B · R_B(τ_i); the "no ESNDCG" ablation uses S = R_B."""
+    chex.assert_equal_shape([esndcg, business])
+    return (esndcg if use_esndcg else 0.0) + lambda_b * business
+
+
+def expert_preference_loss(logp: Array, ref_logp: Array | None, turn_mask: Array, scores: Array, *,
+                           beta_pref: float, margin: float = 0.0) -> tuple[Array, dict[str, Array]]:
+    """Trajectory-level goal preference over one group.
+
+    ℓ_i = Σ_t [log π_E(k_it) − log π_ref(k_it)] (without a reference, Σ_t log π_E(k_it));
+    L_E = Σ_ij W_ij softplus(−β (ℓ_i − ℓ_j)) / Σ_ij W_ij with W_ij = |S_i − S_j| for S_i > S_j + margin.
+    A group without any ordered pair gives 0 loss and `has_pairs = 0` (the caller averages over groups with pairs).
+
+    Args: logp, ref_logp: f32[G, T] log-probs of the chosen strategies; turn_mask: bool[G, T]; scores: f32[G].
+    """
+    chex.assert_rank([logp, turn_mask, scores], [2, 2, 1])
+    chex.assert_equal_shape([logp, turn_mask])
+    delta = logp if ref_logp is None else logp - ref_logp
+    ell = jnp.sum(jnp.where(turn_mask, delta, 0.0), axis=-1)
+    weights = pairwise_preference_weights(scores, margin=margin)
+    pair_loss = jax.nn.softplus(-beta_pref * (ell[:, None] - ell[None, :]))
+    total_weight = jnp.sum(weights)
+    loss = jnp.sum(weights * pair_loss) / jnp.maximum(total_weight, 1e-12)
+    has_pairs = total_weight > 0
+    pref_acc = jnp.sum(jnp.where(weights > 0, (ell[:, None] > ell[None, :]).astype(jnp.float32), 0.0)) / jnp.maximum(
+        jnp.sum(weights > 0), 1)
+    return jnp.where(has_pairs, loss, 0.0), {"has_pairs": has_pairs.astype(jnp.float32),
+                                             "preference_accuracy": pref_acc}
+
+
+def clipped_surrogate(logp: Array, old_logp: Array, advantages: Array, mask: Array, *, clip_eps: float
+                      ) -> tuple[Array, Array, Array]:
+    """Per-element PPO surrogate −min(r·A, clip(r)·A) with r = exp(logp − old_logp); also returns clip indicators
+    and the ratio. Shapes are any, all equal; masked elements give 0."""
+    chex.assert_equal_shape([logp, old_logp, advantages, mask])
+    ratio = jnp.exp(jnp.where(mask, logp - old_logp, 0.0))
+    unclipped = ratio * advantages
+    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    loss = -jnp.minimum(unclipped, clipped)
+    was_clipped = (jnp.abs(ratio - 1.0) > clip_eps) & mask
+    return jnp.where(mask, loss, 0.0), was_clipped, ratio
+
+
+def expert_clipped_pg_loss(logp: Array, old_logp: Array, turn_mask: Array, scores: Array, kl: Array | None, *,
+                           clip_eps: float, beta: float) -> tuple[Array, dict[str, Array]]:
+    """The alternative expert loss: A_i = group-normalised S_i on every EA decision of τ_i, PPO clipping against the
+    rollout policy, plus β·KL(π_E ‖ π_ref) (exact over strategies, per decision). Mean over the group's decisions."""
+    chex.assert_rank([logp, old_logp, turn_mask, scores], [2, 2, 2, 1])
+    adv = jnp.broadcast_to(group_normalise(scores)[:, None], logp.shape)
+    per_dec, was_clipped, _ = clipped_surrogate(logp, old_logp, adv, turn_mask, clip_eps=clip_eps)
+    n = jnp.maximum(jnp.sum(turn_mask), 1)
+    loss = jnp.sum(per_dec) / n
+    if kl is not None:
+        loss = loss + beta * jnp.sum(jnp.where(turn_mask, kl, 0.0)) / n
+    return loss, {"expert_clip_fraction": jnp.sum(was_clipped) / n}
+
+
+def cs_turn_rewards(aligned: Array, sop_valid: Array, quality: Array, scores: Array, mu: Array, *,
+                    lambda_s: float) -> Array:
+    """r^C_it = a_it · v_it · (q_it + λ_S · S_i) − μ · (1 − a_it): f32[G, T]."""
+    chex.assert_rank([aligned, sop_valid, quality, scores, mu], [2, 2, 2, 1, 0])
+    chex.assert_equal_shape([aligned, sop_valid, quality])
+    return aligned * sop_valid * (quality + lambda_s * scores[:, None]) - mu * (1.0 - aligned)
+
+
+def normalise_over_valid(values: Array, mask: Array, *, eps: float = 1e-6) -> Array:
+    """(x − mean)/(std + eps) over the valid entries of one group; zeros when they do not vary."""
+    chex.assert_equal_shape([values, mask])
+    n = jnp.maximum(jnp.sum(mask), 1)
+    mean = jnp.sum(jnp.where(mask, values, 0.0)) / n
+    var = jnp.sum(jnp.where(mask, (values - mean) ** 2, 0.0)) / n
+    std = jnp.sqrt(var)
+    out = (values - mean) / (std + eps)
+    return jnp.where(mask & (std > 1e-6), out, 0.0)
+
+
+def turn_to_token(per_turn: Array, token_turn: Array) -> Array:
+    """Broadcast a per-turn quantity f32[T] to token slots via their turn index int32[L] (-1 -> 0)."""
+    chex.assert_rank([per_turn, token_turn], [1, 1])
+    return jnp.where(token_turn >= 0, per_turn[jnp.clip(token_turn, 0, per_turn.shape[0] - 1)], 0.0)
+
+
+def k3_kl(logp: Array, ref_logp: Array, *, clamp: float = 10.0) -> Array:
+    """Schulman's k3 estimator of KL(π ‖ π_ref) per sampled token, exp(ref − logp) − (ref − logp) − 1, clamped."""
+    log_ratio = jnp.clip(ref_logp - logp, -clamp, clamp)
+    return jnp.clip(jnp.exp(log_ratio) - log_ratio - 1.0, 0.0, clamp)
+
+
+def aggregate_tokens(values: Array, mask: Array, mode: str) -> Array:
+    """Loss aggregation over f32[B, L]: 'token-mean' (all tokens equal) or 'seq-mean-token-mean'."""
+    chex.assert_rank([values, mask], [2, 2])
+    values = jnp.where(mask, values, 0.0)
+    if mode == "token-mean":
+        return jnp.sum(values) / jnp.maximum(jnp.sum(mask), 1)
+    if mode == "seq-mean-token-mean":
+        per_seq = jnp.sum(values, -1) / jnp.maximum(jnp.sum(mask, -1), 1)
+        has = jnp.any(mask, -1)
+        return jnp.sum(jnp.where(has, per_seq, 0.0)) / jnp.maximum(jnp.sum(has), 1)
+    raise ValueError(f"unknown loss aggregation {mode!r}; use 'token-mean' or 'seq-mean-token-mean'")
+
+
+def cs_policy_loss(logp: Array, old_logp: Array, ref_logp: Array | None, advantages: Array, mask: Array, *,
+                   clip_eps: float, beta: float, aggregation: str, kl_clamp: float = 10.0
+                   ) -> tuple[Array, dict[str, Array]]:
+    """Token-level PPO-clipped policy gradient on the CS reply tokens with β·k3-KL to the reference: f32[B, L] inputs."""
+    chex.assert_equal_shape([logp, old_logp, advantages, mask])
+    per_tok, was_clipped, ratio = clipped_surrogate(logp, old_logp, advantages, mask, clip_eps=clip_eps)
+    loss = aggregate_tokens(per_tok, mask, aggregation)
+    n = jnp.maximum(jnp.sum(mask), 1)
+    metrics = {"cs_clip_fraction": jnp.sum(was_clipped) / n,
+               "cs_ratio_mean": jnp.sum(jnp.where(mask, ratio, 0.0)) / n,
+               "cs_approx_kl_old": jnp.sum(jnp.where(mask, old_logp - logp, 0.0)) / n}
+    if ref_logp is not None:
+        kl = k3_kl(logp, ref_logp, clamp=kl_clamp)
+        kl_mean = aggregate_tokens(kl, mask, aggregation)
+        loss = loss + beta * kl_mean
+        metrics["cs_kl_ref"] = jnp.sum(jnp.where(mask, kl, 0.0)) / n
+    return loss, metrics
+
+
+def update_multiplier(mu: Array, violation_rate: Array, *, lr: float, target: float) -> Array:
+    """Dual ascent on the Lagrange multiplier: μ ← max(0, μ + η_μ (violation_rate − δ))."""
+    chex.assert_rank([mu, violation_rate], [0, 0])
+    return jnp.maximum(0.0, mu + lr * (violation_rate - target))
+
+
+EXPERT_LOSSES: dict[str, Callable] = {"preference": expert_preference_loss, "clipped_pg": expert_clipped_pg_loss}
+
+
+def get_expert_loss(name: str) -> Callable:
+    if name not in EXPERT_LOSSES:
+        raise ValueError(f"unknown expert_loss {name!r}; choose one of {sorted(EXPERT_LOSSES)}")
+    return EXPERT_LOSSES[name]
