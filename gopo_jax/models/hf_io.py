@@ -1,0 +1,269 @@
+"""Hugging Face checkpoints <-> our NNX Qwen3, both ways, plus the tokenizer that goes with them.
+
+`from_pretrained` reads a local `Qwen3ForCausalLM` folder (config.json + model.safetensors, or shards listed in
+model.safetensors.index.json). Names map through a regex table with a per-key transform (HF Linear weights are
+[out, in], ours [in, out]; norms and the embedding are stored as is). The model is built abstractly
+(`nnx.eval_shape`, no memory) and filled one tensor at a time with `jax.device_put(host_array, sharding)`, so a
+sharded model never passes through a single device. `save_pretrained` writes a folder that
+`transformers.Qwen3ForCausalLM.from_pretrained` loads.
+
+Every problem a person can cause (wrong folder, other architecture, a shape or name mismatch, a tokenizer with
+more ids than the model) raises one `CheckpointError` naming the file/tensor and what to do.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from gopo_jax.models.qwen3 import Qwen3, Qwen3Config
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or tokenizer folder that cannot be used as asked; the message says why and what to do."""
+
+
+def _same(x):
+    return x
+
+
+def _transpose(x):
+    return x.T
+
+
+# HF tensor name -> (our dotted parameter path as a match template, transform). Applied at load time.
+_HF_TO_OURS = [
+    (re.compile(r"^model\.embed_tokens\.weight$"), "embed_tokens.embedding", _same),
+    (re.compile(r"^model\.norm\.weight$"), "norm.scale", _same),
+    (re.compile(r"^lm_head\.weight$"), "lm_head.kernel", _transpose),
+    (re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight$"),
+     r"layers.\1.\2.kernel", _transpose),
+    (re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qk]_norm|input_layernorm|post_attention_layernorm)\.weight$"),
+     r"layers.\1.\2.scale", _same),
+]
+# Our path -> HF name, the inverse table used when saving.
+_OURS_TO_HF = [
+    (re.compile(r"^embed_tokens\.embedding$"), "model.embed_tokens.weight", _same),
+    (re.compile(r"^norm\.scale$"), "model.norm.weight", _same),
+    (re.compile(r"^lm_head\.kernel$"), "lm_head.weight", _transpose),
+    (re.compile(r"^layers\.(\d+)\.(.+)\.kernel$"), r"model.layers.\1.\2.weight", _transpose),
+    (re.compile(r"^layers\.(\d+)\.(.+)\.scale$"), r"model.layers.\1.\2.weight", _same),
+]
+# Buffers some exporters write that carry no parameters.
+_IGNORED_HF = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def _map_name(table, name: str):
+    for pattern, template, transform in table:
+        m = pattern.match(name)
+        if m:
+            return m.expand(template), transform
+    return None, None
+
+
+def hf_to_ours(name: str):
+    """(our dotted path, transform) for an HF tensor name, or (None, None) if it is not a Qwen3 weight."""
+    return _map_name(_HF_TO_OURS, name)
+
+
+def ours_to_hf(path: str):
+    """(HF tensor name, transform) for our dotted parameter path."""
+    hf, transform = _map_name(_OURS_TO_HF, path)
+    if hf is None:
+        raise CheckpointError(f"parameter {path!r} has no Hugging Face name in hf_io._OURS_TO_HF")
+    return hf, transform
+
+
+def _dotted(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _read_config(folder: pathlib.Path) -> dict:
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"checkpoint folder {folder} does not exist; pass a local Hugging Face model folder containing "
+            f"config.json and {SINGLE_FILE} (or {INDEX_FILE} with its shards)")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} not found; a Hugging Face model folder needs its config.json")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON ({e})") from None
+    arch = hf.get("architectures") or []
+    if hf.get("model_type") != "qwen3" or (arch and "Qwen3ForCausalLM" not in arch):
+        raise CheckpointError(
+            f"{config_file} describes model_type={hf.get('model_type')!r}, architectures={arch}; only "
+            f"Qwen3ForCausalLM (model_type 'qwen3') checkpoints can be loaded")
+    return hf
+
+
+def _weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+    """HF tensor name -> the safetensors file holding it."""
+    single, index = folder / SINGLE_FILE, folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index with a 'weight_map' ({e!r})") from None
+        files = {name: folder / file for name, file in weight_map.items()}
+        absent = sorted({str(f) for f in files.values() if not f.is_file()})
+        if absent:
+            raise CheckpointError(f"{index} lists shard file(s) that are missing: {absent}")
+        return files
+    if single.is_file():
+        with safe_open(single, framework="np") as f:
+            return {name: single for name in f.keys()}
+    raise CheckpointError(
+        f"no weights in {folder}: looked for {SINGLE_FILE} and {INDEX_FILE} (.bin PyTorch pickles are not read: "
+        f"re-save them with safetensors)")
+
+
+def from_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None,
+                    param_dtype: str | None = None) -> Qwen3:
+    """Loads a local Qwen3ForCausalLM folder. With `mesh` (axes "data", "fsdp", "tensor") every parameter is
+    placed straight onto its NamedSharding from the model's partition annotations.
+
+    param_dtype defaults to the checkpoint's torch_dtype (float32 if it is something else); dtype (compute)
+    defaults to param_dtype.
+    """
+    folder = pathlib.Path(path)
+    hf = _read_config(folder)
+    stored = hf.get("torch_dtype") or hf.get("dtype")
+    param_dtype = param_dtype or (stored if stored in ("float32", "bfloat16", "float16") else "float32")
+    try:
+        config = Qwen3Config.from_hf_dict(hf, dtype=dtype or param_dtype, param_dtype=param_dtype)
+    except ValueError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    if mesh is not None and not set(MESH_AXES) <= set(mesh.axis_names):
+        raise CheckpointError(f"mesh axes {mesh.axis_names} must include {MESH_AXES} (see gopo_jax.parallel)")
+    files = _weight_files(folder)
+
+    def build():
+        return Qwen3(config, rngs=nnx.Rngs(0))
+
+    if mesh is None:
+        abstract = nnx.eval_shape(build)
+    else:
+        with jax.set_mesh(mesh):
+            abstract = nnx.eval_shape(build)
+    graphdef, abs_state = nnx.split(abstract)
+    targets = {_dotted(p): (p, v) for p, v in nnx.to_flat_state(abs_state)}
+    specs = {_dotted(p): v.get_value() for p, v in nnx.to_flat_state(nnx.get_partition_spec(abs_state))}
+
+    plan, unexpected = {}, []
+    for name in sorted(files):
+        ours, transform = hf_to_ours(name)
+        if ours is None and _IGNORED_HF.search(name):
+            continue
+        if ours == "lm_head.kernel" and config.tie_word_embeddings:
+            continue  # some exports store the tied head too; the embedding is the source of truth
+        if ours is None or ours not in targets:
+            unexpected.append(name)
+        else:
+            plan[ours] = (name, transform)
+    missing = sorted(ours_to_hf(p)[0] for p in targets if p not in plan)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{folder} does not match its config.json ({config.num_layers} layers, tie_word_embeddings="
+            f"{config.tie_word_embeddings}): missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+            f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+
+    # Check every shape from the file headers before moving any data.
+    for ours, (_, var) in targets.items():
+        name, transform = plan[ours]
+        want = tuple(var.shape[::-1]) if transform is _transpose else tuple(var.shape)
+        with safe_open(files[name], framework="np") as f:
+            got = tuple(f.get_slice(name).get_shape())
+        if got != want:
+            raise CheckpointError(
+                f"tensor {name} in {files[name]} has shape {got} but config.json implies {want} (our {ours} is "
+                f"{tuple(var.shape)}); the weights and config.json come from different models")
+
+    target_dtype = jnp.dtype(config.param_dtype)  # bfloat16 is ml_dtypes', numpy-compatible
+    flat = []
+    for ours, (path, var) in targets.items():
+        name, transform = plan[ours]
+        with safe_open(files[name], framework="np") as f:
+            host = np.ascontiguousarray(transform(f.get_tensor(name)).astype(target_dtype))
+        if mesh is None:
+            value = jax.device_put(host)
+        else:
+            value = jax.device_put(host, jax.sharding.NamedSharding(mesh, specs[ours]))
+        flat.append((path, var.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def save_pretrained(model: Qwen3, path, *, max_shard_bytes: int = 4 * 2**30) -> None:
+    """Writes config.json and model.safetensors (or numbered shards + index above max_shard_bytes).
+
+    Older weight files of ours in the folder (model.safetensors, model-*-of-*.safetensors, the index) are removed
+    first so a loader never mixes two saves. Parameters are fetched to host one at a time.
+    """
+    folder = pathlib.Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    entries = []
+    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, transform = ours_to_hf(_dotted(p))
+        value = var.get_value()
+        entries.append((name, transform, value, int(np.prod(value.shape)) * value.dtype.itemsize))
+
+    shards, current, size = [], [], 0
+    for entry in entries:
+        if current and size + entry[3] > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += entry[3]
+    shards.append(current)
+
+    for old in [folder / SINGLE_FILE, folder / INDEX_FILE, *folder.glob("model-*-of-*.safetensors")]:
+        old.unlink(missing_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {name: np.ascontiguousarray(transform(np.asarray(jax.device_get(value))))
+                   for name, transform, value, _ in shard}
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+        weight_map.update({name: file for name in tensors})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(e[3] for e in entries)}, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def load_tokenizer(path):
+    """The checkpoint's tokenizer (tokenizer.json + tokenizer_config.json, chat_template included)."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = pathlib.Path(path)
+    if not (folder / "tokenizer.json").is_file():
+        raise CheckpointError(
+            f"{folder / 'tokenizer.json'} not found; the tokenizer folder needs tokenizer.json and "
+            f"tokenizer_config.json (as written by PreTrainedTokenizerFast.save_pretrained)")
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer in {folder}: {e}") from None
+
+
+def check_vocab(tokenizer, config: Qwen3Config) -> None:
+    """Raises CheckpointError when some tokenizer id has no embedding row in the model."""
+    max_id = max(max(tokenizer.get_vocab().values()), len(tokenizer) - 1)
+    if max_id >= config.vocab_size:
+        raise CheckpointError(
+            f"tokenizer ids go up to {max_id} but the model's vocab_size is {config.vocab_size}: ids >= "
+            f"{config.vocab_size} have no embedding row. Use the tokenizer saved with this checkpoint, or build "
+            f"the model with vocab_size >= {max_id + 1}")

@@ -1,0 +1,392 @@
+"""Qwen3 decoder-only language model in Flax NNX, with a fixed-size KV cache.
+
+This is the policy network for both agents (Expert and Customer-Service). It mirrors Hugging Face's
+`Qwen3ForCausalLM` numerically (per-head q/k RMSNorm before RoPE, SwiGLU MLP, GQA, tied or untied head) so
+checkpoints move both ways through `gopo_jax.models.hf_io`; submodule names follow HF so that mapping is a
+regex table.
+
+Forward contract (used by sampling, rollouts and every loss):
+
+    logits, cache = model(tokens[B, L], positions[B, L], token_valid[B, L], cache=None)
+
+* `token_valid=False` marks PAD slots anywhere in the sequence (dialogue buffers have fixed-size slots per
+  turn with padding in the middle). A pad is never attended to as a key. Its own output is garbage and must
+  be ignored by the caller. Positions come from the caller (normally `cumsum(valid) - 1`) so that pads do not
+  shift RoPE positions; a padded sequence therefore gives the same logits at its valid slots as the compacted
+  sequence.
+* Without a cache the L tokens attend causally (by slot order) to each other.
+* With a cache the L new keys/values are written at slots `[index, index + L)` and the queries attend to
+  every cache slot `s <= index + i` whose `valid` flag is set.
+
+Sharding scheme. Every parameter carries an `out_sharding` annotation (nnx's partitioning metadata) with the
+logical axis names "fsdp" and "tensor", which are also the mesh axis names used by `gopo_jax.parallel`
+(mesh axes "data", "fsdp", "tensor"):
+
+    embed_tokens.embedding  [V, D]      ("tensor", "fsdp")   vocab split by tensor, so the tied head's logits
+                                                             come out vocab-sharded like an untied head's
+    q/k/v_proj.kernel       [D, H*hd]   ("fsdp", "tensor")   Megatron column split over heads
+    o_proj.kernel           [H*hd, D]   ("tensor", "fsdp")   Megatron row split
+    gate/up_proj.kernel     [D, I]      ("fsdp", "tensor")
+    down_proj.kernel        [I, D]      ("tensor", "fsdp")
+    lm_head.kernel          [D, V]      ("fsdp", "tensor")
+    all RMSNorm scales      [D] / [hd]  (None,)              replicated
+
+The annotations are applied eagerly only when a mesh is active (`with jax.set_mesh(mesh):`) at construction;
+outside a mesh the model is built unsharded and the metadata is still there for `nnx.get_partition_spec`.
+
+Dtype policy: parameters are stored in `param_dtype`, matmuls run in `dtype`, RMSNorm statistics and the
+returned logits are float32.
+
+Using the model under `jax.jit` / `lax.scan`: split once (`graphdef, state = nnx.split(model)`), pass `state`
+through the transformation and `nnx.merge(graphdef, state)` inside; see `gopo_jax.sampling`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+# config.json keys whose values we do not model; a checkpoint that sets them differently is not a plain Qwen3.
+_HF_UNSUPPORTED = {
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "use_sliding_window": False,
+    "rope_scaling": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    """Architecture and dtype policy of a Qwen3 decoder (field names are ours; `to_hf_dict` gives HF's)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 40960
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Qwen3Config.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"Qwen3Config.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}) for grouped-query attention")
+        if self.head_dim % 2:
+            raise ValueError(f"Qwen3Config.head_dim must be even for RoPE, got {self.head_dim}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"Qwen3Config.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
+
+    def replace(self, **overrides: Any) -> "Qwen3Config":
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown Qwen3Config field(s) {sorted(unknown)}; valid: "
+                             f"{[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json of the equivalent `transformers.Qwen3ForCausalLM`."""
+        return {
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rope_theta": float(self.rope_theta),
+            "rms_norm_eps": float(self.rms_norm_eps),
+            "tie_word_embeddings": bool(self.tie_word_embeddings),
+            "max_position_embeddings": self.max_position_embeddings,
+            "torch_dtype": self.param_dtype,
+            "attention_dropout": 0.0,
+            **_HF_UNSUPPORTED,
+        }
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], **overrides: Any) -> "Qwen3Config":
+        """Reads a Qwen3ForCausalLM config.json dict; `overrides` set our own fields (dtype, remat, ...)."""
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"Qwen3 config.json lacks required key(s) {missing}")
+        for key, supported in _HF_UNSUPPORTED.items():
+            if d.get(key, supported) != supported:
+                raise ValueError(f"Qwen3 config.json sets {key}={d[key]!r}; only {supported!r} is supported")
+        kwargs = dict(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_heads=int(d["num_attention_heads"]),
+            num_kv_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+            head_dim=int(d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]),
+            rope_theta=float(d.get("rope_theta", 1e6)),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            # HF's Qwen3Config defaults tie_word_embeddings to False.
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 40960)),
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def _published(hidden, intermediate, layers, heads, tie):
+    return Qwen3Config(vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
+                       num_heads=heads, num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
+                       tie_word_embeddings=tie, max_position_embeddings=40960, param_dtype="bfloat16",
+                       dtype="bfloat16")
+
+
+PRESETS: dict[str, Qwen3Config] = {
+    # For unit tests: compiles in seconds on CPU.
+    "tiny": Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=2048),
+    # ~1.3M parameters: trainable on CPU for the small end-to-end experiments.
+    "small": Qwen3Config(vocab_size=4096, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+                         num_kv_heads=2, head_dim=32, tie_word_embeddings=True, max_position_embeddings=4096),
+    # Published Qwen3 checkpoints (values from their config.json; stored in bf16).
+    "qwen3-0.6b": _published(1024, 3072, 28, 16, tie=True),
+    "qwen3-1.7b": _published(2048, 6144, 28, 16, tie=True),
+    "qwen3-4b": _published(2560, 9728, 36, 32, tie=True),
+    "qwen3-8b": _published(4096, 12288, 36, 32, tie=False),
+    "qwen3-14b": _published(5120, 17408, 40, 40, tie=False),
+}
+
+
+def get_config(name: str, **overrides: Any) -> Qwen3Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown Qwen3 preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Fixed-size key/value cache. Slots `[0, index)` are written; `valid` hides pad slots from attention."""
+
+    k: jax.Array  # [num_layers, B, S, num_kv_heads, head_dim], post-RoPE keys
+    v: jax.Array  # [num_layers, B, S, num_kv_heads, head_dim]
+    valid: jax.Array  # bool[B, S]
+    index: jax.Array  # int32 scalar: next slot to write
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: Qwen3Config, batch: int, max_len: int, dtype=None) -> KVCache:
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+
+def _partitioned(init, names: tuple[str | None, ...]):
+    # Eager sharding needs a mesh in context; without one we keep the annotation only, so the model can be
+    # built on a single device and placed later from `nnx.get_partition_spec`.
+    eager = not jax.sharding.get_abstract_mesh().empty
+    return nnx.with_partitioning(init, names, eager_sharding=eager)
+
+
+def _linear(cfg: Qwen3Config, d_in: int, d_out: int, names, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                      kernel_init=_partitioned(nnx.initializers.normal(0.02), names), rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    """HF Qwen3RMSNorm: statistics in float32, cast back to the input dtype, then scaled."""
+
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(_partitioned(nnx.initializers.ones, (None,))(None, (dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding in HF's rotate-half layout. x: [B, L, N, hd], positions: int[B, L]."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, hd/2]
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, hd = cfg.hidden_size, cfg.head_dim
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.q_proj = _linear(cfg, d, cfg.num_heads * hd, ("fsdp", "tensor"), rngs)
+        self.k_proj = _linear(cfg, d, cfg.num_kv_heads * hd, ("fsdp", "tensor"), rngs)
+        self.v_proj = _linear(cfg, d, cfg.num_kv_heads * hd, ("fsdp", "tensor"), rngs)
+        self.o_proj = _linear(cfg, cfg.num_heads * hd, d, ("tensor", "fsdp"), rngs)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, pdt)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, pdt)
+
+    def __call__(self, x, positions, mask, kv_cache):
+        """x: [B, L, D]; mask: bool[B, 1, L, S]; kv_cache: None or (k_all, v_all, layer, index)."""
+        cfg = self.cfg
+        b, length, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(b, length, cfg.num_heads, cfg.head_dim))
+        k = self.k_norm(self.k_proj(x).reshape(b, length, cfg.num_kv_heads, cfg.head_dim))
+        v = self.v_proj(x).reshape(b, length, cfg.num_kv_heads, cfg.head_dim)
+        q = apply_rope(q, positions, cfg.rope_theta)
+        k = apply_rope(k, positions, cfg.rope_theta)
+        new_kv = None
+        if kv_cache is not None:
+            k_all, v_all, layer, index = kv_cache
+            zero = jnp.zeros((), jnp.int32)
+            start = (jnp.asarray(layer, jnp.int32), zero, index, zero, zero)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            new_kv = (k_all, v_all)
+            k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
+        # jax's native GQA: N query heads over K kv heads when N % K == 0.
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim ** -0.5)
+        return self.o_proj(out.reshape(b, length, cfg.num_heads * cfg.head_dim)), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, rngs: nnx.Rngs):
+        self.gate_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, ("fsdp", "tensor"), rngs)
+        self.up_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, ("fsdp", "tensor"), rngs)
+        self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, ("tensor", "fsdp"), rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, mask, kv_cache):
+        attn, new_kv = self.self_attn(self.input_layernorm(x), positions, mask, kv_cache)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, new_kv
+
+
+def _layer_call(layer, x, positions, mask, kv_cache):
+    return layer(x, positions, mask, kv_cache)
+
+
+# Rematerialise each block's activations in the backward pass (saves memory on long dialogues).
+_layer_call_remat = nnx.remat(_layer_call)
+
+
+class Qwen3(nnx.Module):
+    """Qwen3ForCausalLM. Attribute names mirror HF (`model.` prefix dropped) for the hf_io key table."""
+
+    def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+        self.config = config
+        cfg = config
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+            embedding_init=_partitioned(nnx.initializers.normal(0.02), ("tensor", "fsdp")), rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, jnp.dtype(cfg.param_dtype))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, ("fsdp", "tensor"), rngs)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        chex.assert_rank([tokens, positions, token_valid], 2)
+        chex.assert_equal_shape([tokens, positions, token_valid])
+        chex.assert_type([tokens, positions], int)
+        chex.assert_type(token_valid, bool)
+        cfg = self.config
+        b, length = tokens.shape
+        x = self.embed_tokens(tokens)
+
+        if cache is None:
+            slot = jnp.arange(length)
+            causal = slot[None, :] <= slot[:, None]  # [L, L]: key slot <= query slot
+            mask = causal[None, None] & token_valid[:, None, None, :]
+            kv = None
+        else:
+            chex.assert_shape(cache.valid, (b, None))
+            index = jnp.asarray(cache.index, jnp.int32)
+            valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (jnp.zeros((), jnp.int32), index))
+            slot = jnp.arange(cache.max_len)
+            causal = slot[None, :] <= index + jnp.arange(length)[:, None]  # [L, S]
+            mask = causal[None, None] & valid[:, None, None, :]
+            kv = (cache.k, cache.v)
+
+        call = _layer_call_remat if cfg.remat else _layer_call
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if kv is None else (kv[0], kv[1], i, index)
+            x, new_kv = call(layer, x, positions, mask, layer_cache)
+            if kv is not None:
+                kv = new_kv
+
+        x = self.norm(x)
+        if cfg.tie_word_embeddings:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits, None
+        return logits, KVCache(k=kv[0], v=kv[1], valid=valid, index=index + length)
+
+
+def forward_logprobs(model: Qwen3, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array) -> jax.Array:
+    """float32[B, L]: log p(tokens[:, i] | valid tokens before slot i), 0.0 where undefined.
+
+    With pads inside the sequence, token i is predicted by the logits of the closest *valid* slot before it
+    (not slot i - 1, which may be a pad). Slots that are pads themselves, or have no valid slot before them
+    (slot 0, leading pads, the first valid token), get 0.0.
+    """
+    logits, _ = model(tokens, positions, token_valid)
+    b, length = tokens.shape
+    slot = jnp.arange(length)
+    # prev[b, i] = largest valid slot j < i, or -1.
+    last_valid_upto = jax.lax.cummax(jnp.where(token_valid, slot[None, :], -1), axis=1)
+    prev = jnp.concatenate([jnp.full((b, 1), -1, last_valid_upto.dtype), last_valid_upto[:, :-1]], axis=1)
+    has_prev = (prev >= 0) & token_valid
+    prev = jnp.maximum(prev, 0)
+    rows = jnp.arange(b)[:, None]
+    # Gather target logits rather than a full [B, L, V] log-softmax copy.
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
+    target = logits[rows, prev, tokens]
+    return jnp.where(has_prev, target - lse[rows, prev], 0.0)
+
+
+def count_params(model: nnx.Module) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
