@@ -1,0 +1,540 @@
+"""TmallBrand stand-in: brand-store after-sales customer service on ABCD's guidelines, workflows and ontology.
+
+TmallBrand itself is not public; this world rebuilds its shape from ABCD (shared/data/abcd, see its README.md):
+- Scenarios: the 55 ABCD subflows of ontology.json (`intents.subflows`, grouped by the 10 flows); `reset(seed)`
+  plays subflow `seed % 55` with customer values drawn from the seed: name, membership level, product, shipping
+  status and reason from the ontology's enumerable values; account id, order id, zip code, username, e-mail,
+  address and refund amount generated in ABCD's formats. The customer's issue text is the guideline subflow title
+  and flow description (guidelines.json, matched to the ontology subflows by position, checked for equal counts).
+- SOP: kb.json's ordered required button sequence per subflow, built at load time into ONE AUTOMATON PER SUBFLOW
+  (validated by gopo_jax.dialogue.sop.sop_from_dict): opening --greet--> step 1 (allows its button and ask_info)
+  --button--> step 2 ... --last button--> wrapup (close, ask_info) --close--> closed. `env.spec` is the current
+  scenario's automaton (every subflow shares the same strategy list, so indices and names never change).
+  Preconditions from the ontology's button slots: a button is allowed only once the customer has told the agent
+  the facts it needs (BUTTON_NEEDS, each checked against ontology.json `actions`); `HostObs.allowed` = the
+  automaton mask AND these preconditions.
+- Strategies (26): greet, ask_info, close and the 23 ABCD buttons of kb.json, with the eight FAQ topic toggles
+  (search-boots, search-shirt, search-jeans, search-jacket, search-pricing, search-membership, search-timing,
+  search-policy) folded into one `search-topic` (the topic is content the reply names), which keeps the set small
+  without losing an SOP distinction (each subflow uses exactly one topic toggle).
+- Replies realise buttons with ABCD's action-turn texts ("Account has been pulled up for ...", "Purchase
+  validation in progress ...", "Searching the FAQ pages ..."); R matches those patterns (ordered rules), then
+  ask_info (a question naming customer facts), greet, close.
+- Customer simulator (deterministic given the seed): states its issue, answers ask_info with the facts asked for
+  (those it has), acknowledges each completed action, rejects out-of-order or unfounded actions.
+- τ-bench retail (shared/data/tau_bench_retail) is not used: its policy needs its own tool API and database
+  state, which this world does not model.
+
+Per-turn signals and outcome (ABCD has no engagement labels; the numbers are set, not fitted):
+- g_t = 1/n for each required action completed in order (n = length of the subflow's kb.json sequence).
+- c_t: 0.98 after a completed action, 0.95 after a turn where the customer told new facts, 0.85 after an idle
+  valid turn, 0.6 after an SOP violation or unrecognised reply; the customer leaves after `patience` (3–5, from
+  the seed) consecutive turns without progress or new facts.
+- rel_t (R = 2): 0 for a realised SOP violation, 2 for the reference strategy, 1 for another allowed one.
+- q_t: 0.
+- outcome o = the whole required sequence completed in order; fcr = o and the subflow does not hand the case to
+  another team (`notify-team` in its sequence); sat = completed fraction × Π c_t.
+- T_max = 16 agent turns (the longest reference episode needs 12).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import pathlib
+import re
+from typing import Any, Iterable
+
+import numpy as np
+
+from gopo_jax.dialogue.sop import SOP, UNRECOGNISED, SOPError, sop_from_dict
+from gopo_jax.envs.base import DemoTurn, Demonstration, EnvSpec, EpisodeOutcome, HostObs, TurnSignals
+
+DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "abcd"
+MAX_TURNS = 16
+MAX_RELEVANCE = 2
+ENGAGEMENT = dict(progress=0.98, info=0.95, idle=0.85, violation=0.6)
+PATIENCE = (3, 4, 5)
+FAQ_TOPICS = ("boots", "shirt", "jeans", "jacket", "pricing", "membership", "timing", "policy")
+
+BUTTONS = ("pull-up-account", "verify-identity", "validate-purchase", "enter-details", "make-password",
+           "send-link", "record-reason", "ask-the-oracle", "update-account", "offer-refund", "promo-code",
+           "membership", "shipping-status", "update-order", "make-purchase", "notify-team", "subscription-status",
+           "search-faq", "search-topic", "select-faq", "try-again", "log-out-in", "instructions")
+STRATEGIES = ("greet", "ask_info", "close") + BUTTONS
+
+# Customer facts a button needs before it can be clicked (each must be one of the button's slots in ontology.json).
+BUTTON_NEEDS = {
+    "pull-up-account": ("customer_name",),
+    "verify-identity": ("customer_name", "account_id", "order_id", "zip_code"),
+    "validate-purchase": ("username", "email", "order_id"),
+    "record-reason": ("reason_slotval",),
+    "enter-details": ("full_address",),
+    "membership": ("membership_level",),
+    "shipping-status": ("shipping_option",),
+    "make-purchase": ("product",),
+    "offer-refund": ("amount",),
+}
+FACT_WORDS = {
+    "customer_name": "full name", "account_id": "account id", "order_id": "order id", "zip_code": "zip code",
+    "username": "username", "email": "email address", "full_address": "full address",
+    "membership_level": "membership level", "shipping_option": "shipping status", "product": "product",
+    "amount": "amount", "reason_slotval": "reason",
+}
+# ABCD action-turn texts (the system messages a button click leaves in the conversation), realised by R below.
+ACTION_TEXTS = {
+    "pull-up-account": "Account has been pulled up for {customer_name}.",
+    "verify-identity": "Identity verification in progress ...",
+    "validate-purchase": "Purchase validation in progress ...",
+    "enter-details": "Details of {full_address} have been entered.",
+    "make-password": "A new password has been generated.",
+    "send-link": "A link has been sent to the customer's email.",
+    "record-reason": "The reason has been recorded: {reason_slotval}.",
+    "ask-the-oracle": "Querying the system for an answer ...",
+    "update-account": "The account has been updated.",
+    "offer-refund": "A refund of ${amount} has been offered.",
+    "promo-code": "A promo code has been created.",
+    "membership": "Membership level of {membership_level} has been noted.",
+    "shipping-status": "Shipping status of {shipping_option} has been noted.",
+    "update-order": "The order has been updated.",
+    "make-purchase": "A purchase of {product} has been made.",
+    "notify-team": "The {team} has been notified.",
+    "subscription-status": "Querying the system for subscription status ...",
+    "search-faq": "Searching the FAQ pages ...",
+    "search-topic": "System Action: search {topic}",
+    "select-faq": "FAQ answer related to {topic} was selected.",
+    "try-again": "Agent instructed the customer to try again.",
+    "log-out-in": "Agent instructed the customer to log out and log back in.",
+    "instructions": "Agent sent the customer step-by-step instructions.",
+}
+_ACT_RULES = tuple((b, re.compile(p)) for b, p in (
+    ("pull-up-account", r"account has been pulled up"),
+    ("verify-identity", r"identity verification in progress"),
+    ("validate-purchase", r"purchase validation in progress"),
+    ("enter-details", r"details of .* have been entered"),
+    ("make-password", r"new password has been generated"),
+    ("send-link", r"link has been sent"),
+    ("record-reason", r"reason has been recorded"),
+    ("subscription-status", r"querying the system for subscription status"),
+    ("ask-the-oracle", r"querying the system for an answer"),
+    ("update-account", r"account has been updated"),
+    ("offer-refund", r"refund of .* has been offered"),
+    ("promo-code", r"promo code has been created"),
+    ("membership", r"membership level of .* has been noted"),
+    ("shipping-status", r"shipping status of .* has been noted"),
+    ("update-order", r"order has been updated"),
+    ("make-purchase", r"purchase of .* has been made"),
+    ("notify-team", r"has been notified"),
+    ("search-faq", r"searching the faq pages"),
+    ("search-topic", r"system action: search \w+"),
+    ("select-faq", r"faq answer related to .* was selected"),
+    ("try-again", r"instructed the customer to try again"),
+    ("log-out-in", r"log out and log back in"),
+    ("instructions", r"step-by-step instructions"),
+    ("close", r"\b(anything else|have a (great|nice|good) day|goodbye)\b"),
+    ("greet", r"\bhow (can|may) i (help|assist)\b"),
+))
+_ASK = re.compile(r"\?|\b(could you|can you|may i have|please (tell|give|provide))\b")
+_TEAM = {"manager", "website team", "purchasing department"}
+
+STRATEGY_DESCRIPTIONS = (
+    "greet: greet the customer and ask how to help",
+    "ask_info: ask the customer for the facts the next action needs",
+    "close: wrap up and close the conversation",
+) + tuple(f"{b}: click the [{b}] button (ABCD agent action)" for b in BUTTONS)
+
+
+class TmallBrandError(ValueError):
+    """Missing or malformed ABCD data; the message names the file/record and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    flow: str
+    subflow: str
+    actions: tuple  # strategy names of the required sequence (FAQ topic toggles as search-topic)
+    topic: str  # FAQ topic for search-topic/select-faq ("" if none)
+    issue: str  # how the customer states the problem
+
+
+@dataclasses.dataclass(frozen=True)
+class ABCDData:
+    data_dir: pathlib.Path
+    scenarios: tuple  # Scenario, in ontology order
+    sops: dict  # subflow -> SOP
+    values: dict  # ontology enumerable values
+    texts: tuple  # guideline texts and sample utterances (tokenizer corpus)
+
+
+def _missing(path: pathlib.Path) -> TmallBrandError:
+    return TmallBrandError(
+        f"{path}: not found. The TmallBrand stand-in is built on ABCD's guidelines.json, kb.json and ontology.json "
+        "from the shared data folder (shared/data/abcd, described in its README.md); point the config at that "
+        "folder with --config.env.data_dir=/path/to/shared/data/abcd")
+
+
+def _read_json(path: pathlib.Path) -> Any:
+    if not path.exists():
+        raise _missing(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TmallBrandError(f"{path}: not valid JSON ({e}); re-fetch the file") from None
+
+
+def _strategy_of(button: str) -> tuple[str, str]:
+    """kb.json button -> (strategy, FAQ topic)."""
+    if button.startswith("search-") and button != "search-faq":
+        return "search-topic", button[len("search-"):]
+    return button, ""
+
+
+def subflow_sop(subflow: str, actions: tuple, *, source: str = "kb.json") -> SOP:
+    """The automaton of one subflow: opening, one stage per required action, wrapup, closed."""
+    steps = [f"step{j + 1}:{a}" for j, a in enumerate(actions)]
+    stages = [{"name": "opening", "allowed": ["greet"], "next": {"greet": steps[0]}}]
+    for j, a in enumerate(actions):
+        nxt = steps[j + 1] if j + 1 < len(actions) else "wrapup"
+        stages.append({"name": steps[j], "allowed": [a, "ask_info"], "next": {a: nxt}})
+    stages.append({"name": "wrapup", "allowed": ["close", "ask_info"], "next": {"close": "closed"}})
+    stages.append({"name": "closed", "allowed": [], "terminal": True})
+    return sop_from_dict({"name": f"tmallbrand/{subflow}", "strategies": list(STRATEGIES), "initial": "opening",
+                          "stages": stages}, source=f"{source}[{subflow!r}]")
+
+
+def load_data(data_dir: str | pathlib.Path | None = None) -> ABCDData:
+    """Reads and cross-checks kb.json, ontology.json and guidelines.json; one TmallBrandError per problem."""
+    if data_dir is None:
+        if not DEFAULT_DATA_DIR.exists():
+            raise _missing(DEFAULT_DATA_DIR)
+        data_dir = DEFAULT_DATA_DIR
+    data_dir = pathlib.Path(data_dir)
+    if not data_dir.is_dir():
+        raise _missing(data_dir)
+    kb_path, onto_path, guide_path = data_dir / "kb.json", data_dir / "ontology.json", data_dir / "guidelines.json"
+    kb, onto, guide = _read_json(kb_path), _read_json(onto_path), _read_json(guide_path)
+    try:
+        flows = onto["intents"]["flows"]
+        subflows = onto["intents"]["subflows"]
+        action_slots = {b: s for group in onto["actions"].values() for b, s in group.items()}
+        values = onto["values"]["enumerable"]
+    except (KeyError, TypeError):
+        raise TmallBrandError(f"{onto_path}: needs intents.flows, intents.subflows, actions and values.enumerable "
+                              "(the ABCD ontology format)") from None
+    for b, needs in BUTTON_NEEDS.items():
+        unknown = [n for n in needs if n not in action_slots.get(b, ())]
+        if unknown:
+            raise TmallBrandError(f"{onto_path}: action {b!r} has no slot(s) {unknown}; the ontology does not match "
+                                  "this world's button preconditions (BUTTON_NEEDS)")
+    for key in ("customer_name", "membership_level", "product", "shipping_option", "reason_slotval",
+                "company_team"):
+        if not isinstance(values.get(key), list) or not values[key]:
+            raise TmallBrandError(f"{onto_path}: values.enumerable[{key!r}] must be a non-empty list")
+    if not isinstance(kb, dict) or not kb:
+        raise TmallBrandError(f"{kb_path}: expected an object {{subflow: [button, ...]}}")
+    if not isinstance(guide, dict):
+        raise TmallBrandError(f"{guide_path}: expected an object {{flow title: {{description, subflows}}}}")
+    guide_by_flow = {t.lower().replace("-", "_").replace(" ", "_"): v for t, v in guide.items()}
+    scenarios, sops, texts = [], {}, []
+    for flow in flows:
+        if flow not in subflows or not isinstance(subflows[flow], list):
+            raise TmallBrandError(f"{onto_path}: flow {flow!r} has no subflow list in intents.subflows")
+        g = guide_by_flow.get(flow)
+        if not isinstance(g, dict) or not isinstance(g.get("subflows"), dict):
+            raise TmallBrandError(f"{guide_path}: no guideline flow for {flow!r} (titles are matched by lower-case "
+                                  "words, e.g. 'Product Defect' for product_defect)")
+        titles = list(g["subflows"])
+        if len(titles) != len(subflows[flow]):
+            raise TmallBrandError(f"{guide_path}: flow {flow!r} lists {len(titles)} subflows but {onto_path.name} "
+                                  f"lists {len(subflows[flow])}; the files are from different ABCD versions")
+        for title, sub in zip(titles, subflows[flow]):
+            buttons = kb.get(sub)
+            if not isinstance(buttons, list) or not buttons:
+                raise TmallBrandError(f"{kb_path}: subflow {sub!r} (ontology flow {flow!r}) needs a non-empty "
+                                      "list of buttons")
+            unknown = [b for b in buttons if b not in action_slots]
+            if unknown:
+                raise TmallBrandError(f"{kb_path}: subflow {sub!r} uses buttons {unknown} that ontology.json does "
+                                      "not define")
+            mapped = [_strategy_of(b) for b in buttons]
+            actions = tuple(m[0] for m in mapped)
+            bad = [a for a in actions if a not in STRATEGIES]
+            if bad:
+                raise TmallBrandError(f"{kb_path}: subflow {sub!r}: buttons {bad} have no strategy in this world")
+            topic = next((m[1] for m in mapped if m[1]), "")
+            issue = f"I need help with {title.lower()} ({g.get('description', flow.replace('_', ' '))})."
+            scenarios.append(Scenario(flow, sub, actions, topic, issue))
+            try:
+                sops[sub] = subflow_sop(sub, actions, source=str(kb_path))
+            except SOPError as e:
+                raise TmallBrandError(str(e)) from None
+            for a in g["subflows"][title].get("actions", []):
+                texts.append(str(a.get("text", "")))
+                texts.extend(str(s) for s in a.get("subtext", []))
+            texts.extend(str(s) for s in g["subflows"][title].get("instructions", []))
+    extra = sorted(set(kb) - {s.subflow for s in scenarios})
+    if extra:
+        raise TmallBrandError(f"{kb_path}: subflows {extra} are not in {onto_path.name}; the files disagree")
+    sample = data_dir / "abcd_sample.json"
+    if sample.exists():
+        convos = _read_json(sample)
+        if not isinstance(convos, list):
+            raise TmallBrandError(f"{sample}: expected a list of conversations")
+        for i, c in enumerate(convos):
+            try:
+                texts.extend(str(t[1]) for t in c["original"])
+            except (KeyError, TypeError, IndexError):
+                raise TmallBrandError(f"{sample}: conversation #{i} has no 'original' [speaker, text] list") from None
+    return ABCDData(data_dir, tuple(scenarios), sops, values, tuple(t for t in texts if t))
+
+
+@dataclasses.dataclass
+class _Episode:
+    scenario: Scenario
+    facts: dict  # everything the customer knows
+    patience: int
+    stage: int = 0
+    progress: int = 0  # required actions completed
+    told: set = dataclasses.field(default_factory=set)  # facts the agent has been told
+    turn: int = 0
+    idle: int = 0
+    survival: float = 1.0
+    done: bool = False
+    customer: str = ""
+
+
+class TmallBrandEnv:
+    """One after-sales episode at a time (HostEnv protocol); see the module docstring for the world's rules."""
+
+    def __init__(self, data: ABCDData, *, max_turns: int = MAX_TURNS):
+        self.data = data
+        self.max_turns = max_turns
+        self.spec = self._spec(data.scenarios[0].subflow)
+        self._k = {name: i for i, name in enumerate(STRATEGIES)}
+        self._ep: _Episode | None = None
+
+    def __deepcopy__(self, memo):
+        other = object.__new__(TmallBrandEnv)
+        other.data, other.max_turns, other.spec, other._k = self.data, self.max_turns, self.spec, self._k
+        other._ep = copy.deepcopy(self._ep, memo)
+        return other
+
+    def _spec(self, subflow: str) -> EnvSpec:
+        return EnvSpec(name="tmallbrand", sop=self.data.sops[subflow], max_turns=self.max_turns,
+                       max_relevance=MAX_RELEVANCE, strategy_descriptions=STRATEGY_DESCRIPTIONS)
+
+    @property
+    def sop(self) -> SOP:
+        return self.spec.sop
+
+    def _facts(self, seed: int) -> dict:
+        rng = np.random.default_rng(seed)
+        v = self.data.values
+        name = str(rng.choice(v["customer_name"]))
+        user = name.split()[0][0].lower() + name.split()[-1].lower() + str(rng.integers(100, 1000))
+        street = f"{rng.integers(1000, 9999)} {rng.choice(['lincoln ave', 'main st', 'brushy dr', '1st ave'])}"
+        zip_code = f"{rng.integers(10000, 99999)}"
+        return dict(
+            customer_name=name, account_id="".join(rng.choice(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"), 10)),
+            order_id=str(rng.integers(1_000_000_000, 9_999_999_999)), zip_code=zip_code, username=user,
+            email=f"{user}@email.com", full_address=f"{street} san mateo, ca {zip_code}",
+            membership_level=str(rng.choice(v["membership_level"])), product=str(rng.choice(v["product"])),
+            shipping_option=str(rng.choice(v["shipping_option"])), amount=str(int(rng.integers(20, 200))),
+            reason_slotval=str(rng.choice(v["reason_slotval"])), team=str(rng.choice(v["company_team"])),
+        )
+
+    def reset(self, seed: int) -> HostObs:
+        scenario = self.data.scenarios[seed % len(self.data.scenarios)]
+        self.spec = self._spec(scenario.subflow)
+        self._ep = _Episode(scenario=scenario, facts=self._facts(seed), stage=self.spec.sop.initial,
+                            patience=PATIENCE[(seed // len(self.data.scenarios)) % len(PATIENCE)])
+        self._ep.customer = "Hi! " + scenario.issue
+        return self._obs()
+
+    def _check_episode(self) -> _Episode:
+        if self._ep is None:
+            raise RuntimeError("TmallBrandEnv: call reset(seed) before step/outcome/reference_turn")
+        return self._ep
+
+    def _next_action(self) -> str | None:
+        ep = self._ep
+        return ep.scenario.actions[ep.progress] if ep.progress < len(ep.scenario.actions) else None
+
+    def _missing_facts(self, action: str | None) -> list[str]:
+        return [f for f in BUTTON_NEEDS.get(action or "", ()) if f not in self._ep.told]
+
+    def _allowed(self) -> np.ndarray:
+        allowed = self.spec.sop.allowed[self._ep.stage].copy()
+        for b, k in self._k.items():
+            if b in BUTTON_NEEDS and self._missing_facts(b):
+                allowed[k] = False
+        return allowed
+
+    def _context(self) -> str:
+        ep = self._ep
+        told = ", ".join(f"{f}={ep.facts[f]}" for f in sorted(ep.told)) or "nothing yet"
+        return ("Brand store after-sales service (ABCD guidelines): follow the required actions of the customer's "
+                f"issue in order. Customer facts known: {told}.")
+
+    def _obs(self) -> HostObs:
+        ep = self._ep
+        return HostObs(context=self._context(), customer=ep.customer, stage=int(ep.stage), allowed=self._allowed(),
+                       done=ep.done)
+
+    # ------------------------------------------------------------------------------------------ realisation
+
+    def realise(self, reply: str) -> int:
+        text = reply.lower()
+        for act, pattern in _ACT_RULES:
+            if pattern.search(text):
+                return self._k[act]
+        if _ASK.search(text):
+            return self._k["ask_info"]
+        return UNRECOGNISED
+
+    @staticmethod
+    def _asked_facts(text: str) -> list[str]:
+        return [f for f, words in FACT_WORDS.items() if words in text]
+
+    # ------------------------------------------------------------------------------------------------ step
+
+    def step(self, strategy: int, reply: str) -> tuple[HostObs, TurnSignals]:
+        ep = self._check_episode()
+        if ep.done:
+            raise RuntimeError("TmallBrandEnv.step: the episode is over; call reset(seed)")
+        allowed = self._allowed()
+        reference = self._reference_strategy()
+        realised = self.realise(reply)
+        valid = realised != UNRECOGNISED and bool(allowed[realised])
+        gain, new_facts = 0.0, False
+        n = len(ep.scenario.actions)
+        if not valid:
+            utterance = "Sorry, that is not what I need. " + ep.scenario.issue
+        else:
+            act = STRATEGIES[realised]
+            ep.stage = int(self.spec.sop.transition[ep.stage, realised])
+            if act == "greet":
+                utterance = "Hi. " + ep.scenario.issue
+                new_facts = True  # the customer has now told its issue to a listening agent
+            elif act == "ask_info":
+                asked = [f for f in self._asked_facts(reply.lower()) if f in ep.facts]
+                new = [f for f in asked if f not in ep.told]
+                ep.told.update(asked)
+                new_facts = bool(new)
+                utterance = (" ".join(f"My {FACT_WORDS[f]} is {ep.facts[f]}." for f in asked)
+                             if asked else "What do you need from me?")
+            elif act == "close":
+                ep.done = True
+                utterance = "Thanks, bye!"
+            else:
+                ep.progress += 1
+                gain = 1.0 / n
+                utterance = "Great, that solves it, thank you!" if ep.progress == n else "Okay, thanks."
+        if not valid:
+            cont = ENGAGEMENT["violation"]
+        elif gain > 0:
+            cont = ENGAGEMENT["progress"]
+        elif new_facts:
+            cont = ENGAGEMENT["info"]
+        else:
+            cont = ENGAGEMENT["idle"]
+        ep.survival *= cont
+        ep.idle = 0 if (gain > 0 or new_facts) else ep.idle + 1
+        ep.turn += 1
+        if not ep.done and ep.idle >= ep.patience:
+            ep.done = True
+            utterance = "This is taking too long. Goodbye."
+        if ep.turn >= self.max_turns or bool(self.spec.sop.terminal[ep.stage]):
+            ep.done = True
+        ep.customer = utterance
+        if strategy == reference:
+            rel = 2
+        elif 0 <= strategy < len(allowed) and allowed[strategy]:
+            rel = 1
+        else:
+            rel = 0
+        signals = TurnSignals(gain=float(gain), cont=float(cont), rel=int(rel if valid else 0), quality=0.0,
+                              realised=int(realised), aligned=int(realised == strategy), sop_valid=int(valid),
+                              done=bool(ep.done))
+        return self._obs(), signals
+
+    def outcome(self) -> EpisodeOutcome:
+        ep = self._check_episode()
+        n = len(ep.scenario.actions)
+        o = float(ep.progress == n)
+        handoff = "notify-team" in ep.scenario.actions
+        return EpisodeOutcome(outcome=o, satisfaction=float(ep.progress / n * ep.survival),
+                              fcr=float(o and not handoff))
+
+    # ------------------------------------------------------------------------------------- reference policy
+
+    def _reference_strategy(self) -> int:
+        ep = self._ep
+        stage = self.spec.sop.stages[ep.stage]
+        if stage == "opening":
+            return self._k["greet"]
+        action = self._next_action()
+        if action is None:
+            return self._k["close"]
+        return self._k["ask_info"] if self._missing_facts(action) else self._k[action]
+
+    def reference_turn(self) -> tuple[int, str]:
+        self._check_episode()
+        k = self._reference_strategy()
+        return k, self.scripted_reply(k)
+
+    def scripted_reply(self, strategy: int) -> str:
+        ep = self._check_episode()
+        act = STRATEGIES[strategy]
+        if act == "greet":
+            return "Hi, thanks for contacting the brand store. How can I help you today?"
+        if act == "ask_info":
+            missing = self._missing_facts(self._next_action())
+            if not missing:
+                return "Could you tell me a bit more about the issue?"
+            return "Could you please give me your " + " and ".join(FACT_WORDS[f] for f in missing) + "?"
+        if act == "close":
+            return "Is there anything else I can help with? Have a great day!"
+        topic = ep.scenario.topic or "policy"
+        return ACTION_TEXTS[act].format(topic=topic, **ep.facts)
+
+    # -------------------------------------------------------------------------------------------- exports
+
+    def demonstrations(self, num_episodes: int, seed: int) -> list[Demonstration]:
+        env = copy.deepcopy(self)
+        demos = []
+        for i in range(num_episodes):
+            obs = env.reset(seed + i)
+            turns = []
+            while not obs.done:
+                k, reply = env.reference_turn()
+                turns.append(DemoTurn(customer=obs.customer, strategy=STRATEGIES[k], reply=reply,
+                                      stage=int(obs.stage)))
+                obs, _ = env.step(k, reply)
+            demos.append(Demonstration(context=env._context(), turns=turns))
+        return demos
+
+    def corpus(self) -> Iterable[str]:
+        """Guideline texts, the ABCD sample conversations, strategy descriptions and reference dialogues."""
+        yield from self.data.texts
+        yield from STRATEGY_DESCRIPTIONS
+        for demo in self.demonstrations(len(self.data.scenarios), 0):
+            for t in demo.turns:
+                yield t.customer
+                yield t.reply
+
+
+_DATA_CACHE: dict = {}
+
+
+def make_env(data_dir: str | pathlib.Path | None = None, split: str = "all", *,
+             max_turns: int = MAX_TURNS) -> TmallBrandEnv:
+    """The TmallBrand stand-in over all 55 ABCD subflows (`split` is accepted for a uniform registry call; ABCD's
+    guidelines have no splits)."""
+    if split != "all":
+        raise TmallBrandError(f"tmallbrand: unknown split {split!r}; the ABCD guidelines have one set of 55 "
+                              "scenarios, use split='all'")
+    key = str(data_dir)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = load_data(data_dir)
+    return TmallBrandEnv(_DATA_CACHE[key], max_turns=max_turns)
