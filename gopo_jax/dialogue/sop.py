@@ -117,6 +117,8 @@ def sop_from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> SOP:
     strategies = data["strategies"]
     if not isinstance(strategies, Sequence) or isinstance(strategies, str) or not strategies:
         raise fail("'strategies' must be a non-empty list of names")
+    if not all(isinstance(k, str) for k in strategies):
+        raise fail(f"'strategies' must be a list of strings, got {list(strategies)!r}")
     if len(set(strategies)) != len(strategies):
         raise fail(f"duplicate strategy names in {list(strategies)}")
     stage_defs = data["stages"]
@@ -126,6 +128,14 @@ def sop_from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> SOP:
     for i, st in enumerate(stage_defs):
         if not isinstance(st, Mapping) or "name" not in st or "allowed" not in st:
             raise fail(f"stage #{i} must be an object with 'name' and 'allowed'")
+        if not isinstance(st["name"], str):
+            raise fail(f"stage #{i}: 'name' must be a string, got {st['name']!r}")
+        if isinstance(st["allowed"], str) or not isinstance(st["allowed"], Sequence):
+            raise fail(f"stage {st['name']!r}: 'allowed' must be a list of strategy names, got {st['allowed']!r}")
+        if not isinstance(st.get("next", {}), Mapping):
+            raise fail(f"stage {st['name']!r}: 'next' must be an object strategy -> stage, got {st['next']!r}")
+        if not isinstance(st.get("terminal", False), bool):
+            raise fail(f"stage {st['name']!r}: 'terminal' must be true or false, got {st['terminal']!r}")
         names.append(st["name"])
     if len(set(names)) != len(names):
         raise fail(f"duplicate stage names in {names}")
@@ -138,7 +148,7 @@ def sop_from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> SOP:
     for s, st in enumerate(stage_defs):
         terminal[s] = bool(st.get("terminal", False))
         for k in st["allowed"]:
-            if k not in k_index:
+            if not isinstance(k, str) or k not in k_index:
                 raise fail(f"stage {st['name']!r} allows unknown strategy {k!r}; known: {list(strategies)}")
             allowed[s, k_index[k]] = True
         if not allowed[s].any() and not terminal[s]:
@@ -146,12 +156,12 @@ def sop_from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> SOP:
         for k, target in dict(st.get("next", {})).items():
             if k not in k_index:
                 raise fail(f"stage {st['name']!r}: transition on unknown strategy {k!r}")
-            if target not in s_index:
+            if not isinstance(target, str) or target not in s_index:
                 raise fail(f"stage {st['name']!r}: transition {k!r} -> unknown stage {target!r}")
             if not allowed[s, k_index[k]]:
                 raise fail(f"stage {st['name']!r}: transition on {k!r}, which the stage does not allow")
             transition[s, k_index[k]] = s_index[target]
-    if data["initial"] not in s_index:
+    if not isinstance(data["initial"], str) or data["initial"] not in s_index:
         raise fail(f"initial stage {data['initial']!r} is not a stage; stages: {names}")
     initial = s_index[data["initial"]]
     reachable = {initial}

@@ -1,0 +1,48 @@
+"""Hyper-parameters of the baseline methods (GOPO.md §4), as a `c.baselines` sub-dict of a run config.
+
+`add_baseline_config(c)` is called by each run config before it locks; `config.method` picks which block is read
+(`gopo_jax.train.baselines`). The single-agent baselines (PPO, GRPO, DPO) train the CS with `c.train.lr_cs`, so a
+comparison changes the objective only, not the step size.
+"""
+import ml_collections
+
+
+def add_baseline_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    b = ml_collections.ConfigDict()
+
+    b.grpo = ml_collections.ConfigDict()
+    b.grpo.clip_eps = 0.2
+    b.grpo.beta = 0.02  # k3 KL to the SFT reference; 0 skips the reference forward pass
+    b.grpo.kl_clamp = 10.0
+    b.grpo.aggregation = "seq-mean-token-mean"  # as in DeepSeekMath's GRPO
+
+    b.ppo = ml_collections.ConfigDict()
+    b.ppo.clip_eps = 0.2
+    b.ppo.beta = 0.02
+    b.ppo.kl_clamp = 10.0
+    b.ppo.aggregation = "token-mean"
+    b.ppo.gamma = 1.0  # over reply tokens; the dialogue is short enough that no discount is needed
+    b.ppo.lam = 0.95
+    b.ppo.shaping = 1.0  # per-turn shaping: shaping · g_t (task progress) on each turn's last reply token
+    b.ppo.vf_coef = 0.5
+    b.ppo.value_clip = 0.2
+    b.ppo.lr_value = 1e-3
+    b.ppo.value_layers = 1  # the value model's own Qwen3 layers (same width as the policy)
+    b.ppo.normalize_advantages = True
+
+    b.dpo = ml_collections.ConfigDict()
+    b.dpo.beta = 0.1
+    b.dpo.margin = 0.0  # a pair (i, j) needs R_B(i) > R_B(j) + margin
+
+    b.memento = ml_collections.ConfigDict()
+    b.memento.bank_size = 1024  # ring buffer of cases; must hold one minibatch's turns
+    b.memento.top_k = 8
+    b.memento.retrieval_temperature = 0.1  # softmax over cosine similarities of the retrieved cases
+    b.memento.alpha = 0.1  # soft-Q temperature: π(k|s) ∝ exp(Q(s, k) / α) over SOP-allowed strategies
+    b.memento.gamma = 1.0  # over agent turns
+    b.memento.shaping = 1.0  # per-turn reward shaping · g_t, R_B on the last turn (as PPO)
+    b.memento.hidden = 64
+    b.memento.lr_q = 1e-3
+
+    c.baselines = b
+    return c

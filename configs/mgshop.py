@@ -1,0 +1,102 @@
+"""GOPO on the e-commerce world: by default the embedded synthetic shop (no files), tiny models, minutes on 2 CPU
+cores. `--config.env.name=mgshop --config.env.data_dir=PATH` runs on the real MG-ShopDial conversations.
+
+Every key here is read by `gopo_jax.train.loop`; a typo in a command-line override is an error (locked config).
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.method = "gopo"
+
+    c.env = ml_collections.ConfigDict()
+    c.env.name = "synthetic_shop"
+    c.env.data_dir = ""  # only for data-backed worlds (mgshop, multiwoz, tmallbrand)
+    c.env.max_relevance = -1  # -1: the environment's own R
+    c.env.max_turns = -1  # -1: the environment's own T_max
+
+    # Slot sizes of the dialogue buffer for text (host) worlds; the synthetic shop sets its own.
+    c.layout = ml_collections.ConfigDict()
+    c.layout.context_len = 32
+    c.layout.customer_len = 40
+    c.layout.reply_len = 40
+    c.layout.max_turns = 12
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.vocab_size = 512
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"  # both agents; see gopo_jax.models.qwen3.PRESETS
+    c.model.hidden_size = 64
+    c.model.num_layers = 2
+    c.model.intermediate_size = 128
+    c.model.dtype = "float32"
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.temperature = 1.0
+    c.sampling.top_k = 0
+    c.sampling.top_p = 1.0
+
+    c.sft = ml_collections.ConfigDict()
+    c.sft.episodes = 512  # demonstrations (scripted "logged" agent)
+    c.sft.noise = 0.3  # share of demonstration turns where the demonstrator deviates from the reference
+    c.sft.steps = 300
+    c.sft.batch_size = 32
+    c.sft.learning_rate = 3e-3
+    c.sft.heldout_fraction = 0.125
+
+    c.gopo = ml_collections.ConfigDict()
+    c.gopo.expert_loss = "preference"
+    c.gopo.beta_pref = 1.0
+    c.gopo.pref_margin = 0.0
+    c.gopo.expert_reference = True
+    c.gopo.beta_expert = 0.0
+    c.gopo.clip_eps = 0.2
+    c.gopo.lambda_b = 1.0
+    c.gopo.lambda_s = 1.0
+    c.gopo.alpha = 1.0
+    c.gopo.beta_cs = 0.02
+    c.gopo.kl_clamp = 10.0
+    c.gopo.aggregation = "token-mean"
+    c.gopo.constraint = True
+    c.gopo.mu_init = 0.0
+    c.gopo.mu_lr = 0.5
+    c.gopo.delta = 0.05
+    c.gopo.use_esndcg = True
+    c.gopo.esndcg_p = 0.8
+    c.gopo.sop_mask = True
+    c.gopo.use_expert = True
+
+    c.business = ml_collections.ConfigDict()
+    c.business.w_o = 1.0
+    c.business.w_sat = 0.5
+    c.business.w_fcr = 0.5
+    c.business.w_sop = 1.0
+    c.business.w_len = 0.1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 40  # GOPO iterations (rollout + updates)
+    c.train.groups = 16
+    c.train.group_size = 4
+    c.train.epochs = 2
+    c.train.minibatches = 2
+    c.train.lr_expert = 1e-3
+    c.train.lr_cs = 3e-4
+    c.train.clip_norm = 1.0
+    c.train.eval_every = 10
+    c.train.checkpoint_every = 5
+    c.train.keep_checkpoints = 3
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.episodes = 256
+    c.eval.seed = 10_000  # held-out world seeds, disjoint from training seeds
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.lock()
+    return c

@@ -1,0 +1,18 @@
+"""GOPO's ablations (GOPO.md §4) as a sweep: each switch off in turn, 3 seeds, short training.
+
+    python -m experiments.sweep --config configs/sweeps/ablations.py --workdir runs/sweep_ablations
+"""
+import ml_collections
+
+from configs.compare import SHORT
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.base = "configs/mgshop.py"
+    c.fixed = SHORT + ",method=gopo"
+    c.grid = ("gopo.use_expert=True|False;gopo.use_esndcg=True|False;gopo.sop_mask=True|False;"
+              "gopo.constraint=True|False")
+    c.seeds = 3
+    c.lock()
+    return c

@@ -1,0 +1,20 @@
+"""A GOPO hyper-parameter grid on the embedded synthetic shop: β_pref × group size, 2 seeds, short training.
+
+    python -m experiments.sweep --config configs/sweeps/gopo_hparams.py --workdir runs/sweep_gopo
+
+`grid` is `key=v1|v2|...` entries separated by `;` (dotted keys of configs/mgshop.py); every combination is one
+setting, trained for `seeds` seeds after the `fixed` overrides.
+"""
+import ml_collections
+
+from configs.compare import SHORT
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.base = "configs/mgshop.py"
+    c.fixed = SHORT + ",method=gopo"
+    c.grid = "gopo.beta_pref=0.2|1.0|5.0;train.group_size=2|4"
+    c.seeds = 2
+    c.lock()
+    return c

@@ -1,0 +1,272 @@
+"""The comparison driver: methods × environments × seeds, each run a config override of the run config.
+
+    python -m experiments.compare --config configs/compare.py --workdir runs/compare [--config.seeds=5]
+
+Each run trains in this process with `gopo_jax.train.loop.train` in `<workdir>/runs/<env>/<label>/seed<s>/`.
+Resumable: a run whose summary.json exists is read, not retrained; a half-finished run resumes through its own
+checkpoints; a run that raises (e.g. a baseline that is not implemented yet, a missing data folder) is recorded
+as failed with its message, and the comparison goes on. Rerunning the command retries only what is not done.
+A run directory written with a different resolved config is an error (the old numbers would be mislabelled).
+
+Writes `<workdir>/results.json` (every run's status, the per-environment tables and GOPO's relative differences),
+`results.md`, `figure1.png` (TSE / GRE / G-Eval per environment and method) and `figure3.png` (GOPO convergence
+under the `convergence` settings). G-Eval is not computed by the run pipeline, so it is reported as absent.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import logging
+import pathlib
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+import ml_collections
+
+from gopo_jax.report import figures, tables
+
+_log = logging.getLogger(__name__)
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+class ComparisonError(ValueError):
+    """A comparison that cannot go on as configured; the message names the key or directory and the fix."""
+
+
+def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """`get_config()` of a configs/*.py file (relative paths are taken from the repository root)."""
+    path = pathlib.Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    if not path.exists():
+        raise ComparisonError(f"config file {path} does not exist (compare config key `base`)")
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def parse_overrides(text: str, *, where: str) -> list[tuple[str, Any]]:
+    """"a.b=1,c=False,d=name" -> [("a.b", 1), ("c", False), ("d", "name")] (values as Python literals, else
+    strings)."""
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ComparisonError(f"{where}: override {item!r} is not key=value (e.g. 'train.steps=5')")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        out.append((key.strip(), value))
+    return out
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[tuple[str, Any]], *, where: str) -> None:
+    for key, value in overrides:
+        *parents, leaf = key.split(".")
+        node = config
+        try:
+            for p in parents:
+                node = node[p]
+            if leaf not in node:
+                raise KeyError(leaf)
+            if isinstance(node[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            node[leaf] = value
+        except (KeyError, AttributeError):
+            raise ComparisonError(f"{where}: the run config has no key {key!r}; check the spelling against "
+                                  "configs/mgshop.py") from None
+        except TypeError as e:
+            raise ComparisonError(f"{where}: {key}={value!r} has the wrong type ({e})") from None
+
+
+def _names(text: str, key: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ComparisonError(f"compare config: `{key}` is empty; list at least one name, comma-separated")
+    return names
+
+
+def plan(cfg: ml_collections.ConfigDict) -> list[dict]:
+    """The runs of a comparison: dicts {env, label, seed, kind, config} with the resolved run config."""
+    base_overrides = parse_overrides(cfg.tiny if cfg.quick else cfg.short, where="compare config `short`/`tiny`")
+    if cfg.seeds < 1:
+        raise ComparisonError("compare config: seeds must be >= 1")
+    envs = _names(cfg.environments, "environments")
+    runs = []
+
+    def resolved(env: str, label: str, extra: str, seed: int, where: str) -> ml_collections.ConfigDict:
+        run_cfg = load_config_file(cfg.base)
+        apply_overrides(run_cfg, base_overrides, where="compare config `short`/`tiny`")
+        if env not in cfg.env_overrides:
+            raise ComparisonError(f"compare config: environment {env!r} has no entry in env_overrides; add "
+                                  f"--config.env_overrides.{env}='env.name={env},env.data_dir=...' to configs/compare.py")
+        apply_overrides(run_cfg, parse_overrides(cfg.env_overrides[env], where=f"env_overrides.{env}"),
+                        where=f"env_overrides.{env}")
+        method = extra if extra else f"method={label}"
+        apply_overrides(run_cfg, parse_overrides(method, where=where), where=where)
+        run_cfg.seed = seed
+        if run_cfg.env.data_dir and not pathlib.Path(run_cfg.env.data_dir).is_absolute():
+            run_cfg.env.data_dir = str((REPO_ROOT / run_cfg.env.data_dir).resolve())
+        return run_cfg
+
+    for env in envs:
+        for label in _names(cfg.methods, "methods"):
+            extra = cfg.variants[label] if label in cfg.variants else ""
+            for seed in range(cfg.seeds):
+                runs.append(dict(env=env, label=label, seed=seed, kind="compare",
+                                 config=resolved(env, label, extra, seed, f"variants.{label}")))
+    for setting in cfg.convergence:
+        for seed in range(cfg.convergence_seeds):
+            extra = f"method=gopo,{cfg.convergence[setting]}"
+            runs.append(dict(env=envs[0], label=f"conv_{setting}", seed=seed, kind="convergence",
+                             config=resolved(envs[0], setting, extra, seed, f"convergence.{setting}")))
+    return runs
+
+
+def run_dir(workdir: pathlib.Path, run: dict) -> pathlib.Path:
+    return workdir / "runs" / run["env"] / run["label"] / f"seed{run['seed']}"
+
+
+def _check_same_config(directory: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    path = directory / "config.json"
+    if not path.exists():
+        return
+    stored = json.loads(path.read_text())
+    wanted = json.loads(config.to_json_best_effort())
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(stored), flat(wanted)
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
+        raise ComparisonError(f"{directory} was trained with a different config ({shown}); use a fresh --workdir "
+                              f"or delete {directory} to retrain it")
+
+
+def execute(run: dict, directory: pathlib.Path, train_fn: Callable) -> dict:
+    """Trains (or reads) one run; never raises for a failing run, only for a mislabelled directory."""
+    record = {k: run[k] for k in ("env", "label", "seed", "kind")} | {"dir": str(directory)}
+    summary_path = directory / "summary.json"
+    _check_same_config(directory, run["config"])
+    if summary_path.exists():
+        return record | {"status": "done", "resumed": "skipped (summary.json exists)"}
+    start = time.time()
+    try:
+        summary = train_fn(run["config"], directory)
+    except Exception as e:  # noqa: BLE001  (one failing method must not end the comparison)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "error.txt").write_text(traceback.format_exc())
+        message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        _log.error("run %s/%s/seed%d failed: %s (traceback in %s)", run["env"], run["label"], run["seed"], message,
+                   directory / "error.txt")
+        return record | {"status": "failed", "error": message, "wall_seconds": time.time() - start}
+    if summary.get("stopped"):
+        return record | {"status": "stopped", "iteration": summary.get("iteration"),
+                         "wall_seconds": time.time() - start}
+    (directory / "error.txt").unlink(missing_ok=True)
+    return record | {"status": "done", "wall_seconds": time.time() - start}
+
+
+def compare(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, train_fn: Callable | None = None) -> dict:
+    """Runs (or resumes) the whole comparison and writes the results files; returns the results dict."""
+    if train_fn is None:
+        from gopo_jax.train.loop import train as train_fn  # noqa: PLC0415  (heavy: JAX, models)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    runs = plan(cfg)
+    records = []
+    for i, run in enumerate(runs):
+        _log.info("[%d/%d] %s · %s · seed %d", i + 1, len(runs), run["env"], run["label"], run["seed"])
+        record = execute(run, run_dir(workdir, run), train_fn)
+        records.append(record)
+        if record["status"] == "stopped":
+            _log.warning("stopped by SIGTERM; rerun the same command to resume")
+            break
+    results = collect(cfg, workdir, runs, records)
+    results["wall_seconds"] = time.time() - start
+    write_results(workdir, results, cfg)
+    return results
+
+
+def collect(cfg, workdir: pathlib.Path, runs: list[dict], records: list[dict]) -> dict:
+    done = [(run, rec) for run, rec in zip(runs, records) if rec["status"] == "done"]
+    summaries = {id(run): json.loads((run_dir(workdir, run) / "summary.json").read_text()) for run, _ in done}
+    compare_records = [(run["env"], run["label"], run["seed"], summaries[id(run)]) for run, _ in done
+                       if run["kind"] == "compare"]
+    results = {"config": cfg.to_dict(), "runs": records,
+               "geval": {"available": False, "reason": "the run pipeline computes no G-Eval; no judge configured"}}
+    results.update(tables.aggregate(compare_records, gopo_label=cfg.gopo_label))
+    results["convergence"] = _convergence_curves(cfg, workdir, runs, records)
+    return results
+
+
+def _convergence_curves(cfg, workdir, runs, records) -> dict:
+    """setting -> [{"seed", "iterations", "tse"}] for Figure 3: the comparison's GOPO runs ("default") and the
+    convergence settings, on the first environment."""
+    first_env = _names(cfg.environments, "environments")[0]
+    curves = {}
+    for run, rec in zip(runs, records):
+        if rec["status"] != "done" or run["env"] != first_env:
+            continue
+        if run["kind"] == "compare" and run["label"] == cfg.gopo_label:
+            setting = "default"
+        elif run["kind"] == "convergence":
+            setting = run["label"].removeprefix("conv_")
+        else:
+            continue
+        steps, values = figures.read_curve(run_dir(workdir, run), "eval/tse", offset=run["config"].sft.steps)
+        curves.setdefault(setting, []).append({"seed": run["seed"], "iterations": steps, "tse": values})
+    return curves
+
+
+def write_results(workdir: pathlib.Path, results: dict, cfg) -> None:
+    (workdir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    (workdir / "results.md").write_text(tables.markdown(results, gopo_label=cfg.gopo_label))
+    if results["table"]:
+        figures.figure1(results["table"], workdir / "figure1.png", geval_reason=results["geval"]["reason"],
+                        highlight=cfg.gopo_label)
+    if results["convergence"]:
+        figures.figure3({k: [(c["iterations"], c["tse"]) for c in v] for k, v in results["convergence"].items()},
+                        workdir / "figure3.png")
+
+
+def main(argv) -> None:
+    from absl import flags  # noqa: PLC0415
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    FLAGS = flags.FLAGS
+    if not FLAGS.workdir:
+        print("error: --workdir is required (the comparison directory; rerunning on it resumes)", file=sys.stderr)
+        sys.exit(2)
+    try:
+        results = compare(FLAGS.config, FLAGS.workdir)
+    except ComparisonError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    counts = {}
+    for r in results["runs"]:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print(f"{FLAGS.workdir}: runs {counts}; results.md, results.json, figures written; "
+          f"{results['wall_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", "configs/compare.py", "comparison config (configs/compare.py)",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "comparison directory; rerun the same command to resume")
+    app.run(main)

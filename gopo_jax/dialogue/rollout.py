@@ -1,0 +1,320 @@
+"""Rollout drivers: run batches of dialogues between agents and an environment into a `Trajectory`.
+
+One agent turn (GOPO.md §1) is the same code for every driver:
+
+1. the customer's utterance and the agent header (`<|agent|> <stage:σ>`) are appended to both agents' KV caches;
+2. the Expert scores the strategy tokens at its decision position, masks them with the SOP (`M[σ]`, probability 0
+   for disallowed strategies) and picks `k_t` (sample, or argmax for evaluation);
+3. the CS reads `<s:k_t>` and writes the reply with the KV-cache sampler until its end-of-turn token;
+4. the decision and the reply are appended to the Expert's cache (it reads the whole dialogue next turn);
+5. the environment realises the reply, reacts as the customer and emits the per-turn signals.
+
+For a pure-JAX environment the whole dialogue batch runs in one jitted `lax.scan` over turns (`rollout_jax`); for
+a host environment, `rollout_host` runs a Python turn loop around the same jitted agent turn. Scripted agents (the
+environment's reference policy, for demonstrations) go through the same buffer assembly, so SFT data and RL data
+share one layout. Token-in-token-out: sampled ids are the record; only host environments see decoded text.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gopo_jax import sampling
+from gopo_jax.algorithms.gopo import masked_strategy_log_softmax
+from gopo_jax.dialogue.layout import Layout, Trajectory
+from gopo_jax.dialogue.sop import UNRECOGNISED
+from gopo_jax.envs.base import JaxEnv, JaxObs, TurnSignals
+from gopo_jax.models import qwen3
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentVocab:
+    """Token ids the drivers need; hashable (static under jit)."""
+
+    agent: int  # <|agent|>: opens the agent header
+    eot: int  # end of turn: the CS stops on it
+    pad: int
+    stage_ids: tuple[int, ...]  # one token per SOP stage
+    strategy_ids: tuple[int, ...]  # one token per strategy
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, sop, stage_names=None) -> "AgentVocab":
+        from gopo_jax.models.tokenizer import stage_token, strategy_token
+
+        def one(tok: str) -> int:
+            ids = tokenizer.convert_tokens_to_ids([tok])
+            if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+                raise ValueError(f"tokenizer has no token {tok!r}; it must be built with the world's special tokens")
+            return int(ids[0])
+
+        return cls(agent=one("<|agent|>"), eot=one("<|eot|>"), pad=one("<|pad|>"),
+                   stage_ids=tuple(one(stage_token(s)) for s in (stage_names or sop.stages)),
+                   strategy_ids=tuple(one(strategy_token(k)) for k in sop.strategies))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the agents act. Evaluation uses `expert_greedy=True, temperature=0`."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    expert_greedy: bool = False
+    expert_temperature: float = 1.0
+    sop_mask: bool = True  # ablation "no SOP mask": the EA may pick any strategy
+    use_expert: bool = True  # ablation "no EA": the CS writes replies with no strategy token
+
+
+@flax.struct.dataclass
+class TurnInput:
+    customer: Any  # int32[B, Lc]
+    customer_valid: Any  # bool[B, Lc]
+    header: Any  # int32[B, Lh]
+    header_valid: Any  # bool[B, Lh]
+    allowed: Any  # bool[B, n_k]
+    active: Any  # bool[B]
+    env_state: Any  # batched env state (scripted agents read it); None for host envs
+
+
+@flax.struct.dataclass
+class TurnAction:
+    strategy: Any  # int32[B]
+    strategy_logp: Any  # f32[B]: log π_E(k_t | x_t) under the masked softmax (0 for scripted agents)
+    decision_valid: Any  # bool[B]
+    reply: Any  # int32[B, Lr]
+    reply_valid: Any  # bool[B, Lr]
+    reply_logp: Any  # f32[B, Lr]
+
+
+@flax.struct.dataclass
+class ModelAgentsState:
+    """What the model agents carry between turns: their KV caches and the count of valid tokens (RoPE position)."""
+
+    expert_cache: Any
+    cs_cache: Any
+    num_valid: Any  # int32[B]
+
+
+def _positions(num_valid: jax.Array, valid: jax.Array) -> jax.Array:
+    return num_valid[:, None] + jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelAgents:
+    """The Expert + CS pair as a rollout policy. `expert` may be None for the no-EA ablation and single-agent
+    baselines; `shared` (expert is cs) is allowed and costs one cache per role."""
+
+    expert_graphdef: Any
+    cs_graphdef: Any
+    vocab: AgentVocab
+    layout: Layout
+    sampling: SamplingConfig
+
+    def init(self, params, context, context_valid) -> ModelAgentsState:
+        b = context.shape[0]
+        cs = nnx.merge(self.cs_graphdef, params["cs"])
+        pos = _positions(jnp.zeros((b,), jnp.int32), context_valid)
+        cs_cache = qwen3.init_cache(cs.config, b, self.layout.length)
+        _, cs_cache = cs(context, pos, context_valid, cs_cache)
+        expert_cache = None
+        if self.sampling.use_expert:
+            expert = nnx.merge(self.expert_graphdef, params["expert"])
+            expert_cache = qwen3.init_cache(expert.config, b, self.layout.length)
+            _, expert_cache = expert(context, pos, context_valid, expert_cache)
+        return ModelAgentsState(expert_cache=expert_cache, cs_cache=cs_cache,
+                                num_valid=context_valid.sum(-1).astype(jnp.int32))
+
+    def act(self, params, carry: ModelAgentsState, inp: TurnInput, key) -> tuple[ModelAgentsState, TurnAction]:
+        cfg, vocab = self.sampling, self.vocab
+        b = inp.customer.shape[0]
+        k_expert, k_cs = jax.random.split(key)
+        chunk = jnp.concatenate([inp.customer, inp.header], axis=1)
+        chunk_valid = jnp.concatenate([inp.customer_valid, inp.header_valid], axis=1)
+        pos = _positions(carry.num_valid, chunk_valid)
+        n_after_chunk = carry.num_valid + chunk_valid.sum(-1).astype(jnp.int32)
+        strategy_ids = jnp.asarray(vocab.strategy_ids, jnp.int32)
+        expert_cache = carry.expert_cache
+        if cfg.use_expert:
+            expert = nnx.merge(self.expert_graphdef, params["expert"])
+            logits, expert_cache = expert(chunk, pos, chunk_valid, expert_cache)
+            allowed = inp.allowed if cfg.sop_mask else jnp.ones_like(inp.allowed)
+            logp_all = masked_strategy_log_softmax(logits[:, -1, :][:, strategy_ids], allowed)
+            if cfg.expert_greedy:
+                strategy = jnp.argmax(logp_all, axis=-1).astype(jnp.int32)
+            else:
+                strategy = jax.random.categorical(k_expert, logp_all / cfg.expert_temperature).astype(jnp.int32)
+            strategy_logp = jnp.take_along_axis(logp_all, strategy[:, None], axis=1)[:, 0]
+            decision_valid = inp.active
+        else:
+            strategy = jnp.full((b,), UNRECOGNISED, jnp.int32)
+            strategy_logp = jnp.zeros((b,), jnp.float32)
+            decision_valid = jnp.zeros((b,), bool)
+        decision_tok = jnp.where(decision_valid, strategy_ids[jnp.clip(strategy, 0)], vocab.pad)
+
+        cs = nnx.merge(self.cs_graphdef, params["cs"])
+        cs_chunk = jnp.concatenate([chunk, decision_tok[:, None]], axis=1)
+        cs_valid = jnp.concatenate([chunk_valid, decision_valid[:, None]], axis=1)
+        logits, cs_cache = cs(cs_chunk, _positions(carry.num_valid, cs_valid), cs_valid, carry.cs_cache)
+        # The reply is predicted from the last *valid* slot: the decision token, or the header without an EA.
+        last_logits = jnp.where(decision_valid[:, None], logits[:, -1, :], logits[:, -2, :])
+        n_before_reply = n_after_chunk + decision_valid.astype(jnp.int32)
+        reply, reply_logp, lengths, cs_cache = sampling.decode(
+            cs, cs_cache, last_logits, k_cs, max_new_tokens=self.layout.reply_len,
+            stop_tokens=jnp.asarray([vocab.eot], jnp.int32), pad_id=vocab.pad, temperature=cfg.temperature,
+            top_k=cfg.top_k, top_p=cfg.top_p, start_positions=n_before_reply,
+            max_lengths=jnp.where(inp.active, self.layout.reply_len, 0))
+        reply_valid = jnp.arange(self.layout.reply_len)[None, :] < lengths[:, None]
+        if cfg.use_expert:
+            tail = jnp.concatenate([decision_tok[:, None], reply], axis=1)
+            tail_valid = jnp.concatenate([decision_valid[:, None], reply_valid], axis=1)
+            _, expert_cache = expert(tail, _positions(n_after_chunk, tail_valid), tail_valid, expert_cache)
+        carry = ModelAgentsState(expert_cache=expert_cache, cs_cache=cs_cache,
+                                 num_valid=n_before_reply + lengths.astype(jnp.int32))
+        return carry, TurnAction(strategy=strategy, strategy_logp=strategy_logp, decision_valid=decision_valid,
+                                 reply=reply, reply_valid=reply_valid,
+                                 reply_logp=jnp.where(reply_valid, reply_logp, 0.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptedAgents:
+    """A scripted policy of a pure-JAX environment (reference / noisy demonstrator) in the rollout interface."""
+
+    turn_fn: Callable  # (env_state, key) -> (strategy int32[], reply int32[Lr], reply_valid bool[Lr])
+    vocab: AgentVocab
+    emit_decision: bool = True  # False: demonstrations for a single agent (no strategy token in the buffer)
+
+    def init(self, params, context, context_valid):
+        return ()
+
+    def act(self, params, carry, inp: TurnInput, key):
+        b = inp.active.shape[0]
+        strategy, reply, reply_valid = jax.vmap(self.turn_fn)(inp.env_state, jax.random.split(key, b))
+        reply_valid = reply_valid & inp.active[:, None]
+        return carry, TurnAction(strategy=strategy.astype(jnp.int32), strategy_logp=jnp.zeros((b,), jnp.float32),
+                                 decision_valid=inp.active & self.emit_decision,
+                                 reply=jnp.where(reply_valid, reply, self.vocab.pad), reply_valid=reply_valid,
+                                 reply_logp=jnp.zeros(reply.shape, jnp.float32))
+
+
+def make_header(vocab: AgentVocab, stage: jax.Array, active: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`<|agent|> <stage:σ>` for each dialogue: (int32[B, 2], bool[B, 2])."""
+    stage_ids = jnp.asarray(vocab.stage_ids, jnp.int32)
+    header = jnp.stack([jnp.full_like(stage, vocab.agent), stage_ids[stage]], axis=1).astype(jnp.int32)
+    return header, jnp.broadcast_to(active[:, None], header.shape)
+
+
+HEADER_LEN = 2
+
+
+def assemble(layout: Layout, context, context_valid, turns: dict, signals: TurnSignals, outcome) -> Trajectory:
+    """Stacks per-turn records (leading axis T, then B) into the fixed-slot buffer of `layout`."""
+    def bt(x):  # [T, B, ...] -> [B, T, ...]
+        return jnp.swapaxes(x, 0, 1)
+
+    b = context.shape[0]
+    dec = turns["decision"][..., None]
+    dec_valid = turns["decision_valid"][..., None]
+    width_tokens = jnp.concatenate([turns["customer"], turns["header"], dec, turns["reply"]], axis=-1)
+    width_valid = jnp.concatenate([turns["customer_valid"], turns["header_valid"], dec_valid,
+                                   turns["reply_valid"]], axis=-1)
+    zeros_c = jnp.zeros(turns["customer"].shape, bool)
+    zeros_h = jnp.zeros(turns["header"].shape, bool)
+    ea = jnp.concatenate([zeros_c, zeros_h, dec_valid, jnp.zeros(turns["reply"].shape, bool)], axis=-1)
+    cs = jnp.concatenate([zeros_c, zeros_h, jnp.zeros(dec.shape, bool), turns["reply_valid"]], axis=-1)
+    cs_lp = jnp.concatenate([jnp.zeros(turns["customer"].shape, jnp.float32),
+                             jnp.zeros(turns["header"].shape, jnp.float32), jnp.zeros(dec.shape, jnp.float32),
+                             turns["reply_logp"]], axis=-1)
+
+    def flat(x):  # [T, B, W] -> [B, T*W]
+        return bt(x).reshape(b, -1)
+
+    zc = jnp.zeros(context.shape, bool)
+    active = turns["active"]
+    fmask = lambda x: bt(jnp.where(active, x.astype(jnp.float32), 0.0))
+    traj = Trajectory(
+        tokens=jnp.concatenate([context, flat(width_tokens)], axis=1).astype(jnp.int32),
+        valid=jnp.concatenate([context_valid, flat(width_valid)], axis=1),
+        ea_mask=jnp.concatenate([zc, flat(ea)], axis=1),
+        cs_mask=jnp.concatenate([zc, flat(cs)], axis=1),
+        cs_logprob=jnp.concatenate([jnp.zeros(context.shape, jnp.float32), flat(cs_lp)], axis=1),
+        strategy=bt(turns["strategy"]).astype(jnp.int32),
+        allowed=bt(turns["allowed"]),
+        ea_logprob=fmask(turns["strategy_logp"]),
+        realised=bt(jnp.where(active, signals.realised, UNRECOGNISED)).astype(jnp.int32),
+        aligned=fmask(signals.aligned), sop_valid=fmask(signals.sop_valid), gain=fmask(signals.gain),
+        cont=fmask(signals.cont), rel=fmask(signals.rel), quality=fmask(signals.quality),
+        turn_mask=bt(active),
+        outcome=outcome.outcome.astype(jnp.float32), satisfaction=outcome.satisfaction.astype(jnp.float32),
+        fcr=outcome.fcr.astype(jnp.float32))
+    traj.check(layout, turns["allowed"].shape[-1])
+    return traj
+
+
+def _turn(env: JaxEnv, vocab: AgentVocab, agents, params, agent_key, loop, t):
+    """One agent turn for a batch of dialogues (the body of the scan, and of the Python turn loop)."""
+    state, obs, carry = loop
+    active = ~obs.done
+    header, header_valid = make_header(vocab, obs.stage, active)
+    inp = TurnInput(customer=jnp.where(obs.customer_valid & active[:, None], obs.customer, vocab.pad),
+                    customer_valid=obs.customer_valid & active[:, None], header=header,
+                    header_valid=header_valid, allowed=obs.allowed, active=active, env_state=state)
+    carry, act = agents.act(params, carry, inp, jax.random.fold_in(agent_key, t))
+    new_state, new_obs, signals = jax.vmap(env.step)(state, act.strategy, act.reply, act.reply_valid)
+    decision = jnp.where(act.decision_valid, jnp.asarray(vocab.strategy_ids)[jnp.clip(act.strategy, 0)], vocab.pad)
+    record = {"customer": inp.customer, "customer_valid": inp.customer_valid, "header": header,
+              "header_valid": header_valid, "decision": decision, "decision_valid": act.decision_valid,
+              "reply": act.reply, "reply_valid": act.reply_valid, "reply_logp": act.reply_logp,
+              "strategy": act.strategy, "strategy_logp": act.strategy_logp, "allowed": obs.allowed,
+              "active": active}
+    return (new_state, new_obs, carry), (record, signals)
+
+
+def _start(env: JaxEnv, agents, params, env_keys):
+    state, context, context_valid, obs = jax.vmap(env.reset)(env_keys)
+    return state, context, context_valid, obs, agents.init(params, context, context_valid)
+
+
+def rollout_jax(env: JaxEnv, layout: Layout, vocab: AgentVocab, agents, params, env_keys: jax.Array,
+                agent_key: jax.Array) -> Trajectory:
+    """Runs B dialogues (one per env key) to the end, entirely in traced JAX: `jax.jit` it with env/layout/vocab/
+    agents static (see `make_rollout`). Groups of G rollouts from one start state repeat an env key
+    (`World.group_episodes`); the agents' randomness comes from `agent_key`, folded with the turn index."""
+    state, context, context_valid, obs, carry = _start(env, agents, params, env_keys)
+    turn = functools.partial(_turn, env, vocab, agents, params, agent_key)
+    (state, _, _), (turns, signals) = jax.lax.scan(turn, (state, obs, carry), jnp.arange(layout.max_turns))
+    return assemble(layout, context, context_valid, turns, signals, jax.vmap(env.outcome)(state))
+
+
+def python_loop_rollout(env: JaxEnv, layout: Layout, vocab: AgentVocab, agents) -> Callable:
+    """The same rollout as `make_rollout`, driven by a Python loop over turns (one jitted call per turn, as a host
+    environment must run). Used as the side-by-side reference of the full-jit rollout in benchmarks/tests."""
+    start = jax.jit(functools.partial(_start, env, agents))
+    step = jax.jit(functools.partial(_turn, env, vocab, agents))
+    finish = jax.jit(functools.partial(_finish, env, layout))
+
+    def rollout(params, env_keys, agent_key):
+        state, context, context_valid, obs, carry = start(params, env_keys)
+        loop, records = (state, obs, carry), []
+        for t in range(layout.max_turns):
+            loop, rec = step(params, agent_key, loop, jnp.int32(t))
+            records.append(rec)
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *records)
+        return finish(context, context_valid, stacked, loop[0])
+
+    return rollout
+
+
+def _finish(env, layout, context, context_valid, stacked, state):
+    turns, signals = stacked
+    return assemble(layout, context, context_valid, turns, signals, jax.vmap(env.outcome)(state))
+
+
+def make_rollout(env: JaxEnv, layout: Layout, vocab: AgentVocab, agents) -> Callable:
+    """jit-compiled `rollout(params, env_keys, agent_key) -> Trajectory` (compiles once per batch size)."""
+    return jax.jit(functools.partial(rollout_jax, env, layout, vocab, agents))

@@ -1,0 +1,242 @@
+"""Scripted policies over both environment kinds, and their evaluation on GOPO's metrics.
+
+* reference: the environment's own scripted expert (or logged agent).
+* random: a uniformly random SOP-allowed strategy, realised by the environment's scripted reply.
+* greedy: one-step lookahead; the allowed strategy that maximises the immediate gain g_t, ties broken by c_t, then
+  by rel_t, then by the lower strategy index. A JaxEnv is stepped for every strategy at once (vmap); a HostEnv is
+  deep-copied once per allowed strategy. The lookahead sees the customer's very next reaction (including its
+  noise), so greedy is the strongest myopic policy: whatever separates it from the reference is the long horizon.
+
+`evaluate_policy` runs a policy for N episodes and reports per-episode TSE, nTSE (against the reference policy on
+the same seeds/customers), ESNDCG, R_B and GRE (the mean R_B), each with a bootstrap 95% interval.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gopo_jax.envs.base import HostEnv, HostObs, JaxEnv, JaxObs
+from gopo_jax.envs.synthetic_shop import rollout_scripted
+from gopo_jax.metrics import BusinessWeights, business_reward, esndcg, ntse, reporting, tse
+
+POLICIES = ("reference", "random", "greedy")
+
+
+def _lexicographic_best(gain, cont, rel, ok):
+    """Index of the best candidate among `ok` by gain, then cont, then rel, then the lowest index (works on numpy
+    and jax arrays alike). The tolerance keeps float noise in the gains from deciding a tie."""
+    xp = jnp if isinstance(gain, jax.Array) else np
+    best = ok
+    for score in (gain, cont, rel):
+        top = xp.max(xp.where(best, score, -xp.inf))
+        best = best & (score >= top - 1e-6)
+    return xp.argmax(best)
+
+
+# -------------------------------------------------------------------- JaxEnv policies: (state, obs, key) -> turn
+# Frozen dataclasses, hashable through the env (identity), so rollout_scripted reuses compiled rollouts.
+@dataclasses.dataclass(frozen=True)
+class JaxReference:
+    env: Any
+
+    def __call__(self, state, obs: JaxObs, key):
+        return self.env.reference_turn(state, key)
+
+
+@dataclasses.dataclass(frozen=True)
+class JaxRandom:
+    env: Any
+
+    def __call__(self, state, obs: JaxObs, key):
+        k_pick, k_reply = jax.random.split(key)
+        allowed = obs.allowed.astype(jnp.float32)
+        strategy = jax.random.choice(k_pick, allowed.shape[0], p=allowed / allowed.sum()).astype(jnp.int32)
+        reply, valid = self.env.scripted_reply(state, strategy, k_reply)
+        return strategy, reply, valid
+
+
+@dataclasses.dataclass(frozen=True)
+class JaxGreedy:
+    env: Any
+
+    def __call__(self, state, obs: JaxObs, key):
+        n_k = self.env.spec.num_strategies
+        strategies = jnp.arange(n_k, dtype=jnp.int32)
+        # The same reply key for every candidate: the lookahead compares strategies, not template variants.
+        replies, valid = jax.vmap(self.env.scripted_reply, (None, 0, None))(state, strategies, key)
+        _, _, sig = jax.vmap(self.env.step, (None, 0, 0, 0))(state, strategies, replies, valid)
+        best = _lexicographic_best(sig.gain, sig.cont, sig.rel, obs.allowed)
+        return strategies[best], replies[best], valid[best]
+
+
+def jax_policy(env, name: str) -> Callable:
+    classes = {"reference": JaxReference, "random": JaxRandom, "greedy": JaxGreedy}
+    if name not in classes:
+        raise ValueError(f"unknown policy {name!r}; choose one of {list(classes)}")
+    return classes[name](env)
+
+
+# -------------------------------------------------------------------- HostEnv policies: (env, obs, rng) -> turn
+def host_reference(env: HostEnv, obs: HostObs, rng: np.random.Generator) -> tuple[int, str]:
+    return env.reference_turn()
+
+
+def host_random(env: HostEnv, obs: HostObs, rng: np.random.Generator) -> tuple[int, str]:
+    strategy = int(rng.choice(np.flatnonzero(obs.allowed)))
+    return strategy, env.scripted_reply(strategy)
+
+
+def host_greedy(env: HostEnv, obs: HostObs, rng: np.random.Generator) -> tuple[int, str]:
+    candidates = np.flatnonzero(obs.allowed)
+    replies, gains, conts, rels = [], [], [], []
+    for k in candidates:
+        reply = env.scripted_reply(int(k))
+        _, sig = copy.deepcopy(env).step(int(k), reply)
+        replies.append(reply)
+        gains.append(float(sig.gain))
+        conts.append(float(sig.cont))
+        rels.append(float(sig.rel))
+    best = int(_lexicographic_best(np.array(gains), np.array(conts), np.array(rels),
+                                   np.ones(len(candidates), bool)))
+    return int(candidates[best]), replies[best]
+
+
+HOST_POLICIES = {"reference": host_reference, "random": host_random, "greedy": host_greedy}
+
+
+# -------------------------------------------------------------------- episodes as padded arrays
+def _jax_episodes(env, policy: str, episodes: int, seed: int) -> dict[str, np.ndarray]:
+    keys = jax.random.split(jax.random.PRNGKey(seed), episodes)
+    return jax.device_get(rollout_scripted(env, keys, jax_policy(env, policy)))
+
+
+def _host_episodes(env: HostEnv, policy: str, episodes: int, seed: int) -> dict[str, Any]:
+    """Runs `episodes` host episodes (reset seeds seed..seed+N-1) into padded numpy arrays plus transcripts."""
+    if policy not in HOST_POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {list(HOST_POLICIES)}")
+    fn = HOST_POLICIES[policy]
+    t_max = env.spec.max_turns
+    fields = ("gain", "cont", "rel", "sop_valid", "aligned", "quality")
+    out = {f: np.zeros((episodes, t_max), np.float32) for f in fields}
+    out["strategy"] = np.zeros((episodes, t_max), np.int32)
+    out["turn_mask"] = np.zeros((episodes, t_max), bool)
+    for f in ("outcome", "satisfaction", "fcr"):
+        out[f] = np.zeros((episodes,), np.float32)
+    transcripts = []
+    for i in range(episodes):
+        rng = np.random.default_rng([seed, i])
+        obs = env.reset(seed + i)
+        turns = []
+        for t in range(t_max):
+            if obs.done:
+                break
+            strategy, reply = fn(env, obs, rng)
+            customer = obs.customer
+            obs, sig = env.step(strategy, reply)
+            for f in fields:
+                out[f][i, t] = float(getattr(sig, f))
+            out["strategy"][i, t] = strategy
+            out["turn_mask"][i, t] = True
+            turns.append(dict(customer=customer, strategy=env.spec.strategies[strategy], reply=reply,
+                              gain=float(sig.gain), cont=float(sig.cont), rel=float(sig.rel)))
+        result = env.outcome()
+        out["outcome"][i], out["satisfaction"][i], out["fcr"][i] = (
+            float(result.outcome), float(result.satisfaction), float(result.fcr))
+        transcripts.append(dict(context=getattr(obs, "context", ""), turns=turns, final=obs.customer))
+    out["transcripts"] = transcripts
+    return out
+
+
+def _jax_transcripts(env, arrays, count: int) -> list[dict]:
+    tok = env.tokenizer
+
+    def text(ids, valid):
+        return tok.decode(np.asarray(ids)[np.asarray(valid)], skip_special_tokens=True).strip()
+
+    transcripts = []
+    for b in range(min(count, arrays["strategy"].shape[0])):
+        turns = []
+        for t in range(env.spec.max_turns):
+            if not arrays["turn_mask"][b, t]:
+                break
+            turns.append(dict(customer=text(arrays["customer"][b, t], arrays["customer_valid"][b, t]),
+                              strategy=env.spec.strategies[int(arrays["strategy"][b, t])],
+                              reply=text(arrays["reply"][b, t], arrays["reply_valid"][b, t]),
+                              gain=float(arrays["gain"][b, t]), cont=float(arrays["cont"][b, t]),
+                              rel=float(arrays["rel"][b, t])))
+        last = int(arrays["turn_mask"][b].sum()) - 1
+        final = text(arrays["reaction"][b, last], arrays["reaction_valid"][b, last]) if last >= 0 else ""
+        transcripts.append(dict(context=text(arrays["context"][b], arrays["context_valid"][b]), turns=turns,
+                                final=final))
+    return transcripts
+
+
+@functools.partial(jax.jit, static_argnames=("t_max", "max_rel", "p"))
+def episode_metrics(gain, cont, rel, sop_valid, mask, outcome, sat, fcr, ref_gain, ref_cont, ref_mask, *,
+                    t_max: int, max_rel: float, p: float = 0.8) -> dict[str, jax.Array]:
+    """Per-episode TSE, nTSE, ESNDCG and R_B of a batch ([N, T] turn arrays, [N] outcomes)."""
+    weights = BusinessWeights()
+    return dict(
+        tse=jax.vmap(tse)(gain, cont, mask),
+        ntse=jax.vmap(ntse)(gain, cont, mask, ref_gain, ref_cont, ref_mask),
+        esndcg=jax.vmap(functools.partial(esndcg, p=p, max_rel=max_rel))(rel, mask),
+        r_b=jax.vmap(functools.partial(business_reward, t_max=t_max, weights=weights))(
+            outcome, sat, fcr, sop_valid, mask),
+    )
+
+
+def evaluate_policy(env, policy: str, episodes: int, seed: int = 0, *, data_dir=None, p: float = 0.8,
+                    transcripts: int = 0) -> dict[str, Any]:
+    """Evaluates a scripted policy on `episodes` episodes (the reference runs on the same seeds for nTSE).
+
+    Args:
+      env: an environment object or a registry name (see gopo_jax.envs.registry).
+      policy: "reference", "random" or "greedy".
+      data_dir: passed to the registry for environments built from files.
+      transcripts: how many dialogues to return as text (for `inspect --show`).
+    Returns:
+      dict with mean_ci dicts (mean, lo, hi, n) for tse, ntse, esndcg, gre (the mean R_B), purchase, turns; the
+      per-episode arrays under "per_episode"; "transcripts" (list of dialogues); and "env", "policy", "episodes".
+    """
+    if isinstance(env, str):
+        from gopo_jax.envs import registry
+        env = registry.make_env(env, data_dir=data_dir)
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {list(POLICIES)}")
+    if episodes < 2:
+        raise ValueError(f"evaluate_policy: episodes={episodes}; need at least 2 for a confidence interval")
+    is_jax = isinstance(env, JaxEnv)
+    run = _jax_episodes if is_jax else _host_episodes
+    arrays = run(env, policy, episodes, seed)
+    ref = arrays if policy == "reference" else run(env, "reference", episodes, seed)
+    as_f32 = lambda x: jnp.asarray(x, jnp.float32)
+    per = jax.device_get(episode_metrics(
+        as_f32(arrays["gain"]), as_f32(arrays["cont"]), as_f32(arrays["rel"]), as_f32(arrays["sop_valid"]),
+        jnp.asarray(arrays["turn_mask"]), as_f32(arrays["outcome"]), as_f32(arrays["satisfaction"]),
+        as_f32(arrays["fcr"]), as_f32(ref["gain"]), as_f32(ref["cont"]), jnp.asarray(ref["turn_mask"]),
+        t_max=env.spec.max_turns, max_rel=float(env.spec.max_relevance), p=p))
+    per = {k: np.asarray(v) for k, v in per.items()}
+    per["purchase"] = np.asarray(arrays["outcome"], np.float32)
+    per["turns"] = np.asarray(arrays["turn_mask"]).sum(-1).astype(np.float32)
+    ntse_defined = per["ntse"][np.isfinite(per["ntse"])]
+    result = {
+        "env": env.spec.name, "policy": policy, "episodes": episodes,
+        "tse": reporting.mean_ci(per["tse"]),
+        "ntse": reporting.mean_ci(ntse_defined) if ntse_defined.size else dict(mean=float("nan"), lo=float("nan"),
+                                                                                  hi=float("nan"), n=0),
+        "esndcg": reporting.mean_ci(per["esndcg"]),
+        "gre": reporting.mean_ci(per["r_b"]),
+        "purchase": reporting.mean_ci(per["purchase"]),
+        "turns": reporting.mean_ci(per["turns"]),
+        "per_episode": per,
+    }
+    if transcripts:
+        result["transcripts"] = (_jax_transcripts(env, arrays, transcripts) if is_jax
+                                 else arrays["transcripts"][:transcripts])
+    return result

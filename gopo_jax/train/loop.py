@@ -1,0 +1,308 @@
+"""The GOPO run on a pure-JAX world: warm start (SFT) → GOPO iterations → evaluation → report.
+
+Each GOPO iteration: rollout of `groups × group_size` dialogues (one jitted `lax.scan`) → scores S = ESNDCG +
+λ_B·R_B (pure, vmapped) → reference log-probs when a KL/preference reference is on → `epochs × minibatches`
+updates of the one sharded hierarchical train step → logging; held-out evaluation and checkpoints on a schedule.
+
+Exact resumption: every random draw is a function of (config.seed, phase, iteration), the tokenizer is saved in
+the workdir, and a checkpoint holds the train state (both agents, optimizer, μ, step, rng), the reference
+parameters and the iteration. Rerunning the same command on the workdir restores the newest checkpoint and
+continues; the result is bitwise the same as an uninterrupted run on CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from gopo_jax import parallel
+from gopo_jax.algorithms.hierarchical import GOPOHyper, make_warm_start_loss, trajectory_scores_from
+from gopo_jax.dialogue.layout import Trajectory
+from gopo_jax.dialogue.rollout import SamplingConfig
+from gopo_jax.metrics.business import BusinessWeights, business_reward
+from gopo_jax.metrics.esndcg import esndcg
+from gopo_jax.metrics.reporting import mean_ci, paired_difference
+from gopo_jax.metrics.tse import tse
+from gopo_jax.train import checkpoint
+from gopo_jax.train.methods import get_method, reference_log_probs
+from gopo_jax.train.logging import MetricsLogger, plot_curves, save_config, write_summary
+from gopo_jax.train.state import TrainState, create_train_state
+from gopo_jax.train.step import make_optimizer, make_train_step
+from gopo_jax.train.world import World, build_world, init_agents
+
+_log = logging.getLogger(__name__)
+_SFT, _GOPO, _EVAL, _DEMO = 1, 2, 3, 4  # phase tags folded into PRNG keys
+
+
+def hyper_from_config(config) -> GOPOHyper:
+    g = config.gopo
+    return GOPOHyper(group_size=config.train.group_size, expert_loss=g.expert_loss, beta_pref=g.beta_pref,
+                     pref_margin=g.pref_margin, expert_reference=g.expert_reference, beta_expert=g.beta_expert,
+                     clip_eps=g.clip_eps, lambda_b=g.lambda_b, lambda_s=g.lambda_s, alpha=g.alpha, beta_cs=g.beta_cs,
+                     kl_clamp=g.kl_clamp, aggregation=g.aggregation, constraint=g.constraint, mu_lr=g.mu_lr,
+                     delta=g.delta, use_esndcg=g.use_esndcg, esndcg_p=g.esndcg_p, sop_mask=g.sop_mask,
+                     use_expert=g.use_expert)
+
+
+def validate_config(config) -> None:
+    """Bad values fail before anything is built, each with the key and the fix."""
+    t = config.train
+    checks = [
+        (t.steps >= 0, "train.steps must be >= 0"),
+        (t.groups >= 1 and t.group_size >= 2, "train.groups >= 1 and train.group_size >= 2 (a group needs pairs)"),
+        ((t.groups * t.group_size) % t.minibatches == 0 and t.groups % t.minibatches == 0,
+         "train.groups must be a multiple of train.minibatches (minibatches hold whole groups)"),
+        (t.epochs >= 1, "train.epochs must be >= 1"),
+        (config.sft.steps >= 0 and config.sft.batch_size >= 1, "sft.steps >= 0 and sft.batch_size >= 1"),
+        (0.0 <= config.sft.noise <= 1.0, "sft.noise must be in [0, 1]"),
+        (0.0 < config.sft.heldout_fraction < 1.0, "sft.heldout_fraction must be in (0, 1)"),
+        (config.gopo.expert_loss in ("preference", "clipped_pg"), "gopo.expert_loss: 'preference' or 'clipped_pg'"),
+        (config.gopo.aggregation in ("token-mean", "seq-mean-token-mean"),
+         "gopo.aggregation: 'token-mean' or 'seq-mean-token-mean'"),
+        (0.0 < config.gopo.esndcg_p <= 1.0, "gopo.esndcg_p must be in (0, 1]"),
+        (config.eval.episodes >= 1, "eval.episodes must be >= 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(f"bad config: {msg}")
+
+
+def model_fingerprint(world: World) -> dict:
+    """What a checkpoint must agree with to be restored into this run."""
+    return {"model_config": dataclasses.asdict(world.model_config), "env": world.spec.name,
+            "layout": dataclasses.asdict(world.layout), "strategies": list(world.spec.strategies)}
+
+
+def per_episode_metrics(traj: Trajectory, *, max_relevance: float, t_max: int, weights: BusinessWeights,
+                        esndcg_p: float) -> dict[str, np.ndarray]:
+    """TSE, ESNDCG, R_B, alignment, SOP validity and outcome of every dialogue (host arrays)."""
+    m = traj.turn_mask
+    out = {
+        "tse": jax.vmap(tse)(traj.gain, traj.cont, m),
+        "esndcg": jax.vmap(lambda r, mm: esndcg(r, mm, p=esndcg_p, max_rel=max_relevance))(traj.rel, m),
+        "gre": jax.vmap(lambda o, s, f, v, mm: business_reward(o, s, f, v, mm, t_max=t_max, weights=weights))(
+            traj.outcome, traj.satisfaction, traj.fcr, traj.sop_valid, m),
+        "alignment": jnp.sum(traj.aligned * m, -1) / jnp.maximum(jnp.sum(m, -1), 1),
+        "sop_validity": jnp.sum(traj.sop_valid * m, -1) / jnp.maximum(jnp.sum(m, -1), 1),
+        "outcome": traj.outcome,
+        "turns": jnp.sum(m, -1).astype(jnp.float32),
+    }
+    return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+class Run:
+    """One training run; `run()` is the whole pipeline. Holds the jitted pieces so they compile once."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
+        validate_config(config)
+        self.config = config
+        self.workdir = pathlib.Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.world = build_world(config, self.workdir)
+        self.mesh = parallel.make_mesh(config.mesh)
+        self.hyper = hyper_from_config(config)
+        w = self.world
+        self.max_rel = float(config.env.max_relevance if config.env.max_relevance > 0 else w.spec.max_relevance)
+        self.weights = BusinessWeights.from_config(config.business.to_dict())
+        self.expert_gd, self.cs_gd, params = init_agents(w, config.seed)
+        self.strategy_ids = w.vocab.strategy_ids
+        self.method = get_method(config.method, self)
+        params.update(self.method.extra_params(jax.random.key(config.seed + 7)))
+        self.init_params = params
+        use_expert = self.method.use_expert
+        train_sampling = SamplingConfig(temperature=config.sampling.temperature, top_k=config.sampling.top_k,
+                                        top_p=config.sampling.top_p, sop_mask=self.hyper.sop_mask,
+                                        use_expert=use_expert)
+        eval_sampling = dataclasses.replace(train_sampling, temperature=0.0, expert_greedy=True)
+        self.rollout = w.make_rollout(self.method.make_agents(train_sampling))
+        self.eval_rollout = w.make_rollout(self.method.make_agents(eval_sampling))
+        self.demo_rollout = w.make_rollout(w.demo_agents(config.sft.noise, emit_decision=use_expert))
+        self.reference_rollout = w.make_rollout(w.reference_agents())
+        self.scores = jax.jit(lambda traj: trajectory_scores_from(traj, max_relevance=self.max_rel,
+                                                                  t_max=w.spec.max_turns, weights=self.weights,
+                                                                  hyper=self.hyper))
+        self.reference_logps = jax.jit(lambda ref, traj: reference_log_probs(
+            self, ref, traj, expert=self.hyper.needs_expert_reference and use_expert,
+            cs=self.hyper.needs_cs_reference))
+        self.tx = make_optimizer(self.method.learning_rates(), clip_norm=config.train.clip_norm)
+        self.sft_tx = make_optimizer({k: config.sft.learning_rate for k in params}, clip_norm=config.train.clip_norm)
+        self.gopo_step = make_train_step(self.method.make_loss(), self.tx, mesh=self.mesh)
+        warm_start = make_warm_start_loss(self.expert_gd, self.cs_gd, w.layout, self.strategy_ids,
+                                          use_expert=use_expert, sop_mask=self.hyper.sop_mask)
+        self.sft_step = make_train_step(warm_start, self.sft_tx, mesh=self.mesh)
+        self.sft_eval = jax.jit(lambda params, batch: warm_start(params, {}, batch, None))
+        self.base_key = jax.random.key(config.seed)
+
+    def key(self, phase: int, i: int) -> jax.Array:
+        return jax.random.fold_in(jax.random.fold_in(self.base_key, phase), i)
+
+    def eval_env_keys(self):
+        return self.world.eval_episodes(self.config.eval.seed, self.config.eval.episodes)
+
+    # --- phases ------------------------------------------------------------------------------------------------
+    def demonstrations(self) -> tuple[Trajectory, Trajectory]:
+        """Scripted demonstrations split by episode into SFT train / held-out sets."""
+        n = self.config.sft.episodes
+        traj = self.demo_rollout({}, self.world.episodes(self.key(_DEMO, 0), n), self.key(_DEMO, 1))
+        n_held = max(1, int(round(n * self.config.sft.heldout_fraction)))
+        held = jax.tree.map(lambda x: x[:n_held], traj)
+        train = jax.tree.map(lambda x: x[n_held:], traj)
+        return train, held
+
+    def evaluate(self, params) -> dict[str, np.ndarray]:
+        traj = self.eval_rollout(params, self.eval_env_keys(), self.key(_EVAL, 0))
+        return per_episode_metrics(traj, max_relevance=self.max_rel, t_max=self.world.spec.max_turns,
+                                   weights=self.weights, esndcg_p=self.hyper.esndcg_p)
+
+    def reference_eval(self) -> dict[str, np.ndarray]:
+        traj = self.reference_rollout({}, self.eval_env_keys(), self.key(_EVAL, 1))
+        return per_episode_metrics(traj, max_relevance=self.max_rel, t_max=self.world.spec.max_turns,
+                                   weights=self.weights, esndcg_p=self.hyper.esndcg_p)
+
+    def checkpoint_target(self, state: TrainState, ref_params) -> dict:
+        return {"state": state, "ref": ref_params, "iteration": np.zeros((), np.int64)}
+
+    def run(self) -> dict:
+        cfg = self.config
+        w = self.world
+        t_start = time.time()
+        save_config(self.workdir, cfg)
+        ckpt_dir = self.workdir / "checkpoints"
+        fingerprint = model_fingerprint(w)
+        total = cfg.sft.steps + (cfg.train.steps if self.method.trains else 0)
+        logger = MetricsLogger(self.workdir, total_steps=total)
+        state = create_train_state(jax.tree.map(jnp.copy, self.init_params), self.sft_tx, extras={"mu": jnp.float32(cfg.gopo.mu_init)},
+                                   rng=self.key(_SFT, 1_000_000))
+        state = parallel.shard_params(state, self.mesh)
+        ref_params = self.init_params
+        iteration = 0  # global: SFT steps first, then GOPO iterations
+        restored = checkpoint.restore_checkpoint(ckpt_dir, self.checkpoint_target(state, ref_params),
+                                                 expected_metadata=fingerprint)
+        if restored is not None:
+            payload, _ = restored
+            state, ref_params, iteration = payload["state"], payload["ref"], int(payload["iteration"])
+            logger.truncate_after(iteration)
+            _log.info("resumed from %s at iteration %d", ckpt_dir, iteration)
+
+        reference = self.reference_eval()
+        train_demo, held_demo = self.demonstrations()
+        n_train = train_demo.tokens.shape[0]
+        bs = min(cfg.sft.batch_size, n_train)
+        bs -= bs % max(1, self.mesh.size) if bs >= self.mesh.size else 0
+
+        def save(it: int, state, ref):
+            checkpoint.save_checkpoint(ckpt_dir, it, {"state": state, "ref": ref, "iteration": np.int64(it)},
+                                       metadata=fingerprint, keep=cfg.train.keep_checkpoints)
+
+        with checkpoint.install_sigterm_handler() as should_stop:
+            # ---- warm start ----
+            while iteration < cfg.sft.steps:
+                perm = jax.random.permutation(self.key(_SFT, iteration), n_train)[:bs]
+                batch = parallel.shard_batch({"traj": jax.tree.map(lambda x: np.asarray(x)[np.asarray(perm)],
+                                                                   train_demo)}, self.mesh)
+                state, m = self.sft_step(state, batch)
+                iteration += 1
+                if iteration % 25 == 0 or iteration == cfg.sft.steps:
+                    _, (held_m, _) = self.sft_eval(state.params, {"traj": held_demo})
+                    logger.log(iteration, {k: float(v) for k, v in held_m.items()}, prefix="sft_heldout")
+                logger.log(iteration, {k: float(v) for k, v in m.items()}, prefix="sft")
+                if iteration == cfg.sft.steps:
+                    # The SFT agents become the reference policy; GOPO starts with a fresh optimizer.
+                    ref_params = jax.tree.map(jnp.copy, state.params)
+                    # A separate copy: the step donates the train state's buffers, the reference must survive.
+                    state = parallel.shard_params(create_train_state(
+                        jax.tree.map(jnp.copy, ref_params), self.tx, extras={"mu": jnp.float32(cfg.gopo.mu_init)},
+                        rng=self.key(_GOPO, 1_000_000)), self.mesh)
+                    save(iteration, state, ref_params)
+                elif should_stop():
+                    save(iteration, state, ref_params)
+                    return {"stopped": True, "iteration": iteration}
+            if cfg.sft.steps == 0 and iteration == 0:
+                ref_params = jax.tree.map(jnp.copy, state.params)
+
+            sft_eval = self.evaluate(ref_params)
+            self._log_eval(logger, cfg.sft.steps, sft_eval, reference)
+            # ---- GOPO ----
+            while iteration < total:
+                it = iteration - cfg.sft.steps
+                env_keys = w.group_episodes(self.key(_GOPO, 2 * it), cfg.train.groups, cfg.train.group_size)
+                traj = self.rollout(self.method.rollout_params(state.params, ref_params), env_keys,
+                                    self.key(_GOPO, 2 * it + 1))
+                batch = self.method.prepare_batch(traj, ref_params, state.params)
+                stats = []
+                for epoch in range(cfg.train.epochs):
+                    perm = jax.random.permutation(self.key(_GOPO, 10_000 + it * 100 + epoch), cfg.train.groups)
+                    mbs = group_minibatches(batch, perm, cfg.train.group_size, cfg.train.minibatches)
+                    for j in range(cfg.train.minibatches):
+                        mb = parallel.shard_batch(jax.tree.map(lambda x: x[j], mbs), self.mesh)
+                        state, m = self.gopo_step(state, mb)
+                        stats.append(m)
+                iteration += 1
+                metrics = {k: float(np.mean([float(s[k]) for s in stats])) for k in stats[0]}
+                ep = per_episode_metrics(traj, max_relevance=self.max_rel, t_max=w.spec.max_turns,
+                                         weights=self.weights, esndcg_p=self.hyper.esndcg_p)
+                metrics.update({f"rollout_{k}": float(v.mean()) for k, v in ep.items()})
+                logger.log(iteration, metrics, prefix="train")
+                if (it + 1) % cfg.train.eval_every == 0 or iteration == total:
+                    self._log_eval(logger, iteration, self.evaluate(state.params), reference)
+                if (it + 1) % cfg.train.checkpoint_every == 0 or iteration == total or should_stop():
+                    save(iteration, state, ref_params)
+                if should_stop() and iteration < total:
+                    return {"stopped": True, "iteration": iteration}
+
+        final = self.evaluate(state.params)
+        summary = self._summary(sft_eval, final, reference, time.time() - t_start, state)
+        write_summary(self.workdir, summary)
+        logger.close()
+        plot_curves(self.workdir, ["tse", "gre", "alignment", "kl"])
+        return summary
+
+    def _log_eval(self, logger, iteration, ep, reference):
+        m = {k: float(v.mean()) for k, v in ep.items()}
+        m["ntse"] = float(ep["tse"].mean() / max(reference["tse"].mean(), 1e-9))
+        logger.log(iteration, m, prefix="eval")
+
+    def _summary(self, sft, final, reference, wall, state) -> dict:
+        def block(ep):
+            d = {k: mean_ci(v) for k, v in ep.items()}
+            d["ntse"] = float(ep["tse"].mean() / max(reference["tse"].mean(), 1e-9))
+            return d
+
+        return {
+            "env": self.world.spec.name, "method": self.config.method,
+            "eval_episodes": int(self.config.eval.episodes),
+            "reference": block(reference), "sft": block(sft), self.method.name: block(final),
+            f"{self.method.name}_minus_sft": {k: paired_difference(final[k], sft[k])
+                                              for k in ("tse", "gre", "esndcg", "alignment")},
+            "wall_seconds": wall,
+            "final_params_sha256": params_hash(state.params),
+        }
+
+
+def group_minibatches(batch, perm, group_size: int, num: int):
+    """[B, ...] -> [num, B / num, ...] minibatches of whole groups (a group's rows stay contiguous), with the
+    groups shuffled by `perm`."""
+    perm = np.asarray(perm)
+    per_mb = perm.reshape(len(perm) // num, num).T  # minibatch k: groups perm[k], perm[k + num], ...
+    rows = (per_mb[..., None] * group_size + np.arange(group_size)).reshape(num, -1)
+    return jax.tree.map(lambda x: x[rows], batch)
+
+
+def params_hash(params) -> str:
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        h.update(np.asarray(leaf).tobytes())
+    return h.hexdigest()
+
+
+def train(config, workdir) -> dict:
+    return Run(config, workdir).run()
