@@ -41,7 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.sft = ml_collections.ConfigDict()
     c.sft.episodes = 512  # demonstrations (scripted "logged" agent)
-    c.sft.noise = 0.3  # share of demonstration turns where the demonstrator deviates from the reference
+    # The demonstrations are "logged agents": the reference policy, except that on a share `noise` of turns they
+    # follow a habit ("habit": the myopic shortcuts of synthetic_shop.habit_strategy; "random": any allowed move).
+    c.sft.noise = 0.6
+    c.sft.noise_kind = "habit"
     c.sft.steps = 300
     c.sft.batch_size = 32
     c.sft.learning_rate = 3e-3

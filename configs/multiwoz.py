@@ -19,6 +19,8 @@ def get_config():
     c.layout.customer_len = 40
     c.layout.reply_len = 32
     c.layout.max_turns = 12
+    c.sft.noise = 0.3
+    c.sft.noise_kind = "random"
     c.sft.episodes = 128
     c.sft.steps = 60
     c.sft.batch_size = 16

@@ -495,12 +495,28 @@ class SyntheticShop:
         reply, valid = self.scripted_reply(state, strategy, key)
         return strategy, reply, valid
 
-    def demonstration_turn(self, state: ShopState, key: jax.Array, *, noise: float):
-        """The reference policy, replaced with probability `noise` by a uniformly random SOP-allowed strategy."""
+    def habit_strategy(self, state: ShopState) -> jax.Array:
+        """The myopic habit of the logged human agents (the demonstrator's systematic bias): skip the greeting and
+        go straight to the need; recommend as soon as the need is known instead of asking for preferences. Both
+        pay off at once and cost later (engagement, a wrong first recommendation), so imitation inherits them and
+        only a long-horizon objective removes them."""
+        k = self._k
+        ref = self.reference_strategy(state)
+        habit = jnp.where(ref == k[GREET], k[NEED], jnp.where(ref == k[PREF], k[RECOMMEND], ref))
+        return jnp.where(self._sop.is_allowed(state.stage, habit), habit, ref).astype(jnp.int32)
+
+    def demonstration_turn(self, state: ShopState, key: jax.Array, *, noise: float, kind: str = "random"):
+        """The reference policy, replaced with probability `noise` by a uniformly random SOP-allowed strategy
+        (`kind="random"`) or by the myopic habit (`kind="habit"`, see `habit_strategy`)."""
         k_noise, k_pick, k_reply = jax.random.split(key, 3)
-        allowed = self._sop.mask(state.stage)
-        random_k = jax.random.choice(k_pick, allowed.shape[0], p=allowed / allowed.sum())
-        strategy = jnp.where(jax.random.bernoulli(k_noise, noise), random_k, self.reference_strategy(state))
+        if kind == "random":
+            allowed = self._sop.mask(state.stage)
+            deviation = jax.random.choice(k_pick, allowed.shape[0], p=allowed / allowed.sum())
+        elif kind == "habit":
+            deviation = self.habit_strategy(state)
+        else:
+            raise ValueError(f"demonstration kind must be 'random' or 'habit', got {kind!r}")
+        strategy = jnp.where(jax.random.bernoulli(k_noise, noise), deviation, self.reference_strategy(state))
         reply, valid = self.scripted_reply(state, strategy, k_reply)
         return strategy.astype(jnp.int32), reply, valid
 
@@ -620,8 +636,10 @@ class SyntheticShop:
 
     def step(self, state: ShopState, strategy: jax.Array, reply: jax.Array, reply_valid: jax.Array):
         chex.assert_shape([reply, reply_valid], (self.reply_len,))
-        strategy = jnp.asarray(strategy, jnp.int32)
         realised, product, value = self.realise(reply, reply_valid)
+        # Without an Expert (single-agent baselines, the no-EA ablation) the chosen strategy is the realised one.
+        strategy = jnp.asarray(strategy, jnp.int32)
+        strategy = jnp.where(strategy < 0, realised, strategy)
         sop_valid = self._sop.is_allowed(state.stage, realised)
         key, k_noise = jax.random.split(state.key)
         noise = jax.random.uniform(k_noise, (3,))
@@ -643,7 +661,7 @@ class SyntheticShop:
                           done=new.purchased | abandoned | (turn >= self.config.max_turns))
         signals = TurnSignals(
             gain=gain, cont=cont, rel=self.relevance(state, strategy), quality=quality, realised=realised,
-            aligned=(realised == strategy).astype(jnp.float32), sop_valid=sop_valid.astype(jnp.float32),
+            aligned=((realised == strategy) & (realised >= 0)).astype(jnp.float32), sop_valid=sop_valid.astype(jnp.float32),
             done=new.done)
         obs = self._obs(new, template, named)
         # No-op once done: state unchanged, padding observation and zero signals.

@@ -125,7 +125,8 @@ class Run:
         eval_sampling = dataclasses.replace(train_sampling, temperature=0.0, expert_greedy=True)
         self.rollout = w.make_rollout(self.method.make_agents(train_sampling))
         self.eval_rollout = w.make_rollout(self.method.make_agents(eval_sampling))
-        self.demo_rollout = w.make_rollout(w.demo_agents(config.sft.noise, emit_decision=use_expert))
+        self.demo_rollout = w.make_rollout(w.demo_agents(config.sft.noise, emit_decision=use_expert,
+                                                         kind=config.sft.noise_kind))
         self.reference_rollout = w.make_rollout(w.reference_agents())
         self.scores = jax.jit(lambda traj: trajectory_scores_from(traj, max_relevance=self.max_rel,
                                                                   t_max=w.spec.max_turns, weights=self.weights,

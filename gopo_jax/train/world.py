@@ -69,10 +69,13 @@ class World:
         return lambda params, seeds, key: rollout_host(factory, codec, agents, params, seeds, key,
                                                        jitted_act=act, jitted_init=init)
 
-    def demo_agents(self, noise: float, emit_decision: bool):
+    def demo_agents(self, noise: float, emit_decision: bool, kind: str = "random"):
         if self.kind == "jax":
-            env = self.env
-            return ScriptedAgents(functools.partial(_demo_turn, env, noise), self.vocab, emit_decision=emit_decision)
+            return ScriptedAgents(functools.partial(_demo_turn, self.env, noise, kind), self.vocab,
+                                  emit_decision=emit_decision)
+        if kind != "random":
+            raise ValueError(f"sft.noise_kind={kind!r} exists only for the synthetic shop; host worlds deviate from "
+                             "their reference with random allowed strategies (sft.noise_kind='random')")
         return HostScriptedAgents(noise=noise, emit_decision=emit_decision)
 
     def reference_agents(self):
@@ -81,8 +84,8 @@ class World:
         return HostScriptedAgents(noise=0.0)
 
 
-def _demo_turn(env, noise, state, key):
-    return env.demonstration_turn(state, key, noise=noise)
+def _demo_turn(env, noise, kind, state, key):
+    return env.demonstration_turn(state, key, noise=noise, kind=kind)
 
 
 def _stage_names(env) -> tuple[str, ...]:
