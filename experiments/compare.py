@@ -18,6 +18,7 @@ import ast
 import importlib.util
 import json
 import logging
+import math
 import pathlib
 import sys
 import time
@@ -230,8 +231,19 @@ def _convergence_curves(cfg, workdir, runs, records) -> dict:
     return curves
 
 
+def jsonable(x):
+    """Standard JSON: non-finite numbers (an interval from one seed) become null."""
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
 def write_results(workdir: pathlib.Path, results: dict, cfg) -> None:
-    (workdir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    (workdir / "results.json").write_text(json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n")
     (workdir / "results.md").write_text(tables.markdown(results, gopo_label=cfg.gopo_label))
     if results["table"]:
         figures.figure1(results["table"], workdir / "figure1.png", geval_reason=results["geval"]["reason"],

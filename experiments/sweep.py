@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from experiments.compare import (ComparisonError, apply_overrides, execute, load_config_file, parse_overrides)
+from experiments.compare import ComparisonError, apply_overrides, execute, jsonable, load_config_file, parse_overrides
 from gopo_jax.report import figures, tables
 
 _log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def sweep(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, shard:
         curve = figures.read_curve(run_dir(workdir, run), "eval/tse", offset=run["config"].sft.steps)
         curves.setdefault(run["label"], []).append(curve)
     results["wall_seconds"] = time.time() - start
-    (workdir / "sweep.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (workdir / "sweep.json").write_text(json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n")
     (workdir / "sweep.md").write_text(tables.markdown(results, gopo_label="").replace("# Comparison results",
                                                                                        "# Sweep results", 1))
     if curves:

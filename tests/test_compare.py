@@ -1,0 +1,88 @@
+"""The comparison driver: run planning from the config, the tables' hand-checkable numbers, and (slow) a tiny
+real comparison of 2 methods × 2 seeds plus a missing method, with its files and skip-on-resume."""
+import json
+
+import pytest
+
+from configs import compare as compare_config
+from experiments import compare as compare_lib
+from gopo_jax.report import tables
+
+
+def test_plan_resolves_variants_quick_and_seeds():
+    c = compare_config.get_config()
+    c.quick, c.seeds, c.methods, c.convergence_seeds = True, 2, "gopo,gopo_no_ea,sft", 1
+    runs = compare_lib.plan(c)
+    compare_runs = [r for r in runs if r["kind"] == "compare"]
+    assert [(r["label"], r["seed"]) for r in compare_runs] == [("gopo", 0), ("gopo", 1), ("gopo_no_ea", 0),
+                                                              ("gopo_no_ea", 1), ("sft", 0), ("sft", 1)]
+    no_ea = compare_runs[2]["config"]
+    assert no_ea.method == "gopo" and no_ea.gopo.use_expert is False and no_ea.seed == 0
+    assert compare_runs[4]["config"].method == "sft"
+    assert all(r["config"].sft.steps == 2 for r in runs)  # quick -> the tiny overrides
+    conv = [r for r in runs if r["kind"] == "convergence"]
+    assert {r["label"] for r in conv} == {f"conv_{k}" for k in c.convergence} and len(conv) == len(c.convergence)
+    assert next(r for r in conv if r["label"] == "conv_lambda_b_0")["config"].gopo.lambda_b == 0.0
+
+
+def test_plan_errors_name_the_key():
+    c = compare_config.get_config()
+    c.short = "train.stepz=3"
+    with pytest.raises(compare_lib.ComparisonError, match="no key 'train.stepz'"):
+        compare_lib.plan(c)
+    c = compare_config.get_config()
+    c.environments = "atlantis"
+    with pytest.raises(compare_lib.ComparisonError, match="'atlantis' has no entry in env_overrides"):
+        compare_lib.plan(c)
+
+
+def summary(method, tse, gre, ref_tse=0.5):
+    def block(t, g):
+        d = {k: {"mean": 0.0, "lo": 0.0, "hi": 0.0, "n": 4} for k in tables.METRICS if k != "ntse"}
+        d["tse"] = {"mean": t, "lo": t, "hi": t, "n": 4}
+        d["gre"] = {"mean": g, "lo": g, "hi": g, "n": 4}
+        d["ntse"] = t / ref_tse
+        return d
+    return {"env": "shop", "method": method, "reference": block(ref_tse, 1.0), method: block(tse, gre)}
+
+
+def test_tables_hand_computed():
+    records = [("shop", "gopo", 0, summary("gopo", 0.3, 1.0)), ("shop", "gopo", 1, summary("gopo", 0.5, 2.0)),
+               ("shop", "ppo", 0, summary("ppo", 0.2, 1.0)), ("shop", "ppo", 1, summary("ppo", 0.4, 1.0))]
+    out = tables.aggregate(records, n_boot=200)
+    gopo = out["table"]["shop"]["gopo"]
+    assert gopo["tse"]["mean"] == pytest.approx(0.4) and gopo["tse"]["per_seed"] == pytest.approx([0.3, 0.5])
+    assert gopo["ntse"]["mean"] == pytest.approx(0.8)
+    rel = out["relative"]["shop"]["ppo"]
+    assert rel["tse"]["rel_pct"] == pytest.approx(100 * 0.1 / 0.3)  # (0.4 - 0.3) / 0.3
+    assert rel["gre"]["rel_pct"] == pytest.approx(50.0)  # (1.5 - 1.0) / 1.0
+    assert rel["tse"]["mean_diff"] == pytest.approx(0.1)
+    md = tables.markdown(out | {"runs": [{"env": "shop", "label": "dpo", "seed": 0, "status": "failed",
+                                          "error": "ValueError: unknown method 'dpo'"}]})
+    assert "| gopo | 2 | 0.400 [" in md and "| ppo | +33.3% [" in md and "unknown method 'dpo'" in md
+
+
+@pytest.mark.slow
+def test_tiny_comparison_end_to_end_and_resume(tmp_path):
+    c = compare_config.get_config()
+    c.quick, c.seeds, c.methods, c.convergence_seeds = True, 2, "gopo,sft,not_a_method", 0
+    results = compare_lib.compare(c, tmp_path)
+    status = {(r["label"], r["seed"]): r["status"] for r in results["runs"]}
+    assert status == {("gopo", 0): "done", ("gopo", 1): "done", ("sft", 0): "done", ("sft", 1): "done",
+                      ("not_a_method", 0): "failed", ("not_a_method", 1): "failed"}
+    failed = next(r for r in results["runs"] if r["status"] == "failed")
+    assert "not_a_method" in failed["error"]
+    for name in ("results.json", "results.md", "figure1.png", "figure3.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["table"]["synthetic_shop"]["gopo"]["tse"]["n"] == 2
+    assert set(stored["relative"]["synthetic_shop"]) == {"sft"}
+    assert [len(c["iterations"]) for c in stored["convergence"]["default"]] == [3, 3]  # SFT point + 2 iterations
+
+    def must_not_train(cfg, workdir):
+        raise AssertionError(f"finished run retrained: {workdir}")
+
+    c.methods = "gopo,sft"
+    again = compare_lib.compare(c, tmp_path, train_fn=must_not_train)
+    assert all(r["status"] == "done" and "skipped" in r["resumed"] for r in again["runs"])
+    assert again["table"] == json.loads(json.dumps(results["table"]))
