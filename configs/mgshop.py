@@ -5,6 +5,8 @@ Every key here is read by `gopo_jax.train.loop`; a typo in a command-line overri
 """
 import ml_collections
 
+from configs.baselines import add_baseline_config
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -101,5 +103,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
 
+    add_baseline_config(c)
     c.lock()
     return c

@@ -181,8 +181,8 @@ class Run:
         fingerprint = model_fingerprint(w)
         total = cfg.sft.steps + (cfg.train.steps if self.method.trains else 0)
         logger = MetricsLogger(self.workdir, total_steps=total)
-        state = create_train_state(jax.tree.map(jnp.copy, self.init_params), self.sft_tx, extras={"mu": jnp.float32(cfg.gopo.mu_init)},
-                                   rng=self.key(_SFT, 1_000_000))
+        state = create_train_state(jax.tree.map(jnp.copy, self.init_params), self.sft_tx,
+                                   extras=self.method.init_extras(), rng=self.key(_SFT, 1_000_000))
         state = parallel.shard_params(state, self.mesh)
         ref_params = self.init_params
         iteration = 0  # global: SFT steps first, then GOPO iterations
@@ -221,7 +221,7 @@ class Run:
                     ref_params = jax.tree.map(jnp.copy, state.params)
                     # A separate copy: the step donates the train state's buffers, the reference must survive.
                     state = parallel.shard_params(create_train_state(
-                        jax.tree.map(jnp.copy, ref_params), self.tx, extras={"mu": jnp.float32(cfg.gopo.mu_init)},
+                        jax.tree.map(jnp.copy, ref_params), self.tx, extras=self.method.init_extras(),
                         rng=self.key(_GOPO, 1_000_000)), self.mesh)
                     save(iteration, state, ref_params)
                 elif should_stop():
@@ -230,14 +230,15 @@ class Run:
             if cfg.sft.steps == 0 and iteration == 0:
                 ref_params = jax.tree.map(jnp.copy, state.params)
 
-            sft_eval = self.evaluate(ref_params)
+            sft_eval = self.evaluate(self.method.acting_params(ref_params, self.method.init_extras()))
             self._log_eval(logger, cfg.sft.steps, sft_eval, reference)
             # ---- GOPO ----
             while iteration < total:
                 it = iteration - cfg.sft.steps
                 env_keys = w.group_episodes(self.key(_GOPO, 2 * it), cfg.train.groups, cfg.train.group_size)
-                traj = self.rollout(self.method.rollout_params(state.params, ref_params), env_keys,
-                                    self.key(_GOPO, 2 * it + 1))
+                acting = self.method.acting_params(self.method.rollout_params(state.params, ref_params),
+                                                   state.extras)
+                traj = self.rollout(acting, env_keys, self.key(_GOPO, 2 * it + 1))
                 batch = self.method.prepare_batch(traj, ref_params, state.params)
                 stats = []
                 for epoch in range(cfg.train.epochs):
@@ -254,13 +255,14 @@ class Run:
                 metrics.update({f"rollout_{k}": float(v.mean()) for k, v in ep.items()})
                 logger.log(iteration, metrics, prefix="train")
                 if (it + 1) % cfg.train.eval_every == 0 or iteration == total:
-                    self._log_eval(logger, iteration, self.evaluate(state.params), reference)
+                    self._log_eval(logger, iteration,
+                                   self.evaluate(self.method.acting_params(state.params, state.extras)), reference)
                 if (it + 1) % cfg.train.checkpoint_every == 0 or iteration == total or should_stop():
                     save(iteration, state, ref_params)
                 if should_stop() and iteration < total:
                     return {"stopped": True, "iteration": iteration}
 
-        final = self.evaluate(state.params)
+        final = self.evaluate(self.method.acting_params(state.params, state.extras))
         summary = self._summary(sft_eval, final, reference, time.time() - t_start, state)
         write_summary(self.workdir, summary)
         logger.close()
