@@ -13,7 +13,6 @@ devices form the mesh (data axis); prefix XLA_FLAGS=--xla_force_host_platform_de
 CPU devices.
 """
 import argparse
-import statistics
 import sys
 import time
 

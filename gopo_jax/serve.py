@@ -34,7 +34,6 @@ ever seen dialogues of the run's layout length; `max_context` bounds the prompt.
 from __future__ import annotations
 
 import argparse
-import functools
 import http.server
 import json
 import logging

@@ -24,3 +24,25 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def tiny_run_config():
+    """The embedded-default config shrunk to a 1-layer, 32-wide model: what every pipeline test builds on."""
+    from configs.mgshop import get_config
+
+    c = get_config()
+    c.unlock()
+    c.model.hidden_size = 32
+    c.model.num_layers = 1
+    c.model.intermediate_size = 64
+    c.lock()
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """(world, expert graphdef, cs graphdef, params) of the synthetic shop with tiny agents."""
+    from gopo_jax.train.world import build_world, init_agents
+
+    world = build_world(tiny_run_config(), tmp_path_factory.mktemp("world"))
+    return (world, *init_agents(world, 0))

@@ -5,7 +5,6 @@ import numpy as np
 import optax
 import pytest
 
-from configs.mgshop import get_config
 from gopo_jax import parallel
 from gopo_jax.algorithms.hierarchical import GOPOHyper, make_gopo_loss, trajectory_scores_from
 from gopo_jax.dialogue.rollout import ModelAgents, SamplingConfig
@@ -13,21 +12,13 @@ from gopo_jax.metrics.business import BusinessWeights
 from gopo_jax.train.methods import reference_log_probs
 from gopo_jax.train.state import create_train_state
 from gopo_jax.train.step import make_train_step
-from gopo_jax.train.world import build_world, init_agents
 
 GROUPS, G = 4, 2
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    c = get_config()
-    c.unlock()
-    c.model.hidden_size = 32
-    c.model.num_layers = 1
-    c.model.intermediate_size = 64
-    c.lock()
-    world = build_world(c, tmp_path_factory.mktemp("w"))
-    ge, gc, params = init_agents(world, 0)
+def setup(tiny_world):
+    world, ge, gc, params = tiny_world
     rollout = world.make_rollout(ModelAgents(ge, gc, world.vocab, world.layout, SamplingConfig()))
     traj = rollout(params, world.group_episodes(jax.random.key(0), GROUPS, G), jax.random.key(1))
     # An untrained CS realises nothing (all turns misaligned, zero-variance CS rewards): give the batch varied

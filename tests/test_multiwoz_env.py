@@ -1,7 +1,6 @@
 """MultiWOZ host environment: real goals, SOP + schema/DB preconditions, realisation check, exports, bad data."""
 import copy
 import json
-import pathlib
 import shutil
 import zipfile
 

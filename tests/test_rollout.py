@@ -8,28 +8,11 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
-from configs.mgshop import get_config
 from gopo_jax.dialogue import scoring
 from gopo_jax.dialogue.rollout import ModelAgents, SamplingConfig, python_loop_rollout
-from gopo_jax.train.world import build_world, init_agents
-
-
-@pytest.fixture(scope="module")
-def world_and_params(tmp_path_factory):
-    c = get_config()
-    c.unlock()
-    c.model.hidden_size = 32
-    c.model.num_layers = 1
-    c.model.intermediate_size = 64
-    c.lock()
-    world = build_world(c, tmp_path_factory.mktemp("w"))
-    ge, gc, params = init_agents(world, 0)
-    return world, ge, gc, params
 
 
 def _rollout(world, ge, gc, params, sampling, n=4, seed=0):
@@ -38,8 +21,8 @@ def _rollout(world, ge, gc, params, sampling, n=4, seed=0):
     return fn(params, world.episodes(jax.random.key(seed), n), jax.random.key(seed + 1)), agents
 
 
-def test_rollout_logprobs_match_training_forward(world_and_params):
-    world, ge, gc, params = world_and_params
+def test_rollout_logprobs_match_training_forward(tiny_world):
+    world, ge, gc, params = tiny_world
     traj, _ = _rollout(world, ge, gc, params, SamplingConfig(temperature=1.0))
     traj.check(world.layout, world.spec.num_strategies)
     expert = nnx.merge(ge, params["expert"])
@@ -53,8 +36,8 @@ def test_rollout_logprobs_match_training_forward(world_and_params):
     np.testing.assert_allclose(np.asarray(cs_logp)[m], np.asarray(traj.cs_logprob)[m], atol=2e-4)
 
 
-def test_rollout_respects_sop_and_layout(world_and_params):
-    world, ge, gc, params = world_and_params
+def test_rollout_respects_sop_and_layout(tiny_world):
+    world, ge, gc, params = tiny_world
     traj, _ = _rollout(world, ge, gc, params, SamplingConfig(temperature=1.0), n=8, seed=3)
     tm = np.asarray(traj.turn_mask)
     chosen_allowed = np.take_along_axis(np.asarray(traj.allowed), np.asarray(traj.strategy)[..., None], -1)[..., 0]
@@ -67,15 +50,15 @@ def test_rollout_respects_sop_and_layout(world_and_params):
     assert set(dec.tolist()) <= set(world.vocab.strategy_ids)
 
 
-def test_no_expert_rollout_has_no_decisions(world_and_params):
-    world, ge, gc, params = world_and_params
+def test_no_expert_rollout_has_no_decisions(tiny_world):
+    world, ge, gc, params = tiny_world
     traj, _ = _rollout(world, ge, gc, params, SamplingConfig(use_expert=False), n=4)
     assert not np.asarray(traj.ea_mask).any()
     assert np.asarray(traj.cs_mask).any()
 
 
-def test_scan_driver_equals_python_turn_loop(world_and_params):
-    world, ge, gc, params = world_and_params
+def test_scan_driver_equals_python_turn_loop(tiny_world):
+    world, ge, gc, params = tiny_world
     sampling = SamplingConfig(temperature=1.0)
     traj, agents = _rollout(world, ge, gc, params, sampling, n=4, seed=5)
     loop = python_loop_rollout(world.env, world.layout, world.vocab, agents)

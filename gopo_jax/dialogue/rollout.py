@@ -29,7 +29,7 @@ from gopo_jax import sampling
 from gopo_jax.algorithms.gopo import masked_strategy_log_softmax
 from gopo_jax.dialogue.layout import Layout, Trajectory
 from gopo_jax.dialogue.sop import UNRECOGNISED
-from gopo_jax.envs.base import JaxEnv, JaxObs, TurnSignals
+from gopo_jax.envs.base import JaxEnv, TurnSignals
 from gopo_jax.models import qwen3
 
 

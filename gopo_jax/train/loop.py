@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import pathlib
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
