@@ -25,6 +25,7 @@ import numpy as np
 from gopo_jax import parallel
 from gopo_jax.algorithms.hierarchical import GOPOHyper, make_warm_start_loss, trajectory_scores_from
 from gopo_jax.dialogue.layout import Trajectory
+from gopo_jax.dialogue.render import render_dialogue
 from gopo_jax.dialogue.rollout import SamplingConfig
 from gopo_jax.metrics.business import BusinessWeights, business_reward
 from gopo_jax.metrics.esndcg import esndcg
@@ -260,12 +261,31 @@ class Run:
                 if should_stop() and iteration < total:
                     return {"stopped": True, "iteration": iteration}
 
-        final = self.evaluate(self.method.acting_params(state.params, state.extras))
+        final_params = self.method.acting_params(state.params, state.extras)
+        final = self.evaluate(final_params)
         summary = self._summary(sft_eval, final, reference, time.time() - t_start, state)
         write_summary(self.workdir, summary)
         logger.close()
-        plot_curves(self.workdir, ["tse", "gre", "alignment", "kl"])
+        curves = ["tse", "gre", "esndcg", "alignment"]
+        if self.method.trains:
+            curves += ["expert_kl_ref", "cs_kl_ref", "mu"]
+        plot_curves(self.workdir, curves)
+        self.write_transcripts(final_params, ref_params)
         return summary
+
+    def write_transcripts(self, final_params, ref_params, num: int = 4) -> None:
+        """samples.md: the same held-out customers served by the SFT agents and by the trained agents."""
+        episodes = self.eval_env_keys()[:num]
+        w = self.world
+        parts = []
+        for name, params in (("sft", self.method.acting_params(ref_params, self.method.init_extras())),
+                             (self.method.name, final_params)):
+            traj = self.eval_rollout(params, episodes, self.key(_EVAL, 0))
+            parts.append(f"## {name}\n")
+            for i in range(num):
+                parts.append("```\n" + render_dialogue(traj, i, tokenizer=w.tokenizer, layout=w.layout,
+                                                        strategies=w.spec.strategies) + "\n```\n")
+        (self.workdir / "samples.md").write_text("\n".join(parts))
 
     def _log_eval(self, logger, iteration, ep, reference):
         m = {k: float(v.mean()) for k, v in ep.items()}

@@ -1,0 +1,33 @@
+"""Human-readable transcripts of rolled-out dialogues (what a researcher reads to see what the agents learned)."""
+from __future__ import annotations
+
+import numpy as np
+
+from gopo_jax.dialogue.layout import Layout, Trajectory
+from gopo_jax.dialogue.sop import UNRECOGNISED
+
+
+def _text(tokenizer, ids, valid) -> str:
+    return tokenizer.decode([int(i) for i, v in zip(ids, valid) if v], skip_special_tokens=True).strip()
+
+
+def render_dialogue(traj: Trajectory, index: int, *, tokenizer, layout: Layout, strategies) -> str:
+    """One dialogue of a batch as text: every turn's customer utterance, chosen and realised strategy, the reply and
+    its signals."""
+    tokens, valid = np.asarray(traj.tokens[index]), np.asarray(traj.valid[index])
+    lines = [f"context: {_text(tokenizer, tokens[:layout.context_len], valid[:layout.context_len])}"]
+    name = lambda k: strategies[k] if 0 <= k < len(strategies) else "-"  # noqa: E731
+    for t in range(layout.max_turns):
+        if not bool(traj.turn_mask[index, t]):
+            break
+        c0, r0 = layout.turn_start(t), layout.reply_start(t)
+        customer = _text(tokenizer, tokens[c0:c0 + layout.customer_len], valid[c0:c0 + layout.customer_len])
+        reply = _text(tokenizer, tokens[r0:r0 + layout.reply_len], valid[r0:r0 + layout.reply_len])
+        k, kr = int(traj.strategy[index, t]), int(traj.realised[index, t])
+        lines.append(f"  customer: {customer}")
+        lines.append(f"  agent [{name(k)} -> {name(kr) if kr != UNRECOGNISED else 'unrecognised'}] {reply}"
+                     f"   (g={float(traj.gain[index, t]):.2f} c={float(traj.cont[index, t]):.2f} "
+                     f"rel={float(traj.rel[index, t]):.0f} q={float(traj.quality[index, t]):.2f})")
+    lines.append(f"  outcome={float(traj.outcome[index]):.0f} satisfaction={float(traj.satisfaction[index]):.2f} "
+                 f"fcr={float(traj.fcr[index]):.0f}")
+    return "\n".join(lines)
