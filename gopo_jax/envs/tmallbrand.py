@@ -327,6 +327,11 @@ class TmallBrandEnv:
     def sop(self) -> SOP:
         return self.spec.sop
 
+    @property
+    def max_stages(self) -> int:
+        """Stage indices are per subflow; agents get positional stage tokens `<stage:#i>` for i < max_stages."""
+        return max(sop.num_stages for sop in self.data.sops.values())
+
     def _facts(self, seed: int) -> dict:
         rng = np.random.default_rng(seed)
         v = self.data.values
