@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.gopo = ml_collections.ConfigDict()
     c.gopo.expert_loss = "preference"
-    c.gopo.beta_pref = 1.0
+    c.gopo.beta_pref = 0.3
     c.gopo.pref_margin = 0.0
     c.gopo.expert_reference = True
     c.gopo.beta_expert = 0.0
@@ -62,12 +62,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.gopo.lambda_b = 1.0
     c.gopo.lambda_s = 1.0
     c.gopo.alpha = 1.0
-    c.gopo.beta_cs = 0.02
+    c.gopo.beta_cs = 0.05
     c.gopo.kl_clamp = 10.0
     c.gopo.aggregation = "token-mean"
     c.gopo.constraint = True
     c.gopo.mu_init = 0.0
-    c.gopo.mu_lr = 0.5
+    c.gopo.mu_lr = 0.1
     c.gopo.delta = 0.05
     c.gopo.use_esndcg = True
     c.gopo.esndcg_p = 0.8
@@ -88,7 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.epochs = 2
     c.train.minibatches = 2
     c.train.lr_expert = 1e-3
-    c.train.lr_cs = 3e-4
+    c.train.lr_cs = 5e-4
     c.train.clip_norm = 1.0
     c.train.eval_every = 10
     c.train.checkpoint_every = 5

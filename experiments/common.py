@@ -31,6 +31,8 @@ def run_main(train_fn) -> None:
     def main(argv):
         del argv
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        # orbax reports every save and restore at INFO through absl; keep the console for the progress line.
+        logging.getLogger("absl").setLevel(logging.WARNING)
         if not FLAGS.workdir:
             print("error: --workdir is required (the run directory; rerunning on it resumes)", file=sys.stderr)
             sys.exit(2)

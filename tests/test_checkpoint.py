@@ -1,5 +1,6 @@
 """Tests for gopo_jax/train/checkpoint.py: exact round trips, keep-last-k, clear refusals, sharded restore,
 crash-safety of a save, SIGTERM handling."""
+
 import os
 import pathlib
 import signal
@@ -20,145 +21,152 @@ META = {"model_config": {"ea": {"d_model": 16, "layers": 2}, "cs": {"d_model": 3
 
 
 def _state(seed: int = 0):
-  """A state shaped like the train loop's: two agents' params, a stepped adam state, scalars, a typed key."""
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  params = {
-      "ea": {"w": jax.random.normal(k1, (4, 3)), "scale": jnp.ones((3,), jnp.bfloat16)},
-      "cs": {"w": jax.random.normal(k2, (3, 5))},
-  }
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
-  opt_state = tx.init(params)
-  grads = jax.tree.map(jnp.ones_like, params)
-  _, opt_state = tx.update(grads, opt_state, params)  # non-zero mu/nu/count
-  return {
-      "params": params,
-      "opt_state": opt_state,
-      "step": 7,
-      "lagrange": np.float32(0.25),
-      "rng": jax.random.key(seed + 100),
-      "data_position": np.int64(12345),
-  }
+    """A state shaped like the train loop's: two agents' params, a stepped adam state, scalars, a typed key."""
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    params = {
+        "ea": {"w": jax.random.normal(k1, (4, 3)), "scale": jnp.ones((3,), jnp.bfloat16)},
+        "cs": {"w": jax.random.normal(k2, (3, 5))},
+    }
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    opt_state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, opt_state = tx.update(grads, opt_state, params)  # non-zero mu/nu/count
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "step": 7,
+        "lagrange": np.float32(0.25),
+        "rng": jax.random.key(seed + 100),
+        "data_position": np.int64(12345),
+    }
 
 
 def _assert_bitwise_equal(a, b):
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    if ckpt._is_key(x):
-      assert ckpt._is_key(y) and x.dtype == y.dtype
-      x, y = jax.random.key_data(x), jax.random.key_data(y)
-    assert type(x) is type(y) or (isinstance(x, jax.Array) and isinstance(y, jax.Array))
-    assert np.asarray(x).dtype == np.asarray(y).dtype
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        if ckpt._is_key(x):
+            assert ckpt._is_key(y) and x.dtype == y.dtype
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        assert type(x) is type(y) or (isinstance(x, jax.Array) and isinstance(y, jax.Array))
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_round_trip_is_bitwise_exact(tmp_path):
-  state = _state()
-  path = ckpt.save_checkpoint(tmp_path, 7, state, metadata=META)
-  assert path == str(tmp_path / "7") and os.path.isdir(path)
-  # The target is a different state of the same layout, so every value must come from disk.
-  restored, metadata = ckpt.restore_checkpoint(tmp_path, _state(seed=1), expected_metadata=META)
-  _assert_bitwise_equal(restored, state)
-  assert metadata == META
-  # The restored key is a usable typed key that continues the same stream.
-  np.testing.assert_array_equal(jax.random.uniform(restored["rng"], (3,)), jax.random.uniform(state["rng"], (3,)))
+    state = _state()
+    path = ckpt.save_checkpoint(tmp_path, 7, state, metadata=META)
+    assert path == str(tmp_path / "7") and os.path.isdir(path)
+    # The target is a different state of the same layout, so every value must come from disk.
+    restored, metadata = ckpt.restore_checkpoint(tmp_path, _state(seed=1), expected_metadata=META)
+    _assert_bitwise_equal(restored, state)
+    assert metadata == META
+    # The restored key is a usable typed key that continues the same stream.
+    np.testing.assert_array_equal(jax.random.uniform(restored["rng"], (3,)), jax.random.uniform(state["rng"], (3,)))
 
 
 def test_rbg_key_round_trips(tmp_path):
-  key = jax.random.key(5, impl="rbg")
-  ckpt.save_checkpoint(tmp_path, 0, {"rng": key}, metadata={})
-  restored, _ = ckpt.restore_checkpoint(tmp_path, {"rng": jax.ShapeDtypeStruct(key.shape, key.dtype)})
-  assert restored["rng"].dtype == key.dtype
-  np.testing.assert_array_equal(jax.random.key_data(restored["rng"]), jax.random.key_data(key))
+    key = jax.random.key(5, impl="rbg")
+    ckpt.save_checkpoint(tmp_path, 0, {"rng": key}, metadata={})
+    restored, _ = ckpt.restore_checkpoint(tmp_path, {"rng": jax.ShapeDtypeStruct(key.shape, key.dtype)})
+    assert restored["rng"].dtype == key.dtype
+    np.testing.assert_array_equal(jax.random.key_data(restored["rng"]), jax.random.key_data(key))
 
 
 def test_no_checkpoint_returns_none_and_missing_step_is_an_error(tmp_path):
-  target = {"x": jnp.zeros(2)}
-  assert ckpt.restore_checkpoint(tmp_path / "absent", target) is None
-  assert ckpt.restore_checkpoint(tmp_path, target) is None
-  assert ckpt.latest_step(tmp_path) is None
-  ckpt.save_checkpoint(tmp_path, 3, {"x": jnp.arange(2.0)}, metadata={})
-  with pytest.raises(ckpt.CheckpointError, match=r"No checkpoint step 4 .*available steps: \[3\]"):
-    ckpt.restore_checkpoint(tmp_path, target, step=4)
+    target = {"x": jnp.zeros(2)}
+    assert ckpt.restore_checkpoint(tmp_path / "absent", target) is None
+    assert ckpt.restore_checkpoint(tmp_path, target) is None
+    assert ckpt.latest_step(tmp_path) is None
+    ckpt.save_checkpoint(tmp_path, 3, {"x": jnp.arange(2.0)}, metadata={})
+    with pytest.raises(ckpt.CheckpointError, match=r"No checkpoint step 4 .*available steps: \[3\]"):
+        ckpt.restore_checkpoint(tmp_path, target, step=4)
 
 
 def test_keeps_last_k_and_restores_a_given_step(tmp_path):
-  for step in range(1, 6):
-    ckpt.save_checkpoint(tmp_path, step, {"x": jnp.full((2,), float(step))}, metadata={"step": step}, keep=2)
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["4", "5"]
-  assert ckpt.latest_step(tmp_path) == 5
-  state, metadata = ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(2)})
-  np.testing.assert_array_equal(state["x"], [5.0, 5.0])
-  state, metadata = ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(2)}, step=4)
-  np.testing.assert_array_equal(state["x"], [4.0, 4.0])
-  assert metadata == {"step": 4}
+    for step in range(1, 6):
+        ckpt.save_checkpoint(tmp_path, step, {"x": jnp.full((2,), float(step))}, metadata={"step": step}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["4", "5"]
+    assert ckpt.latest_step(tmp_path) == 5
+    state, metadata = ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(2)})
+    np.testing.assert_array_equal(state["x"], [5.0, 5.0])
+    state, metadata = ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(2)}, step=4)
+    np.testing.assert_array_equal(state["x"], [4.0, 4.0])
+    assert metadata == {"step": 4}
 
 
 def test_existing_step_is_not_rewritten(tmp_path):
-  ckpt.save_checkpoint(tmp_path, 1, {"x": jnp.zeros(2)}, metadata={})
-  ckpt.save_checkpoint(tmp_path, 1, {"x": jnp.ones(2)}, metadata={})
-  state, _ = ckpt.restore_checkpoint(tmp_path, {"x": jnp.ones(2)})
-  np.testing.assert_array_equal(state["x"], [0.0, 0.0])
+    ckpt.save_checkpoint(tmp_path, 1, {"x": jnp.zeros(2)}, metadata={})
+    ckpt.save_checkpoint(tmp_path, 1, {"x": jnp.ones(2)}, metadata={})
+    state, _ = ckpt.restore_checkpoint(tmp_path, {"x": jnp.ones(2)})
+    np.testing.assert_array_equal(state["x"], [0.0, 0.0])
 
 
 def test_metadata_mismatch_names_keys_values_and_fix(tmp_path):
-  ckpt.save_checkpoint(tmp_path, 1, {"x": jnp.zeros(2)}, metadata=META)
-  other = {"model_config": {"ea": {"d_model": 64, "layers": 2}, "cs": {"d_model": 32, "layers": 2}}, "seed": 3}
-  with pytest.raises(ckpt.CheckpointMismatchError) as info:
-    ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(2)}, expected_metadata=other)
-  message = str(info.value)
-  assert "model_config.ea.d_model: checkpoint has 16, this run has 64" in message
-  assert "seed: checkpoint has <absent>, this run has 3" in message
-  assert "cs.d_model" not in message and "layers" not in message
-  assert "fresh --workdir" in message
-  # Keys the caller does not pass are not compared.
-  ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(2)}, expected_metadata={"fingerprint": "abc"})
+    ckpt.save_checkpoint(tmp_path, 1, {"x": jnp.zeros(2)}, metadata=META)
+    other = {"model_config": {"ea": {"d_model": 64, "layers": 2}, "cs": {"d_model": 32, "layers": 2}}, "seed": 3}
+    with pytest.raises(ckpt.CheckpointMismatchError) as info:
+        ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(2)}, expected_metadata=other)
+    message = str(info.value)
+    assert "model_config.ea.d_model: checkpoint has 16, this run has 64" in message
+    assert "seed: checkpoint has <absent>, this run has 3" in message
+    assert "cs.d_model" not in message and "layers" not in message
+    assert "fresh --workdir" in message
+    # Keys the caller does not pass are not compared.
+    ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(2)}, expected_metadata={"fingerprint": "abc"})
 
 
 def test_structure_and_shape_mismatch_name_the_leaf(tmp_path):
-  ckpt.save_checkpoint(tmp_path, 1, {"params": {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}}, metadata={})
-  with pytest.raises(ckpt.CheckpointMismatchError) as info:
-    ckpt.restore_checkpoint(tmp_path, {"params": {"w": jnp.zeros((4, 8)), "c": jnp.zeros(3)}})
-  message = str(info.value)
-  assert "params/w: checkpoint shape (4, 3), this run's shape (4, 8)" in message
-  assert "params/c: in this run's state, not in the checkpoint" in message
-  assert "params/b: in the checkpoint, not in this run's state" in message
+    ckpt.save_checkpoint(tmp_path, 1, {"params": {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}}, metadata={})
+    with pytest.raises(ckpt.CheckpointMismatchError) as info:
+        ckpt.restore_checkpoint(tmp_path, {"params": {"w": jnp.zeros((4, 8)), "c": jnp.zeros(3)}})
+    message = str(info.value)
+    assert "params/w: checkpoint shape (4, 3), this run's shape (4, 8)" in message
+    assert "params/c: in this run's state, not in the checkpoint" in message
+    assert "params/b: in the checkpoint, not in this run's state" in message
 
 
 def test_metadata_must_be_json(tmp_path):
-  with pytest.raises(TypeError, match=r"metadata\['cfg'\] is not plain JSON"):
-    ckpt.save_checkpoint(tmp_path, 1, {"x": jnp.zeros(2)}, metadata={"cfg": object()})
+    with pytest.raises(TypeError, match=r"metadata\['cfg'\] is not plain JSON"):
+        ckpt.save_checkpoint(tmp_path, 1, {"x": jnp.zeros(2)}, metadata={"cfg": object()})
 
 
 def test_restore_onto_mesh_places_arrays_sharded(tmp_path):
-  assert len(jax.devices()) == 8
-  state = {"w": jnp.arange(32.0).reshape(8, 4), "b": jnp.arange(4.0), "rng": jax.random.split(jax.random.key(0), 8)}
-  ckpt.save_checkpoint(tmp_path, 2, state, metadata={})
-  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
-  target = {
-      "w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NS(mesh, P("data", "model"))),
-      "b": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=NS(mesh, P())),
-      "rng": jax.ShapeDtypeStruct((8,), state["rng"].dtype, sharding=NS(mesh, P("data"))),
-  }
-  restored, _ = ckpt.restore_checkpoint(tmp_path, target)
-  assert restored["w"].sharding == target["w"].sharding
-  assert restored["w"].addressable_shards[0].data.shape == (2, 2)
-  assert restored["b"].sharding == target["b"].sharding
-  assert restored["rng"].sharding.spec == P("data")
-  np.testing.assert_array_equal(restored["w"], state["w"])
-  np.testing.assert_array_equal(jax.random.key_data(restored["rng"]), jax.random.key_data(state["rng"]))
+    assert len(jax.devices()) == 8
+    state = {"w": jnp.arange(32.0).reshape(8, 4), "b": jnp.arange(4.0), "rng": jax.random.split(jax.random.key(0), 8)}
+    ckpt.save_checkpoint(tmp_path, 2, state, metadata={})
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+    target = {
+        "w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NS(mesh, P("data", "model"))),
+        "b": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=NS(mesh, P())),
+        "rng": jax.ShapeDtypeStruct((8,), state["rng"].dtype, sharding=NS(mesh, P("data"))),
+    }
+    restored, _ = ckpt.restore_checkpoint(tmp_path, target)
+    assert restored["w"].sharding == target["w"].sharding
+    assert restored["w"].addressable_shards[0].data.shape == (2, 2)
+    assert restored["b"].sharding == target["b"].sharding
+    assert restored["rng"].sharding.spec == P("data")
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    np.testing.assert_array_equal(jax.random.key_data(restored["rng"]), jax.random.key_data(state["rng"]))
 
 
 def _run_python(script: str, **kwargs) -> subprocess.Popen:
-  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=REPO_ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_crash_before_finalisation_leaves_previous_step(tmp_path):
-  # The child dies (like kill -9: no cleanup) after writing every file of step 2 but before orbax's final rename.
-  child = _run_python(f"""
+    # The child dies (like kill -9: no cleanup) after writing every file of step 2 but before orbax's final rename.
+    child = _run_python(f"""
       import os, jax.numpy as jnp
       from orbax.checkpoint._src.path import async_path
       from gopo_jax.train import checkpoint as ckpt
@@ -168,47 +176,47 @@ def test_crash_before_finalisation_leaves_previous_step(tmp_path):
       async_path.rename = die
       ckpt.save_checkpoint({str(tmp_path)!r}, 2, {{"x": jnp.full((3,), 2.0)}}, metadata={{"step": 2}})
   """)
-  _, err = child.communicate(timeout=120)
-  assert child.returncode == 9, err
-  assert any(".orbax-checkpoint-tmp" in p.name for p in tmp_path.iterdir())  # the half-done save is there...
-  assert ckpt.latest_step(tmp_path) == 1  # ...and ignored
-  state, metadata = ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(3)})
-  np.testing.assert_array_equal(state["x"], [1.0, 1.0, 1.0])
-  assert metadata == {"step": 1}
-  # Saving the same step again after the crash works and reclaims the leftover.
-  ckpt.save_checkpoint(tmp_path, 2, {"x": jnp.full((3,), 2.0)}, metadata={"step": 2})
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 9, err
+    assert any(".orbax-checkpoint-tmp" in p.name for p in tmp_path.iterdir())  # the half-done save is there...
+    assert ckpt.latest_step(tmp_path) == 1  # ...and ignored
+    state, metadata = ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(3)})
+    np.testing.assert_array_equal(state["x"], [1.0, 1.0, 1.0])
+    assert metadata == {"step": 1}
+    # Saving the same step again after the crash works and reclaims the leftover.
+    ckpt.save_checkpoint(tmp_path, 2, {"x": jnp.full((3,), 2.0)}, metadata={"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
 
 
 def test_corrupted_step_is_a_clear_error(tmp_path):
-  ckpt.save_checkpoint(tmp_path, 1, {"x": jnp.arange(1000.0)}, metadata={})
-  ckpt.save_checkpoint(tmp_path, 2, {"x": jnp.arange(1000.0) + 1}, metadata={})
-  data_files = [p for p in (tmp_path / "2" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
-  assert data_files
-  for p in data_files:
-    p.write_bytes(p.read_bytes()[:10])  # truncated
-  with pytest.raises(ckpt.CheckpointCorruptError) as info:
-    ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(1000)})
-  message = str(info.value)
-  assert str(tmp_path / "2") in message and "resume from step 1" in message
-  # The older step is untouched and still restores when asked for.
-  state, _ = ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(1000)}, step=1)
-  np.testing.assert_array_equal(state["x"], np.arange(1000.0))
+    ckpt.save_checkpoint(tmp_path, 1, {"x": jnp.arange(1000.0)}, metadata={})
+    ckpt.save_checkpoint(tmp_path, 2, {"x": jnp.arange(1000.0) + 1}, metadata={})
+    data_files = [p for p in (tmp_path / "2" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert data_files
+    for p in data_files:
+        p.write_bytes(p.read_bytes()[:10])  # truncated
+    with pytest.raises(ckpt.CheckpointCorruptError) as info:
+        ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(1000)})
+    message = str(info.value)
+    assert str(tmp_path / "2") in message and "resume from step 1" in message
+    # The older step is untouched and still restores when asked for.
+    state, _ = ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(1000)}, step=1)
+    np.testing.assert_array_equal(state["x"], np.arange(1000.0))
 
 
 def test_sigterm_sets_flag_and_restores_previous_handler():
-  seen = []
-  before = signal.getsignal(signal.SIGTERM)
-  with ckpt.install_sigterm_handler(seen.append) as should_stop:
-    assert not should_stop()
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert should_stop()
-  assert seen == [signal.SIGTERM]
-  assert signal.getsignal(signal.SIGTERM) is before
+    seen = []
+    before = signal.getsignal(signal.SIGTERM)
+    with ckpt.install_sigterm_handler(seen.append) as should_stop:
+        assert not should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert should_stop()
+    assert seen == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_sigterm_during_loop_saves_and_exits_cleanly(tmp_path):
-  child = _run_python(f"""
+    child = _run_python(f"""
       import sys, time, jax.numpy as jnp
       from gopo_jax.train import checkpoint as ckpt
       with ckpt.install_sigterm_handler() as should_stop:
@@ -220,30 +228,30 @@ def test_sigterm_during_loop_saves_and_exits_cleanly(tmp_path):
         ckpt.save_checkpoint({str(tmp_path)!r}, step, {{"x": x, "step": step}}, metadata={{}})
         print("saved", step, flush=True)
   """)
-  assert child.stdout.readline().strip() == "ready"
-  child.send_signal(signal.SIGTERM)
-  out, err = child.communicate(timeout=120)
-  assert child.returncode == 0, err
-  saved_step = int(out.split()[-1])
-  # The signal may land before the first iteration (step 0) on a loaded machine; any step is a valid stop point.
-  assert ckpt.latest_step(tmp_path) == saved_step
-  state, _ = ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(3), "step": 0})
-  assert state["step"] == saved_step
-  np.testing.assert_array_equal(state["x"], np.full(3, float(saved_step)))
+    assert child.stdout.readline().strip() == "ready"
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    saved_step = int(out.split()[-1])
+    # The signal may land before the first iteration (step 0) on a loaded machine; any step is a valid stop point.
+    assert ckpt.latest_step(tmp_path) == saved_step
+    state, _ = ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(3), "step": 0})
+    assert state["step"] == saved_step
+    np.testing.assert_array_equal(state["x"], np.full(3, float(saved_step)))
 
 
 def test_nnx_state_and_struct_dataclass_round_trip(tmp_path):
-  from flax import nnx  # noqa: PLC0415
-  from flax import struct  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+    from flax import struct  # noqa: PLC0415
 
-  @struct.dataclass
-  class Holder:
-    params: nnx.State
-    rng: jax.Array
+    @struct.dataclass
+    class Holder:
+        params: nnx.State
+        rng: jax.Array
 
-  _, params = nnx.split(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Param)
-  _, other = nnx.split(nnx.Linear(3, 4, rngs=nnx.Rngs(1)), nnx.Param)
-  ckpt.save_checkpoint(tmp_path, 1, Holder(params, jax.random.key(1)), metadata={})
-  restored, _ = ckpt.restore_checkpoint(tmp_path, Holder(other, jax.random.key(2)))
-  assert isinstance(restored, Holder) and isinstance(restored.params, nnx.State)
-  _assert_bitwise_equal(restored, Holder(params, jax.random.key(1)))
+    _, params = nnx.split(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Param)
+    _, other = nnx.split(nnx.Linear(3, 4, rngs=nnx.Rngs(1)), nnx.Param)
+    ckpt.save_checkpoint(tmp_path, 1, Holder(params, jax.random.key(1)), metadata={})
+    restored, _ = ckpt.restore_checkpoint(tmp_path, Holder(other, jax.random.key(2)))
+    assert isinstance(restored, Holder) and isinstance(restored.params, nnx.State)
+    _assert_bitwise_equal(restored, Holder(params, jax.random.key(1)))

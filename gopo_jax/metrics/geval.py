@@ -13,6 +13,7 @@ with the reason, for `judge="none"` and for any judge built around an in-memory 
 a test). The mechanics (prompt assembly, score-token extraction, renormalisation) stay testable through
 `score_from_logits`, `score_from_top_logprobs`, `score_from_samples` and `Judge.score_prompts`.
 """
+
 import abc
 import concurrent.futures
 import dataclasses
@@ -36,279 +37,344 @@ CRITERIA: dict[str, tuple[str, str]] = {
         "Fluency (1-5): the quality of the customer-service reply as written language: grammar, spelling, word "
         "choice and sentence structure.",
         "1. Read the reply.\n2. Note grammatical errors, awkward or unnatural phrasing, and garbled text.\n"
-        "3. Give 5 for a reply a careful native writer would send, 1 for one that is hard to read."),
+        "3. Give 5 for a reply a careful native writer would send, 1 for one that is hard to read.",
+    ),
     "coherence": (
         "Coherence (1-5): whether the reply follows from the dialogue so far and is well organised: it answers "
         "what the customer said, does not contradict earlier turns, and its sentences fit together.",
         "1. Read the dialogue and note what the customer last asked or said.\n2. Read the reply.\n"
         "3. Check it responds to that, is consistent with earlier turns and is logically ordered.\n"
-        "4. Give 5 for a fully coherent reply, 1 for one unrelated or self-contradictory."),
+        "4. Give 5 for a fully coherent reply, 1 for one unrelated or self-contradictory.",
+    ),
     "strategy_faithfulness": (
         "Strategy faithfulness (1-5): whether the reply carries out the strategy the expert chose for this turn "
         "(given below), and nothing that the strategy or the service procedure forbids.",
         "1. Read the chosen strategy and its description.\n2. Read the reply.\n"
         "3. Decide whether the reply performs that strategy (e.g. recommends when told to recommend, asks when "
         "told to elicit) and avoids actions of other strategies.\n"
-        "4. Give 5 when the reply clearly and only realises the strategy, 1 when it does something else."),
+        "4. Give 5 when the reply clearly and only realises the strategy, 1 when it does something else.",
+    ),
     "helpfulness": (
         "Helpfulness (1-5): how much the reply moves the customer towards their goal (finding, buying, resolving), "
         "with correct, relevant and specific information.",
         "1. Read the dialogue and infer the customer's goal.\n2. Read the reply.\n"
         "3. Judge how much it helps reach that goal and whether its information is relevant and specific.\n"
-        "4. Give 5 for a reply that helps as much as possible at this point, 1 for one that does not help."),
+        "4. Give 5 for a reply that helps as much as possible at this point, 1 for one that does not help.",
+    ),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-  """One reply to judge: the dialogue so far, the reply, and (for strategy faithfulness) the chosen strategy."""
-  context: str
-  response: str
-  strategy: str = ""
+    """One reply to judge: the dialogue so far, the reply, and (for strategy faithfulness) the chosen strategy."""
+
+    context: str
+    response: str
+    strategy: str = ""
 
 
 def build_prompt(criterion: str, sample: Sample) -> str:
-  """The form-filling prompt of one criterion; it ends where the judge must write the score digit."""
-  if criterion not in CRITERIA:
-    raise ValueError(f"unknown G-Eval criterion {criterion!r}; choose from {sorted(CRITERIA)}")
-  definition, steps = CRITERIA[criterion]
-  strategy = f"Chosen strategy:\n{sample.strategy}\n\n" if criterion == "strategy_faithfulness" else ""
-  name = criterion.replace("_", " ").capitalize()
-  return (
-      "You will be given a customer-service dialogue and the agent's next reply. Your task is to rate the reply "
-      "on one criterion.\n\n"
-      f"Evaluation criterion:\n{definition}\n\nEvaluation steps:\n{steps}\n\n"
-      f"Dialogue:\n{sample.context}\n\n{strategy}Reply:\n{sample.response}\n\n"
-      f"Evaluation form (answer with a single digit from 1 to 5 only):\n- {name}:")
+    """The form-filling prompt of one criterion; it ends where the judge must write the score digit."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown G-Eval criterion {criterion!r}; choose from {sorted(CRITERIA)}")
+    definition, steps = CRITERIA[criterion]
+    strategy = f"Chosen strategy:\n{sample.strategy}\n\n" if criterion == "strategy_faithfulness" else ""
+    name = criterion.replace("_", " ").capitalize()
+    return (
+        "You will be given a customer-service dialogue and the agent's next reply. Your task is to rate the reply "
+        "on one criterion.\n\n"
+        f"Evaluation criterion:\n{definition}\n\nEvaluation steps:\n{steps}\n\n"
+        f"Dialogue:\n{sample.context}\n\n{strategy}Reply:\n{sample.response}\n\n"
+        f"Evaluation form (answer with a single digit from 1 to 5 only):\n- {name}:"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- score extraction
 
 
 def score_from_logits(logits: chex.Array, score_token_ids: chex.Array) -> tuple[chex.Array, chex.Array]:
-  """Probability-weighted score from next-token logits (unbatched; vmap over a batch).
+    """Probability-weighted score from next-token logits (unbatched; vmap over a batch).
 
-  Args:
-    logits: f32[V] next-token logits at the position where the judge writes the score.
-    score_token_ids: int32[S, K] token ids spelling each score s = 1..S (e.g. "3" and " 3"); -1 pads unused
-      variants. A score's probability is the sum over its variants.
-  Returns:
-    (score f32[], probs f32[S]) with probs renormalised over the S valid scores.
-  """
-  chex.assert_rank([logits, score_token_ids], [1, 2])
-  chex.assert_type([logits, score_token_ids], [float, int])
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-  valid = score_token_ids >= 0
-  per_variant = jnp.where(valid, logp[jnp.maximum(score_token_ids, 0)], -jnp.inf)
-  probs = jax.nn.softmax(jax.nn.logsumexp(per_variant, axis=1))
-  values = jnp.arange(1, score_token_ids.shape[0] + 1, dtype=jnp.float32)
-  return jnp.sum(probs * values), probs
+    Args:
+      logits: f32[V] next-token logits at the position where the judge writes the score.
+      score_token_ids: int32[S, K] token ids spelling each score s = 1..S (e.g. "3" and " 3"); -1 pads unused
+        variants. A score's probability is the sum over its variants.
+    Returns:
+      (score f32[], probs f32[S]) with probs renormalised over the S valid scores.
+    """
+    chex.assert_rank([logits, score_token_ids], [1, 2])
+    chex.assert_type([logits, score_token_ids], [float, int])
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    valid = score_token_ids >= 0
+    per_variant = jnp.where(valid, logp[jnp.maximum(score_token_ids, 0)], -jnp.inf)
+    probs = jax.nn.softmax(jax.nn.logsumexp(per_variant, axis=1))
+    values = jnp.arange(1, score_token_ids.shape[0] + 1, dtype=jnp.float32)
+    return jnp.sum(probs * values), probs
 
 
 def _score_of_text(text: str) -> int | None:
-  match = re.match(r"\s*([1-5])(?!\d)", text)
-  return int(match.group(1)) if match else None
+    match = re.match(r"\s*([1-5])(?!\d)", text)
+    return int(match.group(1)) if match else None
 
 
 def score_from_top_logprobs(top_logprobs: Mapping[str, float]) -> float | None:
-  """Σ p(s)·s from an endpoint's {token: logprob} alternatives, renormalised over tokens that read as a score."""
-  mass = {s: 0.0 for s in SCORES}
-  for token, logprob in top_logprobs.items():
-    value = _score_of_text(token) if token.strip().isdigit() else None
-    if value is not None:
-      mass[value] += math.exp(logprob)
-  total = sum(mass.values())
-  return sum(s * m for s, m in mass.items()) / total if total > 0 else None
+    """Σ p(s)·s from an endpoint's {token: logprob} alternatives, renormalised over tokens that read as a score."""
+    mass = {s: 0.0 for s in SCORES}
+    for token, logprob in top_logprobs.items():
+        value = _score_of_text(token) if token.strip().isdigit() else None
+        if value is not None:
+            mass[value] += math.exp(logprob)
+    total = sum(mass.values())
+    return sum(s * m for s, m in mass.items()) / total if total > 0 else None
 
 
 def score_from_samples(texts: Sequence[str]) -> float | None:
-  """Mean of the scores that sampled answers start with (answers without a 1–5 score are left out)."""
-  values = [v for v in (_score_of_text(t) for t in texts) if v is not None]
-  return float(np.mean(values)) if values else None
+    """Mean of the scores that sampled answers start with (answers without a 1–5 score are left out)."""
+    values = [v for v in (_score_of_text(t) for t in texts) if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 # --------------------------------------------------------------------------------------------------- judges
 
 
 class Judge(abc.ABC):
-  """A judge scores prompts; `available`/`reason` say whether its scores may be reported as G-Eval."""
-  name: str = "none"
-  available: bool = False
-  reason: str = ""
+    """A judge scores prompts; `available`/`reason` say whether its scores may be reported as G-Eval."""
 
-  @abc.abstractmethod
-  def score_prompts(self, prompts: Sequence[str]) -> list[float | None]:
-    """One probability-weighted (or sampled) score per prompt; None where the answer held no score."""
+    name: str = "none"
+    available: bool = False
+    reason: str = ""
+
+    @abc.abstractmethod
+    def score_prompts(self, prompts: Sequence[str]) -> list[float | None]:
+        """One probability-weighted (or sampled) score per prompt; None where the answer held no score."""
 
 
 class NoJudge(Judge):
-  """What `judge="none"` builds: scores nothing and says why."""
+    """What `judge="none"` builds: scores nothing and says why."""
 
-  def __init__(self, reason: str = "no G-Eval judge configured (geval.judge='none')"):
-    self.reason = reason
+    def __init__(self, reason: str = "no G-Eval judge configured (geval.judge='none')"):
+        self.reason = reason
 
-  def score_prompts(self, prompts):
-    raise RuntimeError(f"G-Eval: {self.reason}; configure geval.judge='causal_lm' or 'endpoint'")
+    def score_prompts(self, prompts):
+        raise RuntimeError(f"G-Eval: {self.reason}; configure geval.judge='causal_lm' or 'endpoint'")
 
 
 def score_token_ids(tokenizer) -> np.ndarray:
-  """int32[5, 2]: the single-token spellings "s" and " s" of each score (-1 where a spelling is several tokens)."""
-  ids = np.full((len(SCORES), 2), -1, np.int32)
-  for i, s in enumerate(SCORES):
-    for j, text in enumerate((str(s), f" {s}")):
-      encoded = tokenizer.encode(text, add_special_tokens=False)
-      if len(encoded) == 1:
-        ids[i, j] = encoded[0]
-  if (ids < 0).all(axis=1).any():
-    raise ValueError("G-Eval: the judge tokenizer has no single token for some score digit 1-5; it cannot be "
-                     "used as a probability-weighted judge (use an endpoint judge with sampling instead)")
-  return ids
+    """int32[5, 2]: the single-token spellings "s" and " s" of each score (-1 where a spelling is several tokens)."""
+    ids = np.full((len(SCORES), 2), -1, np.int32)
+    for i, s in enumerate(SCORES):
+        for j, text in enumerate((str(s), f" {s}")):
+            encoded = tokenizer.encode(text, add_special_tokens=False)
+            if len(encoded) == 1:
+                ids[i, j] = encoded[0]
+    if (ids < 0).all(axis=1).any():
+        raise ValueError(
+            "G-Eval: the judge tokenizer has no single token for some score digit 1-5; it cannot be "
+            "used as a probability-weighted judge (use an endpoint judge with sampling instead)"
+        )
+    return ids
 
 
 class CausalLMJudge(Judge):
-  """Judges with a project causal LM: `model(tokens, positions, token_valid) -> (logits, cache)`.
+    """Judges with a project causal LM: `model(tokens, positions, token_valid) -> (logits, cache)`.
 
-  Prompts are wrapped in the tokenizer's chat template when it has one (user turn, generation prompt; Qwen3's
-  thinking is switched off so the first answer token is the digit), right-padded into length buckets of
-  `bucket` tokens to bound recompilation, and judged `batch_size` at a time.
-  `is_real_judge` must be True only for a capable checkpoint (set by `make_judge` for `geval.judge='causal_lm'`);
-  otherwise `available` is False and nothing it scores is reported as G-Eval.
-  """
+    Prompts are wrapped in the tokenizer's chat template when it has one (user turn, generation prompt; Qwen3's
+    thinking is switched off so the first answer token is the digit), right-padded into length buckets of
+    `bucket` tokens to bound recompilation, and judged `batch_size` at a time.
+    `is_real_judge` must be True only for a capable checkpoint (set by `make_judge` for `geval.judge='causal_lm'`);
+    otherwise `available` is False and nothing it scores is reported as G-Eval.
+    """
 
-  def __init__(self, model, tokenizer, *, name: str, is_real_judge: bool = False, batch_size: int = 8,
-               bucket: int = 128, use_chat_template: bool = True):
-    self.model, self.tokenizer, self.name = model, tokenizer, name
-    self.available = is_real_judge
-    self.reason = "" if is_real_judge else (f"judge {name!r} is an in-memory model, not a configured checkpoint; "
-                                            "its numbers are mechanics checks, not G-Eval scores")
-    self.batch_size, self.bucket = batch_size, bucket
-    self.use_chat_template = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
-    self.score_ids = jnp.asarray(score_token_ids(tokenizer))
-    # Split once and pass the state as an argument, so the weights are not baked into the compiled program.
-    self._graphdef, self._state = nnx.split(model)
-    self._forward = jax.jit(self._last_logits_scores)
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        name: str,
+        is_real_judge: bool = False,
+        batch_size: int = 8,
+        bucket: int = 128,
+        use_chat_template: bool = True,
+    ):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.available = is_real_judge
+        self.reason = (
+            ""
+            if is_real_judge
+            else (
+                f"judge {name!r} is an in-memory model, not a configured checkpoint; "
+                "its numbers are mechanics checks, not G-Eval scores"
+            )
+        )
+        self.batch_size, self.bucket = batch_size, bucket
+        self.use_chat_template = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+        self.score_ids = jnp.asarray(score_token_ids(tokenizer))
+        # Split once and pass the state as an argument, so the weights are not baked into the compiled program.
+        self._graphdef, self._state = nnx.split(model)
+        self._forward = jax.jit(self._last_logits_scores)
 
-  def encode(self, prompt: str) -> list[int]:
-    if self.use_chat_template:
-      text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                add_generation_prompt=True, enable_thinking=False)
-      return self.tokenizer.encode(text, add_special_tokens=False)
-    return self.tokenizer.encode(prompt, add_special_tokens=False)
+    def encode(self, prompt: str) -> list[int]:
+        if self.use_chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+            )
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
 
-  def _last_logits_scores(self, state, tokens, lengths):
-    model = nnx.merge(self._graphdef, state)
-    valid = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    positions = jnp.where(valid, jnp.arange(tokens.shape[1])[None, :], 0).astype(jnp.int32)
-    logits, _ = model(tokens, positions, valid)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return jax.vmap(score_from_logits, in_axes=(0, None))(last, self.score_ids)
+    def _last_logits_scores(self, state, tokens, lengths):
+        model = nnx.merge(self._graphdef, state)
+        valid = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        positions = jnp.where(valid, jnp.arange(tokens.shape[1])[None, :], 0).astype(jnp.int32)
+        logits, _ = model(tokens, positions, valid)
+        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return jax.vmap(score_from_logits, in_axes=(0, None))(last, self.score_ids)
 
-  def score_prompts(self, prompts):
-    scores = []
-    for start in range(0, len(prompts), self.batch_size):
-      encoded = [self.encode(p) for p in prompts[start:start + self.batch_size]]
-      width = self.bucket * math.ceil(max(len(e) for e in encoded) / self.bucket)
-      tokens = np.zeros((self.batch_size, width), np.int32)  # fixed batch: one compile per width bucket
-      lengths = np.ones((self.batch_size,), np.int32)
-      for i, ids in enumerate(encoded):
-        tokens[i, :len(ids)], lengths[i] = ids, len(ids)
-      batch_scores, _ = self._forward(self._state, jnp.asarray(tokens), jnp.asarray(lengths))
-      scores.extend(float(s) for s in np.asarray(batch_scores)[:len(encoded)])
-    return scores
+    def score_prompts(self, prompts):
+        scores = []
+        for start in range(0, len(prompts), self.batch_size):
+            encoded = [self.encode(p) for p in prompts[start : start + self.batch_size]]
+            width = self.bucket * math.ceil(max(len(e) for e in encoded) / self.bucket)
+            tokens = np.zeros((self.batch_size, width), np.int32)  # fixed batch: one compile per width bucket
+            lengths = np.ones((self.batch_size,), np.int32)
+            for i, ids in enumerate(encoded):
+                tokens[i, : len(ids)], lengths[i] = ids, len(ids)
+            batch_scores, _ = self._forward(self._state, jnp.asarray(tokens), jnp.asarray(lengths))
+            scores.extend(float(s) for s in np.asarray(batch_scores)[: len(encoded)])
+        return scores
 
 
 class EndpointJudge(Judge):
-  """Judges through an OpenAI-compatible chat endpoint (urllib only; `max_workers` requests in flight)."""
+    """Judges through an OpenAI-compatible chat endpoint (urllib only; `max_workers` requests in flight)."""
 
-  def __init__(self, base_url: str, model: str, *, api_key: str = "", use_logprobs: bool = True,
-               top_logprobs: int = 20, n_samples: int = 5, temperature: float = 1.0, timeout_s: float = 60.0,
-               max_workers: int = 4):
-    self.url = base_url.rstrip("/") + ("" if base_url.rstrip("/").endswith("/v1") else "/v1") + "/chat/completions"
-    self.model, self.api_key, self.name = model, api_key, f"endpoint:{model}"
-    self.use_logprobs, self.top_logprobs = use_logprobs, top_logprobs
-    self.n_samples, self.temperature, self.timeout_s, self.max_workers = n_samples, temperature, timeout_s, max_workers
-    self.available, self.reason = True, ""
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str = "",
+        use_logprobs: bool = True,
+        top_logprobs: int = 20,
+        n_samples: int = 5,
+        temperature: float = 1.0,
+        timeout_s: float = 60.0,
+        max_workers: int = 4,
+    ):
+        self.url = base_url.rstrip("/") + ("" if base_url.rstrip("/").endswith("/v1") else "/v1") + "/chat/completions"
+        self.model, self.api_key, self.name = model, api_key, f"endpoint:{model}"
+        self.use_logprobs, self.top_logprobs = use_logprobs, top_logprobs
+        self.n_samples, self.temperature, self.timeout_s, self.max_workers = (
+            n_samples,
+            temperature,
+            timeout_s,
+            max_workers,
+        )
+        self.available, self.reason = True, ""
 
-  def _post(self, body: dict) -> dict:
-    headers = {"Content-Type": "application/json"}
-    if self.api_key:
-      headers["Authorization"] = f"Bearer {self.api_key}"
-    request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-    try:
-      with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-        return json.loads(response.read())
-    except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as err:
-      raise RuntimeError(f"G-Eval endpoint {self.url} (model {self.model!r}) failed: {err}; check "
-                         "geval.endpoint_url / geval.endpoint_model and that the server is up") from None
+    def _post(self, body: dict) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return json.loads(response.read())
+        except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as err:
+            raise RuntimeError(
+                f"G-Eval endpoint {self.url} (model {self.model!r}) failed: {err}; check "
+                "geval.endpoint_url / geval.endpoint_model and that the server is up"
+            ) from None
 
-  def _score_one(self, prompt: str) -> float | None:
-    messages = [{"role": "user", "content": prompt}]
-    if self.use_logprobs:
-      reply = self._post(dict(model=self.model, messages=messages, max_tokens=1, temperature=0.0, logprobs=True,
-                              top_logprobs=self.top_logprobs))
-      content = ((reply.get("choices") or [{}])[0].get("logprobs") or {}).get("content") or []
-      if content and content[0].get("top_logprobs"):
-        return score_from_top_logprobs({alt["token"]: alt["logprob"] for alt in content[0]["top_logprobs"]})
-    reply = self._post(dict(model=self.model, messages=messages, max_tokens=5, temperature=self.temperature,
-                            n=self.n_samples))
-    return score_from_samples([c["message"]["content"] or "" for c in reply.get("choices", [])])
+    def _score_one(self, prompt: str) -> float | None:
+        messages = [{"role": "user", "content": prompt}]
+        if self.use_logprobs:
+            reply = self._post(
+                dict(
+                    model=self.model,
+                    messages=messages,
+                    max_tokens=1,
+                    temperature=0.0,
+                    logprobs=True,
+                    top_logprobs=self.top_logprobs,
+                )
+            )
+            content = ((reply.get("choices") or [{}])[0].get("logprobs") or {}).get("content") or []
+            if content and content[0].get("top_logprobs"):
+                return score_from_top_logprobs({alt["token"]: alt["logprob"] for alt in content[0]["top_logprobs"]})
+        reply = self._post(
+            dict(model=self.model, messages=messages, max_tokens=5, temperature=self.temperature, n=self.n_samples)
+        )
+        return score_from_samples([c["message"]["content"] or "" for c in reply.get("choices", [])])
 
-  def score_prompts(self, prompts):
-    with concurrent.futures.ThreadPoolExecutor(self.max_workers) as pool:
-      return list(pool.map(self._score_one, prompts))
+    def score_prompts(self, prompts):
+        with concurrent.futures.ThreadPoolExecutor(self.max_workers) as pool:
+            return list(pool.map(self._score_one, prompts))
 
 
 def make_judge(config: Mapping[str, Any]) -> Judge:
-  """Builds the judge named by `config["judge"]`: "none", "causal_lm" (`model_path`: a local HF folder) or
-  "endpoint" (`endpoint_url`, `endpoint_model`, optional `api_key`, `use_logprobs`, `n_samples`)."""
-  kind = config.get("judge", "none")
-  if kind == "none":
-    return NoJudge()
-  if kind == "causal_lm":
-    if not config.get("model_path"):
-      raise ValueError("geval.model_path: set it to a local Hugging Face Qwen3 folder for geval.judge='causal_lm'")
-    from gopo_jax.models import hf_io  # heavy; only a causal-LM judge needs it
-    path = config["model_path"]
-    return CausalLMJudge(hf_io.from_pretrained(path), hf_io.load_tokenizer(path), name=f"causal_lm:{path}",
-                         is_real_judge=True, batch_size=int(config.get("batch_size", 8)))
-  if kind == "endpoint":
-    missing = [k for k in ("endpoint_url", "endpoint_model") if not config.get(k)]
-    if missing:
-      raise ValueError(f"geval: {missing} must be set for geval.judge='endpoint'")
-    return EndpointJudge(config["endpoint_url"], config["endpoint_model"], api_key=config.get("api_key", ""),
-                         use_logprobs=bool(config.get("use_logprobs", True)),
-                         n_samples=int(config.get("n_samples", 5)))
-  raise ValueError(f"geval.judge must be 'none', 'causal_lm' or 'endpoint', got {kind!r}")
+    """Builds the judge named by `config["judge"]`: "none", "causal_lm" (`model_path`: a local HF folder) or
+    "endpoint" (`endpoint_url`, `endpoint_model`, optional `api_key`, `use_logprobs`, `n_samples`)."""
+    kind = config.get("judge", "none")
+    if kind == "none":
+        return NoJudge()
+    if kind == "causal_lm":
+        if not config.get("model_path"):
+            raise ValueError(
+                "geval.model_path: set it to a local Hugging Face Qwen3 folder for geval.judge='causal_lm'"
+            )
+        from gopo_jax.models import hf_io  # heavy; only a causal-LM judge needs it
+
+        path = config["model_path"]
+        return CausalLMJudge(
+            hf_io.from_pretrained(path),
+            hf_io.load_tokenizer(path),
+            name=f"causal_lm:{path}",
+            is_real_judge=True,
+            batch_size=int(config.get("batch_size", 8)),
+        )
+    if kind == "endpoint":
+        missing = [k for k in ("endpoint_url", "endpoint_model") if not config.get(k)]
+        if missing:
+            raise ValueError(f"geval: {missing} must be set for geval.judge='endpoint'")
+        return EndpointJudge(
+            config["endpoint_url"],
+            config["endpoint_model"],
+            api_key=config.get("api_key", ""),
+            use_logprobs=bool(config.get("use_logprobs", True)),
+            n_samples=int(config.get("n_samples", 5)),
+        )
+    raise ValueError(f"geval.judge must be 'none', 'causal_lm' or 'endpoint', got {kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class GEvalResult:
-  """Per-criterion mean scores and per-sample scores; empty with `available=False` and a reason when no real judge.
+    """Per-criterion mean scores and per-sample scores; empty with `available=False` and a reason when no real judge.
 
-  `num_unscored` counts samples whose judge answer held no score (endpoint answers without a digit); they are
-  left out of the means.
-  """
-  available: bool
-  reason: str
-  judge: str
-  scores: dict[str, float] = dataclasses.field(default_factory=dict)
-  per_sample: dict[str, list] = dataclasses.field(default_factory=dict)
-  num_unscored: dict[str, int] = dataclasses.field(default_factory=dict)
+    `num_unscored` counts samples whose judge answer held no score (endpoint answers without a digit); they are
+    left out of the means.
+    """
+
+    available: bool
+    reason: str
+    judge: str
+    scores: dict[str, float] = dataclasses.field(default_factory=dict)
+    per_sample: dict[str, list] = dataclasses.field(default_factory=dict)
+    num_unscored: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def geval(judge: Judge, samples: Sequence[Sample], criteria: Sequence[str] = tuple(CRITERIA)) -> GEvalResult:
-  """G-Eval of `samples` on `criteria` with `judge`, batched over all samples of a criterion."""
-  for criterion in criteria:
-    if criterion not in CRITERIA:
-      raise ValueError(f"unknown G-Eval criterion {criterion!r}; choose from {sorted(CRITERIA)}")
-  if not judge.available:
-    return GEvalResult(available=False, reason=judge.reason, judge=judge.name)
-  per_sample, means, unscored = {}, {}, {}
-  for criterion in criteria:
-    values = judge.score_prompts([build_prompt(criterion, s) for s in samples])
-    scored = [v for v in values if v is not None]
-    per_sample[criterion] = values
-    unscored[criterion] = len(values) - len(scored)
-    means[criterion] = float(np.mean(scored)) if scored else float("nan")
-  return GEvalResult(available=True, reason="", judge=judge.name, scores=means, per_sample=per_sample,
-                     num_unscored=unscored)
+    """G-Eval of `samples` on `criteria` with `judge`, batched over all samples of a criterion."""
+    for criterion in criteria:
+        if criterion not in CRITERIA:
+            raise ValueError(f"unknown G-Eval criterion {criterion!r}; choose from {sorted(CRITERIA)}")
+    if not judge.available:
+        return GEvalResult(available=False, reason=judge.reason, judge=judge.name)
+    per_sample, means, unscored = {}, {}, {}
+    for criterion in criteria:
+        values = judge.score_prompts([build_prompt(criterion, s) for s in samples])
+        scored = [v for v in values if v is not None]
+        per_sample[criterion] = values
+        unscored[criterion] = len(values) - len(scored)
+        means[criterion] = float(np.mean(scored)) if scored else float("nan")
+    return GEvalResult(
+        available=True, reason="", judge=judge.name, scores=means, per_sample=per_sample, num_unscored=unscored
+    )

@@ -12,6 +12,7 @@ Conventions (also in docs/metrics.md):
   every later turn.
 - An all-masked dialogue has TSE 0.
 """
+
 import chex
 import jax.numpy as jnp
 
@@ -19,49 +20,57 @@ Array = chex.Array
 
 
 def turn_discount(mask: Array) -> Array:
-  """`w_t = 1/log2(t+1)` at each valid turn, with t the valid-turn rank; 0 at masked turns."""
-  chex.assert_rank(mask, 1)
-  rank = jnp.cumsum(mask.astype(jnp.int32))
-  w = 1.0 / jnp.log2(rank.astype(jnp.float32) + 1.0)
-  return jnp.where(mask, w, 0.0)
+    """`w_t = 1/log2(t+1)` at each valid turn, with t the valid-turn rank; 0 at masked turns."""
+    chex.assert_rank(mask, 1)
+    rank = jnp.cumsum(mask.astype(jnp.int32))
+    w = 1.0 / jnp.log2(rank.astype(jnp.float32) + 1.0)
+    return jnp.where(mask, w, 0.0)
 
 
 def survival(cont: Array, mask: Array) -> Array:
-  """`S_t = Π_{s<t} c_s` over valid turns s (exclusive cumulative product); masked turns keep S unchanged."""
-  chex.assert_rank([cont, mask], 1)
-  chex.assert_equal_shape([cont, mask])
-  c = jnp.where(mask, cont.astype(jnp.float32), 1.0)
-  inclusive = jnp.cumprod(c)
-  return jnp.concatenate([jnp.ones((1,), jnp.float32), inclusive[:-1]])
+    """`S_t = Π_{s<t} c_s` over valid turns s (exclusive cumulative product); masked turns keep S unchanged."""
+    chex.assert_rank([cont, mask], 1)
+    chex.assert_equal_shape([cont, mask])
+    c = jnp.where(mask, cont.astype(jnp.float32), 1.0)
+    inclusive = jnp.cumprod(c)
+    return jnp.concatenate([jnp.ones((1,), jnp.float32), inclusive[:-1]])
 
 
 def tse(gain: Array, cont: Array, mask: Array) -> Array:
-  """TSE of one dialogue.
+    """TSE of one dialogue.
 
-  Args:
-    gain: f32[T] task-progress increments `g_t ∈ [0,1]` (Σ g ≤ 1 keeps TSE in [0,1]).
-    cont: f32[T] engagement probabilities `c_t ∈ [0,1]` after each turn.
-    mask: bool[T] valid turns.
-  Returns:
-    f32[] TSE.
-  """
-  chex.assert_rank([gain, cont, mask], 1)
-  chex.assert_equal_shape([gain, cont, mask])
-  chex.assert_type([gain, cont, mask], [float, float, bool])
-  s = survival(cont, mask)
-  w = turn_discount(mask)
-  return jnp.sum(jnp.where(mask, s * gain * w, 0.0))
+    Args:
+      gain: f32[T] task-progress increments `g_t ∈ [0,1]` (Σ g ≤ 1 keeps TSE in [0,1]).
+      cont: f32[T] engagement probabilities `c_t ∈ [0,1]` after each turn.
+      mask: bool[T] valid turns.
+    Returns:
+      f32[] TSE.
+    """
+    chex.assert_rank([gain, cont, mask], 1)
+    chex.assert_equal_shape([gain, cont, mask])
+    chex.assert_type([gain, cont, mask], [float, float, bool])
+    s = survival(cont, mask)
+    w = turn_discount(mask)
+    return jnp.sum(jnp.where(mask, s * gain * w, 0.0))
 
 
-def ntse(gain: Array, cont: Array, mask: Array, ref_gain: Array, ref_cont: Array, ref_mask: Array, *,
-         zero_ref_value: float = float("nan")) -> Array:
-  """nTSE = TSE(τ) / TSE(reference τ) for the same customer goal.
+def ntse(
+    gain: Array,
+    cont: Array,
+    mask: Array,
+    ref_gain: Array,
+    ref_cont: Array,
+    ref_mask: Array,
+    *,
+    zero_ref_value: float = float("nan"),
+) -> Array:
+    """nTSE = TSE(τ) / TSE(reference τ) for the same customer goal.
 
-  The reference arrays may have a different padded length. When the reference TSE is 0 the ratio is undefined
-  (the reference policy made no engaged progress); the result is then `zero_ref_value`, NaN by default so that a
-  `nanmean` over episodes leaves such goals out instead of silently counting them as 0 or infinity.
-  """
-  ref = tse(ref_gain, ref_cont, ref_mask)
-  value = tse(gain, cont, mask)
-  safe_ref = jnp.where(ref > 0, ref, 1.0)
-  return jnp.where(ref > 0, value / safe_ref, jnp.float32(zero_ref_value))
+    The reference arrays may have a different padded length. When the reference TSE is 0 the ratio is undefined
+    (the reference policy made no engaged progress); the result is then `zero_ref_value`, NaN by default so that a
+    `nanmean` over episodes leaves such goals out instead of silently counting them as 0 or infinity.
+    """
+    ref = tse(ref_gain, ref_cont, ref_mask)
+    value = tse(gain, cont, mask)
+    safe_ref = jnp.where(ref > 0, ref, 1.0)
+    return jnp.where(ref > 0, value / safe_ref, jnp.float32(zero_ref_value))
