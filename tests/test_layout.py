@@ -7,6 +7,7 @@ import pytest
 
 from gopo_jax.dialogue import layout as L
 from gopo_jax.envs import synthetic_shop as ss
+from gopo_jax.models import qwen3
 from gopo_jax.models import tokenizer as tl
 
 TINY = L.Layout(context_len=2, customer_len=3, header_len=1, reply_len=2, max_turns=2)
@@ -22,7 +23,7 @@ def test_geometry_hand_computed():
 
 @pytest.mark.parametrize("jit", [True, False])
 def test_positions_skip_pads(jit):
-    fn = jax.jit(L.positions_from_valid) if jit else L.positions_from_valid
+    fn = jax.jit(qwen3.positions_from_valid) if jit else qwen3.positions_from_valid
     valid = jnp.array([True, False, True, True, False, False, True])
     np.testing.assert_array_equal(fn(valid), [0, 0, 1, 2, 2, 2, 3])
     np.testing.assert_array_equal(fn(jnp.zeros((3,), bool)), [0, 0, 0])

@@ -64,6 +64,7 @@ def test_kill9_resume_is_exact(tmp_path):
     _run(killed)
     a = json.loads((straight / "summary.json").read_text())
     b = json.loads((killed / "summary.json").read_text())
+    print(f"final params sha256: uninterrupted {a['final_params_sha256']}  killed+resumed {b['final_params_sha256']}")
     assert a["final_params_sha256"] == b["final_params_sha256"]
     assert _final_eval(straight) == _final_eval(killed)
     for name in ("sft", "gopo"):

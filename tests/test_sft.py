@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gopo_jax.algorithms.sft import make_sft_loss_fn, positions_from_valid, sft_loss
+from gopo_jax.algorithms.sft import make_sft_loss_fn, sft_loss
+from gopo_jax.models.qwen3 import positions_from_valid
 from gopo_jax.models import qwen3
 
 # Row 0: a pad in the middle (slot 2), so token 3 is predicted from slot 1. Row 1: a leading pad, so its first

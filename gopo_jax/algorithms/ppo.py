@@ -26,7 +26,8 @@ from flax import nnx
 
 from gopo_jax.algorithms import gopo
 from gopo_jax.dialogue import scoring
-from gopo_jax.dialogue.layout import Trajectory, positions_from_valid
+from gopo_jax.dialogue.layout import Trajectory
+from gopo_jax.models.qwen3 import positions_from_valid, previous_valid_slot
 from gopo_jax.models import qwen3
 
 Array = chex.Array
@@ -61,12 +62,8 @@ class ValueModel(nnx.Module):
 def action_values(values: Array, valid: Array) -> Array:
     """f32[B, L]: the value of the state each token is predicted from (its previous valid slot), 0 without one."""
     chex.assert_equal_shape([values, valid])
-    b, length = valid.shape
-    slot = jnp.arange(length)
-    last_valid_upto = jax.lax.cummax(jnp.where(valid, slot[None, :], -1), axis=1)
-    prev = jnp.concatenate([jnp.full((b, 1), -1, last_valid_upto.dtype), last_valid_upto[:, :-1]], axis=1)
-    gathered = jnp.take_along_axis(values, jnp.maximum(prev, 0), axis=1)
-    return jnp.where((prev >= 0) & valid, gathered, 0.0)
+    prev, has_prev = previous_valid_slot(valid)
+    return jnp.where(has_prev, jnp.take_along_axis(values, prev, axis=1), 0.0)
 
 
 def trajectory_values(model: ValueModel, traj: Trajectory) -> Array:

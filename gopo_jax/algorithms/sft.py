@@ -21,21 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gopo_jax.models.qwen3 import positions_from_valid, previous_valid_slot
+
 BATCH_KEYS = ("tokens", "valid", "loss_mask")
-
-
-def positions_from_valid(valid: jax.Array) -> jax.Array:
-    """int32[B, L]: index of each slot among its row's valid slots (pads repeat the previous position)."""
-    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-def _previous_valid_slot(valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(prev int32[B, L], has_prev bool[B, L]): the largest valid slot j < i, for valid slots i that have one."""
-    b, length = valid.shape
-    slot = jnp.arange(length)
-    last_valid_upto = jax.lax.cummax(jnp.where(valid, slot[None, :], -1), axis=1)
-    prev = jnp.concatenate([jnp.full((b, 1), -1, last_valid_upto.dtype), last_valid_upto[:, :-1]], axis=1)
-    return jnp.maximum(prev, 0), (prev >= 0) & valid
 
 
 def sft_loss(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
@@ -55,7 +43,7 @@ def sft_loss(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, jax.Array]
 
     model = nnx.merge(graphdef, params)
     logits, _ = model(tokens, positions_from_valid(valid), valid)
-    prev, has_prev = _previous_valid_slot(valid)
+    prev, has_prev = previous_valid_slot(valid)
     rows = jnp.arange(tokens.shape[0])[:, None]
     # Reduce over the vocabulary first, then gather per slot: no second [B, L, V] copy.
     logp = logits[rows, prev, tokens] - jax.nn.logsumexp(logits, axis=-1)[rows, prev]

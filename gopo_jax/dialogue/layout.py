@@ -22,6 +22,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+
 ROLE_PAD, ROLE_CONTEXT, ROLE_CUSTOMER, ROLE_HEADER, ROLE_EXPERT, ROLE_CS = 0, 1, 2, 3, 4, 5
 
 
@@ -69,11 +70,6 @@ class Layout:
         """int32[L]: turn index of each slot, -1 for the context prefix."""
         per_turn = jnp.repeat(jnp.arange(self.max_turns, dtype=jnp.int32), self.turn_width)
         return jnp.concatenate([jnp.full((self.context_len,), -1, jnp.int32), per_turn])
-
-
-def positions_from_valid(valid: jax.Array) -> jax.Array:
-    """RoPE positions that skip pads: the i-th valid token gets position i (pads repeat the previous one)."""
-    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
 
 
 @flax.struct.dataclass

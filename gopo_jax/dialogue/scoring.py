@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gopo_jax.algorithms.gopo import masked_strategy_log_softmax
-from gopo_jax.dialogue.layout import Layout, Trajectory, positions_from_valid
+from gopo_jax.dialogue.layout import Layout, Trajectory
+from gopo_jax.models.qwen3 import positions_from_valid, previous_valid_slot
 
 
 def decision_logit_positions(layout: Layout) -> np.ndarray:
@@ -42,13 +43,9 @@ def token_log_probs_and_entropy(logits: jax.Array, tokens: jax.Array, valid: jax
                                 ) -> tuple[jax.Array, jax.Array]:
     """(log p(token_i | valid slots < i), entropy of that predictive distribution), both f32[B, L], 0 where there
     is no valid previous slot or the slot is a pad."""
-    b, length = tokens.shape
-    slot = jnp.arange(length)
-    last_valid_upto = jax.lax.cummax(jnp.where(valid, slot[None, :], -1), axis=1)
-    prev = jnp.concatenate([jnp.full((b, 1), -1, last_valid_upto.dtype), last_valid_upto[:, :-1]], axis=1)
-    has_prev = (prev >= 0) & valid
-    rows = jnp.arange(b)[:, None]
-    pred = jax.nn.log_softmax(logits[rows, jnp.maximum(prev, 0)], axis=-1)  # [B, L, V]
+    prev, has_prev = previous_valid_slot(valid)
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    pred = jax.nn.log_softmax(logits[rows, prev], axis=-1)  # [B, L, V]
     logp = jnp.take_along_axis(pred, tokens[..., None], axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(pred) * pred, axis=-1)
     return jnp.where(has_prev, logp, 0.0), jnp.where(has_prev, entropy, 0.0)

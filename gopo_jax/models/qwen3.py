@@ -366,6 +366,21 @@ class Qwen3(nnx.Module):
         return logits, KVCache(k=kv[0], v=kv[1], valid=valid, index=index + length)
 
 
+def positions_from_valid(valid: jax.Array) -> jax.Array:
+    """RoPE positions that skip pads: the i-th valid slot of a row gets position i (pads repeat the previous one)."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def previous_valid_slot(valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(prev int32[B, L], has_prev bool[B, L]): the slot whose output predicts slot i — the closest valid slot
+    before it (not i - 1, which may be a pad). `has_prev` is False for pads and for a row's first valid slot."""
+    b, length = valid.shape
+    slot = jnp.arange(length)
+    last_valid_upto = jax.lax.cummax(jnp.where(valid, slot[None, :], -1), axis=1)
+    prev = jnp.concatenate([jnp.full((b, 1), -1, last_valid_upto.dtype), last_valid_upto[:, :-1]], axis=1)
+    return jnp.maximum(prev, 0), (prev >= 0) & valid
+
+
 def forward_logprobs(model: Qwen3, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array) -> jax.Array:
     """float32[B, L]: log p(tokens[:, i] | valid tokens before slot i), 0.0 where undefined.
 
@@ -374,14 +389,8 @@ def forward_logprobs(model: Qwen3, tokens: jax.Array, positions: jax.Array, toke
     (slot 0, leading pads, the first valid token), get 0.0.
     """
     logits, _ = model(tokens, positions, token_valid)
-    b, length = tokens.shape
-    slot = jnp.arange(length)
-    # prev[b, i] = largest valid slot j < i, or -1.
-    last_valid_upto = jax.lax.cummax(jnp.where(token_valid, slot[None, :], -1), axis=1)
-    prev = jnp.concatenate([jnp.full((b, 1), -1, last_valid_upto.dtype), last_valid_upto[:, :-1]], axis=1)
-    has_prev = (prev >= 0) & token_valid
-    prev = jnp.maximum(prev, 0)
-    rows = jnp.arange(b)[:, None]
+    prev, has_prev = previous_valid_slot(token_valid)
+    rows = jnp.arange(tokens.shape[0])[:, None]
     # Gather target logits rather than a full [B, L, V] log-softmax copy.
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
     target = logits[rows, prev, tokens]
