@@ -102,13 +102,14 @@ class ModelAgentsState:
 
 
 def _positions(num_valid: jax.Array, valid: jax.Array) -> jax.Array:
-    return num_valid[:, None] + jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+    """Positions of a chunk appended after `num_valid` valid tokens (the buffer-wide `positions_from_valid`)."""
+    return num_valid[:, None] + qwen3.positions_from_valid(valid)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelAgents:
-    """The Expert + CS pair as a rollout policy. `expert` may be None for the no-EA ablation and single-agent
-    baselines; `shared` (expert is cs) is allowed and costs one cache per role."""
+    """The Expert + CS pair as a rollout policy. With `sampling.use_expert=False` (no-EA ablation, single-agent
+    baselines) the Expert is not run and the CS writes replies with no strategy token."""
 
     expert_graphdef: Any
     cs_graphdef: Any
