@@ -59,3 +59,15 @@ def test_pipeline_runs_on_a_host_world(shared_data, tmp_path):
     summary = Run(c, tmp_path).run()
     assert summary["env"] == "tmallbrand" and np.isfinite(summary["gopo"]["gre"]["mean"])
     assert (tmp_path / "summary.json").exists() and (tmp_path / "samples.md").exists()
+
+
+def test_host_worlds_accept_no_expert(shared_data):
+    """strategy = -1 (no Expert): the realised strategy counts as chosen, so a reply that realises the reference's
+    strategy is aligned and fully relevant."""
+    from gopo_jax.envs import multiwoz, tmallbrand
+
+    for env in (tmallbrand.make_env(shared_data / "abcd"), multiwoz.make_env(shared_data / "multiwoz")):
+        env.reset(3)
+        k, reply = env.reference_turn()
+        _, sig = env.step(-1, reply)
+        assert sig.realised == k and sig.aligned == 1 and sig.rel == 2, (env.spec.name, sig)

@@ -134,7 +134,8 @@ class HostEnv(Protocol):
     def reset(self, seed: int) -> HostObs: ...
 
     def step(self, strategy: int, reply: str) -> tuple[HostObs, TurnSignals]:
-        """TurnSignals fields are Python/numpy scalars here."""
+        """TurnSignals fields are Python/numpy scalars here. `strategy` is the Expert's choice, or UNRECOGNISED
+        (-1) when no Expert acts: then the realised strategy counts as chosen (`host_turn_signals`)."""
 
     def outcome(self) -> EpisodeOutcome: ...
 
@@ -151,6 +152,26 @@ class HostEnv(Protocol):
 
     def corpus(self) -> Iterable[str]:
         """Texts of this world (for training the embedded tokenizer)."""
+
+
+def graded_relevance(chosen: int, reference: int, allowed: np.ndarray, valid: bool) -> int:
+    """rel_t of host worlds: 2 for the reference policy's choice, 1 for another allowed strategy, 0 otherwise or
+    when the reply violated the SOP."""
+    if not valid:
+        return 0
+    if chosen == reference:
+        return 2
+    return int(0 <= chosen < len(allowed) and bool(allowed[chosen]))
+
+
+def host_turn_signals(*, strategy: int, realised: int, reference: int, allowed: np.ndarray, valid: bool, gain: float,
+                      cont: float, done: bool, quality: float = 0.0) -> TurnSignals:
+    """The per-turn signals of a host world. `strategy < 0` means there is no Expert (single-agent baselines, the
+    no-EA ablation): the chosen strategy is then the realised one."""
+    chosen = realised if strategy < 0 else strategy
+    return TurnSignals(gain=float(gain), cont=float(cont), rel=graded_relevance(chosen, reference, allowed, valid),
+                       quality=float(quality), realised=int(realised),
+                       aligned=int(realised == chosen and realised >= 0), sop_valid=int(valid), done=bool(done))
 
 
 def write_demonstrations_jsonl(demos: Iterable[Demonstration], path) -> int:

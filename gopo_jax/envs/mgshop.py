@@ -676,13 +676,15 @@ class MgshopEnv:
             raise RuntimeError("MgshopEnv.step called before reset(seed)")
         if ep.done:
             raise RuntimeError("MgshopEnv.step called after the episode ended; call reset(seed)")
-        if not 0 <= int(strategy) < sop.num_strategies:
-            raise ValueError(f"strategy {strategy!r} is not an index into {list(STRATEGIES)}")
+        if not UNRECOGNISED <= int(strategy) < sop.num_strategies:
+            raise ValueError(f"strategy {strategy!r} is not an index into {list(STRATEGIES)} (or -1: no Expert)")
         realised, _ = w.classify(reply)
+        # Without an Expert (single-agent baselines, the no-EA ablation) the realised strategy counts as chosen.
+        strategy = realised if strategy < 0 else int(strategy)
         stage = ep.stage
         valid = realised != UNRECOGNISED and bool(sop.allowed[stage, realised])
         probs = strategy_probabilities(w.stats, stage, ep.client_intent)
-        rel = int(relevance_grades(probs, sop.allowed[stage])[strategy]) if valid else 0
+        rel = int(relevance_grades(probs, sop.allowed[stage])[strategy]) if valid and strategy >= 0 else 0
         if realised == UNRECOGNISED:
             cont, quality = w.stats.cont_unrecognised, 0.0
         else:
@@ -703,7 +705,7 @@ class MgshopEnv:
         ep.t += 1
         ep.done = bool(turn.final or sop.terminal[ep.stage] or ep.t >= self.spec.max_turns)
         signals = TurnSignals(gain=float(gain), cont=float(cont), rel=rel, quality=quality, realised=int(realised),
-                              aligned=bool(realised == strategy), sop_valid=bool(valid), done=ep.done)
+                              aligned=bool(realised == strategy and realised >= 0), sop_valid=bool(valid), done=ep.done)
         return self._obs(), signals
 
     def outcome(self) -> EpisodeOutcome:

@@ -56,7 +56,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from gopo_jax.dialogue.sop import SOP, UNRECOGNISED, load_sop
-from gopo_jax.envs.base import DemoTurn, Demonstration, EnvSpec, EpisodeOutcome, HostObs, TurnSignals
+from gopo_jax.envs.base import (DemoTurn, Demonstration, EnvSpec, EpisodeOutcome, HostObs, TurnSignals,
+                                host_turn_signals)
 from gopo_jax.metrics import multiwoz_eval
 
 SOP_PATH = pathlib.Path(__file__).parent / "sops" / "multiwoz.json"
@@ -732,15 +733,8 @@ class MultiWOZEnv:
         if ep.turn >= self.spec.max_turns or bool(self.spec.sop.terminal[ep.stage]):
             ep.done = True
         ep.customer = utterance
-        if strategy == reference:
-            rel = 2
-        elif 0 <= strategy < len(allowed) and allowed[strategy]:
-            rel = 1
-        else:
-            rel = 0
-        signals = TurnSignals(gain=float(gain), cont=float(cont), rel=int(rel if valid else 0), quality=0.0,
-                              realised=int(realised), aligned=int(realised == strategy), sop_valid=int(valid),
-                              done=bool(ep.done))
+        signals = host_turn_signals(strategy=strategy, realised=realised, reference=reference, allowed=allowed,
+                                    valid=valid, gain=gain, cont=cont, done=ep.done)
         return self._obs(), signals
 
     def outcome(self) -> EpisodeOutcome:

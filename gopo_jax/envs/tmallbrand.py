@@ -48,7 +48,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from gopo_jax.dialogue.sop import SOP, UNRECOGNISED, SOPError, sop_from_dict
-from gopo_jax.envs.base import DemoTurn, Demonstration, EnvSpec, EpisodeOutcome, HostObs, TurnSignals
+from gopo_jax.envs.base import (DemoTurn, Demonstration, EnvSpec, EpisodeOutcome, HostObs, TurnSignals,
+                                host_turn_signals)
 
 DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "abcd"
 MAX_TURNS = 16
@@ -452,15 +453,8 @@ class TmallBrandEnv:
         if ep.turn >= self.max_turns or bool(self.spec.sop.terminal[ep.stage]):
             ep.done = True
         ep.customer = utterance
-        if strategy == reference:
-            rel = 2
-        elif 0 <= strategy < len(allowed) and allowed[strategy]:
-            rel = 1
-        else:
-            rel = 0
-        signals = TurnSignals(gain=float(gain), cont=float(cont), rel=int(rel if valid else 0), quality=0.0,
-                              realised=int(realised), aligned=int(realised == strategy), sop_valid=int(valid),
-                              done=bool(ep.done))
+        signals = host_turn_signals(strategy=strategy, realised=realised, reference=reference, allowed=allowed,
+                                    valid=valid, gain=gain, cont=cont, done=ep.done)
         return self._obs(), signals
 
     def outcome(self) -> EpisodeOutcome:
