@@ -6,30 +6,10 @@
 A short configuration (tiny models, few iterations) that runs end to end on 2 CPU cores; scale `train.steps`,
 `sft.steps`, `model.*` for real experiments.
 """
-from configs import mgshop
+from configs.host_short import short_host_config
 
 
 def get_config():
-    c = mgshop.get_config()
-    c.unlock()
-    c.env.name = "multiwoz"
-    c.env.max_turns = 12
-    c.tokenizer.vocab_size = 768
-    c.layout.context_len = 24
-    c.layout.customer_len = 40
-    c.layout.reply_len = 32
-    c.layout.max_turns = 12
-    c.sft.noise = 0.3
-    c.sft.noise_kind = "random"
-    c.sft.episodes = 128
-    c.sft.steps = 60
-    c.sft.batch_size = 16
-    c.train.steps = 4
-    c.train.groups = 4
-    c.train.group_size = 4
-    c.train.eval_every = 2
-    c.train.checkpoint_every = 2
-    c.eval.episodes = 64
-    c.eval.seed = 0  # goal indices 0..63 of the test split (training draws random goals from the same split)
-    c.lock()
-    return c
+    # eval seeds 0..63 = test goals 0..63 (training draws random goals from the same split)
+    return short_host_config("multiwoz", vocab_size=768, context_len=24, customer_len=40, reply_len=32,
+                             eval_episodes=64, eval_seed=0, max_turns=12)

@@ -5,29 +5,9 @@
 
 A short configuration that runs end to end on 2 CPU cores.
 """
-from configs import mgshop
+from configs.host_short import short_host_config
 
 
 def get_config():
-    c = mgshop.get_config()
-    c.unlock()
-    c.env.name = "tmallbrand"
-    c.tokenizer.vocab_size = 768
-    c.layout.context_len = 32
-    c.layout.customer_len = 32
-    c.layout.reply_len = 32
-    c.layout.max_turns = 12
-    c.sft.noise = 0.3
-    c.sft.noise_kind = "random"
-    c.sft.episodes = 128
-    c.sft.steps = 60
-    c.sft.batch_size = 16
-    c.train.steps = 4
-    c.train.groups = 4
-    c.train.group_size = 4
-    c.train.eval_every = 2
-    c.train.checkpoint_every = 2
-    c.eval.episodes = 55
-    c.eval.seed = 100_000
-    c.lock()
-    return c
+    return short_host_config("tmallbrand", vocab_size=768, context_len=32, customer_len=32, reply_len=32,
+                             eval_episodes=55, eval_seed=100_000)
