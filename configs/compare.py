@@ -1,11 +1,13 @@
 """The comparison of GOPO against its baselines and ablations (GOPO.md §4): methods × environments × seeds.
 
-Every run is `configs/mgshop.py` plus overrides, in this order: `short` (or `tiny` with `--config.quick=True`),
-the environment's overrides, the method's overrides, `seed=<s>`. Overrides are comma-separated `key=value`
-strings with dotted keys of the run config, e.g. "gopo.use_expert=False,train.steps=5"; a key the run config
-lacks is an error. A method name without an entry in `variants` means `method=<name>`.
+Every run is the environment's own run config (`env_configs`) plus overrides, in this order: the environment's
+short-training overrides (`env_overrides`), `tiny` when `--config.quick=True` (tests), the method's overrides,
+`seed=<s>`. Overrides are comma-separated `key=value` strings with dotted keys of the run config, e.g.
+"gopo.use_expert=False,train.steps=5"; a key the run config lacks is an error. A method name without an entry in
+`variants` means `method=<name>`. Runs of one seed whose warm starts are equal share one (`share_warm_starts`).
 
-    python -m experiments.compare --config configs/compare.py --workdir runs/compare
+    python -m experiments.compare --config configs/compare.py --workdir runs/compare   # the three worlds
+    python -m experiments.compare --config configs/compare.py --config.environments=synthetic_shop --workdir ...
     python -m experiments.compare --config configs/compare.py --config.quick=True --workdir /tmp/cmp   # tests
 
 Figure 3 (GOPO convergence under parameter settings) adds `convergence` runs of GOPO on the first environment
@@ -17,6 +19,11 @@ import ml_collections
 SHORT = ("model.hidden_size=32,model.intermediate_size=64,model.num_layers=1,sft.episodes=256,sft.steps=150,"
          "sft.batch_size=32,train.steps=8,train.groups=8,train.group_size=4,train.epochs=1,train.minibatches=1,"
          "train.eval_every=2,train.checkpoint_every=4,eval.episodes=64")
+# SHORT for the host (real-data) worlds on top of their configs/host_short.py configs: the same tiny agents,
+# dialogues cut at 8 turns (the buffer length drives the cost of every forward pass), 10 GOPO iterations of 8 × 4.
+HOST_SHORT = ("model.hidden_size=32,model.intermediate_size=64,model.num_layers=1,layout.max_turns=8,"
+              "train.steps=10,train.groups=8,train.group_size=4,train.eval_every=2,train.checkpoint_every=5,"
+              "eval.episodes=48")
 # The test-sized variant: seconds of training, enough to exercise every file the driver writes.
 TINY = ("model.hidden_size=32,model.intermediate_size=64,model.num_layers=1,sft.episodes=16,sft.steps=2,"
         "sft.batch_size=8,train.steps=2,train.groups=4,train.group_size=2,train.epochs=1,train.minibatches=1,"
@@ -25,10 +32,9 @@ TINY = ("model.hidden_size=32,model.intermediate_size=64,model.num_layers=1,sft.
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.base = "configs/mgshop.py"  # the run config every override applies to
-    c.quick = False  # True: `tiny` instead of `short` (tests)
-    c.short = SHORT
+    c.quick = False  # True: `tiny` after the environment's overrides (tests)
     c.tiny = TINY
+    c.share_warm_starts = True  # one SFT phase per (environment, seed, with/without Expert), in <workdir>/warm_starts
     c.seeds = 3  # seeds 0 .. seeds-1 per method and environment
     c.methods = "gopo,sft,grpo,ppo,dpo,memento,gopo_no_ea"
     c.gopo_label = "gopo"  # the method the relative differences are taken against
@@ -39,13 +45,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.variants.gopo_no_sop_mask = "method=gopo,gopo.sop_mask=False"
     c.variants.gopo_no_constraint = "method=gopo,gopo.constraint=False"
     c.variants.gopo_clipped_pg = "method=gopo,gopo.expert_loss=clipped_pg"
-    c.environments = "synthetic_shop"
-    # Per-environment overrides (data-backed worlds need their data folder; relative paths are from the repo).
+    c.environments = "synthetic_shop,mgshop,multiwoz"
+    # The run config of each environment (relative paths are from the repository root) ...
+    c.env_configs = ml_collections.ConfigDict()
+    c.env_configs.synthetic_shop = "configs/mgshop.py"
+    c.env_configs.mgshop = "configs/mgshop_real.py"
+    c.env_configs.multiwoz = "configs/multiwoz.py"
+    c.env_configs.tmallbrand = "configs/tmallbrand.py"
+    # ... and its short-training overrides (data-backed worlds read their folder under ../shared/data).
     c.env_overrides = ml_collections.ConfigDict()
-    c.env_overrides.synthetic_shop = ""
-    c.env_overrides.mgshop = "env.name=mgshop,env.data_dir=../shared/data/mgshopdial"
-    c.env_overrides.multiwoz = "env.name=multiwoz,env.data_dir=../shared/data/multiwoz"
-    c.env_overrides.tmallbrand = "env.name=tmallbrand,env.data_dir=../shared/data/abcd"
+    c.env_overrides.synthetic_shop = SHORT
+    c.env_overrides.mgshop = HOST_SHORT + ",env.data_dir=../shared/data/mgshopdial"
+    c.env_overrides.multiwoz = HOST_SHORT + ",env.max_turns=8,env.data_dir=../shared/data/multiwoz"
+    c.env_overrides.tmallbrand = HOST_SHORT + ",env.data_dir=../shared/data/abcd"
     # Figure 3: GOPO settings (label -> overrides) run on the first environment; "" disables.
     c.convergence = ml_collections.ConfigDict()
     c.convergence.beta_pref_0p2 = "gopo.beta_pref=0.2"

@@ -51,6 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.sft.batch_size = 32
     c.sft.learning_rate = 3e-3
     c.sft.heldout_fraction = 0.125
+    # A directory shared by runs whose warm starts are equal (gopo_jax.train.warm_start); "" computes it here.
+    c.sft.cache_dir = ""
 
     c.gopo = ml_collections.ConfigDict()
     c.gopo.expert_loss = "preference"

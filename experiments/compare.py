@@ -94,20 +94,21 @@ def _names(text: str, key: str) -> list[str]:
 
 def plan(cfg: ml_collections.ConfigDict) -> list[dict]:
     """The runs of a comparison: dicts {env, label, seed, kind, config} with the resolved run config."""
-    base_overrides = parse_overrides(cfg.tiny if cfg.quick else cfg.short, where="compare config `short`/`tiny`")
+    tiny = parse_overrides(cfg.tiny, where="compare config `tiny`") if cfg.quick else []
     if cfg.seeds < 1:
         raise ComparisonError("compare config: seeds must be >= 1")
     envs = _names(cfg.environments, "environments")
     runs = []
 
     def resolved(env: str, label: str, extra: str, seed: int, where: str) -> ml_collections.ConfigDict:
-        run_cfg = load_config_file(cfg.base)
-        apply_overrides(run_cfg, base_overrides, where="compare config `short`/`tiny`")
-        if env not in cfg.env_overrides:
-            raise ComparisonError(f"compare config: environment {env!r} has no entry in env_overrides; add "
-                                  f"--config.env_overrides.{env}='env.name={env},env.data_dir=...' to configs/compare.py")
+        if env not in cfg.env_configs or env not in cfg.env_overrides:
+            raise ComparisonError(f"compare config: environment {env!r} needs an entry in env_configs (its run "
+                                  f"config file) and in env_overrides; add --config.env_configs.{env}=configs/... "
+                                  f"and --config.env_overrides.{env}='env.data_dir=...' to configs/compare.py")
+        run_cfg = load_config_file(cfg.env_configs[env])
         apply_overrides(run_cfg, parse_overrides(cfg.env_overrides[env], where=f"env_overrides.{env}"),
                         where=f"env_overrides.{env}")
+        apply_overrides(run_cfg, tiny, where="compare config `tiny`")
         method = extra if extra else f"method={label}"
         apply_overrides(run_cfg, parse_overrides(method, where=where), where=where)
         run_cfg.seed = seed
@@ -147,7 +148,8 @@ def _check_same_config(directory: pathlib.Path, config: ml_collections.ConfigDic
         return out
 
     a, b = flat(stored), flat(wanted)
-    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    # Where the shared warm starts live does not change what a run computes (a moved workdir still resumes).
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != "sft.cache_dir")
     if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
         raise ComparisonError(f"{directory} was trained with a different config ({shown}); use a fresh --workdir "
@@ -186,6 +188,9 @@ def compare(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, trai
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     runs = plan(cfg)
+    if cfg.share_warm_starts:
+        for run in runs:
+            run["config"].sft.cache_dir = str((workdir / "warm_starts").resolve())
     records = []
     for i, run in enumerate(runs):
         _log.info("[%d/%d] %s · %s · seed %d", i + 1, len(runs), run["env"], run["label"], run["seed"])
@@ -262,6 +267,10 @@ def main(argv) -> None:
     if not FLAGS.workdir:
         print("error: --workdir is required (the comparison directory; rerunning on it resumes)", file=sys.stderr)
         sys.exit(2)
+    import jax  # noqa: PLC0415
+    if not jax.config.jax_compilation_cache_dir:
+        # The runs of a comparison compile the same rollouts and steps again and again: compile each once.
+        jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(FLAGS.workdir).resolve() / "jax_cache"))
     try:
         results = compare(FLAGS.config, FLAGS.workdir)
     except ComparisonError as e:

@@ -12,6 +12,7 @@ from gopo_jax.report import tables
 def test_plan_resolves_variants_quick_and_seeds():
     c = compare_config.get_config()
     c.quick, c.seeds, c.methods, c.convergence_seeds = True, 2, "gopo,gopo_no_ea,sft", 1
+    c.environments = "synthetic_shop"
     runs = compare_lib.plan(c)
     compare_runs = [r for r in runs if r["kind"] == "compare"]
     assert [(r["label"], r["seed"]) for r in compare_runs] == [("gopo", 0), ("gopo", 1), ("gopo_no_ea", 0),
@@ -25,14 +26,27 @@ def test_plan_resolves_variants_quick_and_seeds():
     assert next(r for r in conv if r["label"] == "conv_lambda_b_0")["config"].gopo.lambda_b == 0.0
 
 
+def test_plan_host_worlds_use_their_own_run_config():
+    c = compare_config.get_config()
+    c.seeds, c.methods, c.convergence_seeds = 1, "gopo", 0
+    by_env = {r["env"]: r["config"] for r in compare_lib.plan(c)}
+    assert set(by_env) == {"synthetic_shop", "mgshop", "multiwoz"}
+    assert by_env["synthetic_shop"].env.name == "synthetic_shop" and by_env["synthetic_shop"].sft.steps == 150
+    woz = by_env["multiwoz"]
+    assert woz.env.name == "multiwoz" and woz.layout.max_turns == woz.env.max_turns == 8
+    assert woz.layout.reply_len == 32 and woz.tokenizer.vocab_size == 768  # configs/multiwoz.py's text slots
+    assert woz.env.data_dir.endswith("shared/data/multiwoz") and woz.env.data_dir.startswith("/")
+    assert by_env["mgshop"].env.name == "mgshop" and by_env["mgshop"].tokenizer.vocab_size == 1024
+
+
 def test_plan_errors_name_the_key():
     c = compare_config.get_config()
-    c.short = "train.stepz=3"
+    c.env_overrides.synthetic_shop = "train.stepz=3"
     with pytest.raises(compare_lib.ComparisonError, match="no key 'train.stepz'"):
         compare_lib.plan(c)
     c = compare_config.get_config()
     c.environments = "atlantis"
-    with pytest.raises(compare_lib.ComparisonError, match="'atlantis' has no entry in env_overrides"):
+    with pytest.raises(compare_lib.ComparisonError, match="'atlantis' needs an entry in env_configs"):
         compare_lib.plan(c)
 
 
@@ -66,6 +80,7 @@ def test_tables_hand_computed():
 def test_tiny_comparison_end_to_end_and_resume(tmp_path):
     c = compare_config.get_config()
     c.quick, c.seeds, c.methods, c.convergence_seeds = True, 2, "gopo,sft,not_a_method", 0
+    c.environments = "synthetic_shop"
     results = compare_lib.compare(c, tmp_path)
     status = {(r["label"], r["seed"]): r["status"] for r in results["runs"]}
     assert status == {("gopo", 0): "done", ("gopo", 1): "done", ("sft", 0): "done", ("sft", 1): "done",
@@ -78,6 +93,8 @@ def test_tiny_comparison_end_to_end_and_resume(tmp_path):
     assert stored["table"]["synthetic_shop"]["gopo"]["tse"]["n"] == 2
     assert set(stored["relative"]["synthetic_shop"]) == {"sft"}
     assert [len(c["iterations"]) for c in stored["convergence"]["default"]] == [3, 3]  # SFT point + 2 iterations
+    # GOPO and SFT of one seed shared their warm start: one per seed.
+    assert len(list((tmp_path / "warm_starts").iterdir())) == 2
 
     def must_not_train(cfg, workdir):
         raise AssertionError(f"finished run retrained: {workdir}")

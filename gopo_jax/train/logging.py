@@ -175,6 +175,11 @@ class MetricsLogger:
             stream.write(line + "\n")
         stream.flush()
 
+    def records(self, up_to: int) -> list[dict[str, Any]]:
+        """The logged records with step <= `up_to`, as written to metrics.jsonl."""
+        self._file.flush()
+        return [r for r in _read_records(self.path) if r["step"] <= up_to]
+
     def truncate_after(self, step: int) -> None:
         """Drops logged lines with step > `step` (a resumed run restarts there) and TensorBoard events past it."""
         self._file.close()

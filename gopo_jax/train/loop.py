@@ -36,10 +36,12 @@ from gopo_jax.train.methods import get_method, reference_log_probs
 from gopo_jax.train.logging import MetricsLogger, plot_curves, save_config, write_summary
 from gopo_jax.train.state import TrainState, create_train_state
 from gopo_jax.train.step import make_optimizer, make_train_step
+from gopo_jax.train.warm_start import WarmStartCache, tokenizer_digest, warm_start_key
 from gopo_jax.train.world import World, build_world, init_agents
 
 _log = logging.getLogger(__name__)
 _SFT, _GOPO, _EVAL, _DEMO = 1, 2, 3, 4  # phase tags folded into PRNG keys
+_AGENTS = ("expert", "cs")  # the parameters the warm start trains
 
 
 def hyper_from_config(config) -> GOPOHyper:
@@ -134,7 +136,10 @@ class Run:
             self, ref, traj, expert=self.hyper.needs_expert_reference and use_expert,
             cs=self.hyper.needs_cs_reference))
         self.tx = make_optimizer(self.method.learning_rates(), clip_norm=config.train.clip_norm)
-        self.sft_tx = make_optimizer({k: config.sft.learning_rate for k in params}, clip_norm=config.train.clip_norm)
+        # The warm start trains the two agents only (a method's extra parameters keep their initial values), so
+        # it is the same for every method and can be shared (`gopo_jax.train.warm_start`).
+        self.sft_tx = make_optimizer({k: config.sft.learning_rate if k in ("expert", "cs") else 0.0 for k in params},
+                                     clip_norm=config.train.clip_norm)
         self.gopo_step = make_train_step(self.method.make_loss(), self.tx, mesh=self.mesh)
         warm_start = make_warm_start_loss(self.expert_gd, self.cs_gd, w.layout, self.strategy_ids,
                                           use_expert=use_expert, sop_mask=self.hyper.sop_mask)
@@ -167,6 +172,20 @@ class Run:
         traj = self.reference_rollout({}, self.eval_env_keys(), self.key(_EVAL, 1))
         return per_episode_metrics(traj, max_relevance=self.max_rel, t_max=self.world.spec.max_turns,
                                    weights=self.weights, esndcg_p=self.hyper.esndcg_p)
+
+    def method_state(self, ref_params) -> TrainState:
+        """The method's train state, starting from the warm-start agents with a fresh optimizer. A separate copy:
+        the step donates the train state's buffers, the reference must survive."""
+        return parallel.shard_params(create_train_state(
+            jax.tree.map(jnp.copy, ref_params), self.tx, extras=self.method.init_extras(),
+            rng=self.key(_GOPO, 1_000_000)), self.mesh)
+
+    def warm_start_cache(self) -> WarmStartCache | None:
+        if not self.config.sft.cache_dir:
+            return None
+        fingerprint = model_fingerprint(self.world) | {"tokenizer": tokenizer_digest(self.world.tokenizer)}
+        return WarmStartCache(self.config.sft.cache_dir,
+                              warm_start_key(self.config, use_expert=self.method.use_expert), fingerprint)
 
     def checkpoint_target(self, state: TrainState, ref_params) -> dict:
         return {"state": state, "ref": ref_params, "iteration": np.zeros((), np.int64)}
@@ -203,8 +222,20 @@ class Run:
             checkpoint.save_checkpoint(ckpt_dir, it, {"state": state, "ref": ref, "iteration": np.int64(it)},
                                        metadata=fingerprint, keep=cfg.train.keep_checkpoints)
 
+        warm_cache = self.warm_start_cache()
         with checkpoint.install_sigterm_handler() as should_stop:
             # ---- warm start ----
+            if iteration == 0 and cfg.sft.steps > 0 and warm_cache is not None:
+                hit = warm_cache.load({k: state.params[k] for k in _AGENTS})
+                if hit is not None:
+                    agents, records = hit
+                    for record in records:
+                        logger.log(record["step"], {k: v for k, v in record.items()
+                                                    if k not in ("step", "time") and v is not None}, prefix="")
+                    ref_params = {**state.params, **agents}
+                    state = self.method_state(ref_params)
+                    iteration = cfg.sft.steps
+                    save(iteration, state, ref_params)
             while iteration < cfg.sft.steps:
                 perm = jax.random.permutation(self.key(_SFT, iteration), n_train)[:bs]
                 batch = parallel.shard_batch({"traj": jax.tree.map(lambda x: np.asarray(x)[np.asarray(perm)],
@@ -218,11 +249,10 @@ class Run:
                 if iteration == cfg.sft.steps:
                     # The SFT agents become the reference policy; GOPO starts with a fresh optimizer.
                     ref_params = jax.tree.map(jnp.copy, state.params)
-                    # A separate copy: the step donates the train state's buffers, the reference must survive.
-                    state = parallel.shard_params(create_train_state(
-                        jax.tree.map(jnp.copy, ref_params), self.tx, extras=self.method.init_extras(),
-                        rng=self.key(_GOPO, 1_000_000)), self.mesh)
+                    state = self.method_state(ref_params)
                     save(iteration, state, ref_params)
+                    if warm_cache is not None:
+                        warm_cache.store(iteration, {k: ref_params[k] for k in _AGENTS}, logger.records(iteration))
                 elif should_stop():
                     save(iteration, state, ref_params)
                     return {"stopped": True, "iteration": iteration}

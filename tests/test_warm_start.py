@@ -1,0 +1,72 @@
+"""The shared warm start: its key separates exactly what changes the SFT phase, and a run that reads a warm start
+another run wrote ends bitwise where it would have ended computing it itself."""
+import json
+
+import pytest
+
+from configs.mgshop import get_config
+from gopo_jax.train.loop import Run
+from gopo_jax.train.warm_start import warm_start_key
+from tests.conftest import tiny_run_config
+
+
+def _changed(key: str, value):
+    c = get_config()
+    with c.unlocked():
+        *parents, leaf = key.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def test_key_ignores_what_follows_the_warm_start():
+    base = warm_start_key(get_config(), use_expert=True)
+    for key, value in (("method", "memento"), ("train.steps", 3), ("train.lr_cs", 1.0), ("gopo.beta_pref", 0.9),
+                       ("eval.episodes", 3), ("sampling.temperature", 0.5), ("baselines.dpo.beta", 1.0),
+                       ("sft.cache_dir", "/elsewhere")):
+        assert warm_start_key(_changed(key, value), use_expert=True) == base, key
+
+
+def test_key_separates_what_changes_the_warm_start():
+    base = warm_start_key(get_config(), use_expert=True)
+    assert warm_start_key(get_config(), use_expert=False) != base  # demonstrations without a decision token
+    for key, value in (("seed", 1), ("sft.steps", 7), ("sft.noise", 0.1), ("model.hidden_size", 16),
+                       ("train.clip_norm", 2.0), ("gopo.sop_mask", False), ("env.name", "mgshop"),
+                       ("tokenizer.vocab_size", 600), ("layout.reply_len", 8), ("mesh.fsdp", 2)):
+        assert warm_start_key(_changed(key, value), use_expert=True) != base, key
+
+
+def _config(method: str, cache_dir):
+    c = tiny_run_config()
+    with c.unlocked():
+        c.method = method
+        c.sft.steps, c.sft.episodes, c.sft.batch_size = 4, 16, 8
+        c.train.steps, c.train.groups, c.train.group_size, c.train.minibatches, c.train.epochs = 1, 2, 4, 1, 1
+        c.train.eval_every = c.train.checkpoint_every = 1
+        c.eval.episodes = 4
+        c.sft.cache_dir = str(cache_dir)
+    return c
+
+
+def _sft_lines(workdir, sft_steps):
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in r.items() if k != "time"} for r in lines
+            if r["step"] <= sft_steps and any(k.startswith("sft") for k in r)]
+
+
+@pytest.mark.slow
+def test_a_shared_warm_start_changes_nothing_but_time(tmp_path):
+    cache = tmp_path / "warm_starts"
+    first = Run(_config("gopo", cache), tmp_path / "first").run()
+    entries = list(cache.iterdir())
+    assert len(entries) == 1 and (entries[0] / "checkpoints").is_dir()
+    # The second GOPO run reads the warm start: same SFT metric lines, same final parameters, bit for bit.
+    second = Run(_config("gopo", cache), tmp_path / "second").run()
+    assert second["final_params_sha256"] == first["final_params_sha256"]
+    assert _sft_lines(tmp_path / "second", 4) == _sft_lines(tmp_path / "first", 4) != []
+    # Another method with the Expert acting shares it too: its SFT evaluation is GOPO's.
+    sft = Run(_config("sft", cache), tmp_path / "sft").run()
+    assert sft["sft"] == first["sft"]
+    assert len(list(cache.iterdir())) == 1
