@@ -44,5 +44,16 @@ def add_baseline_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     b.memento.hidden = 64
     b.memento.lr_q = 1e-3
 
+    # A prompted chat model as the CS (host worlds; nothing trained): an OpenAI-compatible endpoint, the key read
+    # from the environment variable `api_key_env` (a local server needs none).
+    b.prompted = ml_collections.ConfigDict()
+    b.prompted.base_url = ""  # e.g. http://127.0.0.1:8000 (python -m gopo_jax.serve) or a provider's API
+    b.prompted.model = ""
+    b.prompted.api_key_env = "OPENAI_API_KEY"
+    b.prompted.temperature = 0.0
+    b.prompted.max_tokens = 128
+    b.prompted.timeout = 60.0
+    b.prompted.max_retries = 4
+
     c.baselines = b
     return c

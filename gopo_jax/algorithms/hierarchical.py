@@ -148,6 +148,18 @@ def make_gopo_loss(expert_graphdef: Any, cs_graphdef: Any, layout: Layout, strat
     return loss_fn
 
 
+def imitable_decisions(traj: Trajectory, *, sop_mask: bool) -> jax.Array:
+    """bool[B, T]: demonstrated turns the Expert can learn to reproduce. A logged agent sometimes takes a strategy
+    the SOP does not allow at that stage (real MG-ShopDial wizards: ~3% of turns) or one no strategy name covers;
+    under the SOP mask the Expert gives such a move probability 0, so its NLL is unbounded and carries no
+    gradient: it is left out of the loss (and counted in `sft_expert_skipped`) rather than swamping it."""
+    known = (traj.strategy >= 0) & traj.turn_mask
+    if not sop_mask:
+        return known
+    k = jnp.clip(traj.strategy, 0)[..., None]
+    return known & jnp.take_along_axis(traj.allowed, k, axis=-1)[..., 0]
+
+
 def make_warm_start_loss(expert_graphdef: Any, cs_graphdef: Any, layout: Layout, strategy_ids: tuple[int, ...], *,
                          use_expert: bool = True, sop_mask: bool = True):
     """SFT of both agents on demonstrations: EA on x_t -> k_t (masked-softmax NLL), CS on (x_t, k_t) -> y_t
@@ -161,11 +173,13 @@ def make_warm_start_loss(expert_graphdef: Any, cs_graphdef: Any, layout: Layout,
         if use_expert:
             expert = nnx.merge(expert_graphdef, params["expert"])
             logp_all = scoring.expert_strategy_log_probs(expert, traj, layout, strategy_ids, sop_mask=sop_mask)
-            logp = scoring.chosen(logp_all, traj.strategy, traj.turn_mask)
-            loss_e = -_masked_mean(logp, traj.turn_mask)
+            imitable = imitable_decisions(traj, sop_mask=sop_mask)
+            logp = scoring.chosen(logp_all, traj.strategy, imitable)
+            loss_e = -_masked_mean(logp, imitable)
             metrics["sft_expert_nll"] = loss_e
             metrics["sft_expert_accuracy"] = _masked_mean(
-                (jnp.argmax(logp_all, -1) == traj.strategy).astype(jnp.float32), traj.turn_mask)
+                (jnp.argmax(logp_all, -1) == traj.strategy).astype(jnp.float32), imitable)
+            metrics["sft_expert_skipped"] = 1.0 - _masked_mean(imitable.astype(jnp.float32), traj.turn_mask)
             loss = loss + loss_e
         cs = nnx.merge(cs_graphdef, params["cs"])
         cs_logp, _ = scoring.cs_token_log_probs(cs, traj)

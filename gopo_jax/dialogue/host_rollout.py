@@ -67,20 +67,31 @@ class HostScriptedAgents:
     emit_decision: bool = True
 
 
+@dataclasses.dataclass(frozen=True)
+class TextAgents:
+    """Agents that speak text, not ids (a prompted chat model as the CS): `make_agent(env)` is called once per
+    episode after its reset and returns an object with `act(obs) -> (strategy index or UNRECOGNISED, reply text)`.
+    The reply is tokenised into the buffer like a customer's text; an unrecognised strategy leaves the decision
+    slot empty and the environment's realisation check decides what the reply carried out."""
+
+    make_agent: Callable[[Any], Any]
+
+
 def _stack(items: Sequence[dict]) -> dict:
     return {k: np.stack([it[k] for it in items]) for k in items[0]}
 
 
 def rollout_host(make_env: Callable[[], Any], codec: TextCodec, agents, params, seeds: Sequence[int],
                  agent_key: jax.Array, *, jitted_act: Callable | None = None, jitted_init: Callable | None = None):
-    """Runs one episode per seed. `agents` is a `ModelAgents` (then pass its jitted `init`/`act`) or a
-    `HostScriptedAgents`. Returns a `Trajectory` with the same layout as the pure-JAX driver."""
+    """Runs one episode per seed. `agents` is a `ModelAgents` (then pass its jitted `init`/`act`), a
+    `HostScriptedAgents` or `TextAgents`. Returns a `Trajectory` with the same layout as the pure-JAX driver."""
     layout, vocab = codec.layout, codec.vocab
     envs = [make_env() for _ in seeds]
     obs = [env.reset(int(s)) for env, s in zip(envs, seeds)]
     ctx = _stack([dict(zip(("ids", "valid"), codec.context(o.context))) for o in obs])
-    scripted = isinstance(agents, HostScriptedAgents)
+    scripted = isinstance(agents, (HostScriptedAgents, TextAgents))
     carry = None if scripted else jitted_init(params, jnp.asarray(ctx["ids"]), jnp.asarray(ctx["valid"]))
+    speakers = [agents.make_agent(env) for env in envs] if isinstance(agents, TextAgents) else None
     rng = np.random.default_rng(np.asarray(jax.random.key_data(agent_key)).astype(np.uint32))
     b, n_k = len(seeds), len(vocab.strategy_ids)
     records, signal_rows = [], []
@@ -95,8 +106,11 @@ def rollout_host(make_env: Callable[[], Any], codec: TextCodec, agents, params, 
         inp = TurnInput(customer=np.where(cust_valid, cust["ids"], vocab.pad), customer_valid=cust_valid,
                         header=np.asarray(header), header_valid=np.asarray(header_valid), allowed=allowed,
                         active=active, env_state=None)
-        if scripted:
-            act, texts = _scripted_turn(envs, codec, agents, inp, rng)
+        if speakers is not None:
+            act, texts = _text_turn(codec, inp, lambda i: speakers[i].act(obs[i]), emit_decision=True)
+        elif scripted:
+            act, texts = _text_turn(codec, inp, functools.partial(_scripted_choice, envs, agents, inp, rng),
+                                    emit_decision=agents.emit_decision)
         else:
             carry, act = jitted_act(params, carry, jax.tree.map(jnp.asarray, inp), jax.random.fold_in(agent_key, t))
             act = jax.tree.map(np.asarray, act)
@@ -138,27 +152,32 @@ def _zero_signals() -> dict:
             "sop_valid": 0.0, "done": 1.0}
 
 
-def _scripted_turn(envs, codec: TextCodec, agents: HostScriptedAgents, inp: TurnInput, rng) -> tuple[TurnAction, list]:
-    b, lr = len(envs), codec.layout.reply_len
+def _scripted_choice(envs, agents: HostScriptedAgents, inp: TurnInput, rng, i: int) -> tuple[int, str]:
+    """The reference turn of episode i, or with probability `noise` a random allowed strategy, scripted."""
+    k, text = envs[i].reference_turn()
+    allowed = np.flatnonzero(inp.allowed[i])
+    if agents.noise > 0 and len(allowed) and rng.random() < agents.noise:
+        k = int(rng.choice(allowed))
+        text = envs[i].scripted_reply(k)
+    return k, text
+
+
+def _text_turn(codec: TextCodec, inp: TurnInput, choose: Callable[[int], tuple[int, str]], *,
+               emit_decision: bool) -> tuple[TurnAction, list]:
+    """One turn of text-speaking agents: `choose(i)` -> (strategy, reply text) for each active episode i."""
+    b, lr = len(inp.active), codec.layout.reply_len
     strategy = np.full((b,), UNRECOGNISED, np.int32)
     reply = np.full((b, lr), codec.vocab.pad, np.int32)
     reply_valid = np.zeros((b, lr), bool)
     texts = [""] * b
-    for i, env in enumerate(envs):
-        if not inp.active[i]:
-            continue
-        k, text = env.reference_turn()
-        allowed = np.flatnonzero(inp.allowed[i])
-        if agents.noise > 0 and len(allowed) and rng.random() < agents.noise:
-            k = int(rng.choice(allowed))
-            text = env.scripted_reply(k)
-        strategy[i] = k
+    for i in np.flatnonzero(inp.active):
+        strategy[i], text = choose(i)
         reply[i], reply_valid[i] = codec.reply_ids(text)
         # The environment sees exactly what the buffer holds (a truncated reply is truncated for it too).
         texts[i] = codec.reply_text(reply[i], reply_valid[i])
     act = TurnAction(strategy=strategy, strategy_logp=np.zeros((b,), np.float32),
-                     decision_valid=inp.active & agents.emit_decision, reply=reply, reply_valid=reply_valid,
-                     reply_logp=np.zeros((b, lr), np.float32))
+                     decision_valid=inp.active & emit_decision & (strategy != UNRECOGNISED), reply=reply,
+                     reply_valid=reply_valid, reply_logp=np.zeros((b, lr), np.float32))
     return act, texts
 
 

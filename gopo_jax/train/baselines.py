@@ -8,6 +8,8 @@ rollouts, rewards, train step, evaluation and checkpoints; each is its objective
               (`algorithms.dpo`).
 * `memento` — frozen SFT Expert + CS, a case bank in the train state's extras and a soft-Q case-selection policy
               (`algorithms.memento`); only the Q-MLP learns.
+* `prompted` — not a method of this pipeline: a chat model behind an OpenAI-compatible endpoint as the CS of a host
+              world, evaluated by `gopo_jax.clients.prompted_eval` (routed there by `gopo_jax.train.loop.train`).
 
 The hyper-parameters are `config.baselines.<name>` (`configs/baselines.py`); the single-agent baselines train the
 CS with `config.train.lr_cs` and the SFT reference is their KL / DPO reference.

@@ -83,11 +83,11 @@ def model_fingerprint(world: World) -> dict:
             "layout": dataclasses.asdict(world.layout), "strategies": list(world.spec.strategies)}
 
 
-def per_episode_metrics(traj: Trajectory, *, max_relevance: float, t_max: int, weights: BusinessWeights,
-                        esndcg_p: float) -> dict[str, np.ndarray]:
-    """TSE, ESNDCG, R_B, alignment, SOP validity and outcome of every dialogue (host arrays)."""
+def episode_metrics(traj: Trajectory, *, max_relevance: float, t_max: int, weights: BusinessWeights,
+                    esndcg_p: float) -> dict[str, jax.Array]:
+    """TSE, ESNDCG, R_B, alignment, SOP validity and outcome of every dialogue (pure; f32[B] each)."""
     m = traj.turn_mask
-    out = {
+    return {
         "tse": jax.vmap(tse)(traj.gain, traj.cont, m),
         "esndcg": jax.vmap(lambda r, mm: esndcg(r, mm, p=esndcg_p, max_rel=max_relevance))(traj.rel, m),
         "gre": jax.vmap(lambda o, s, f, v, mm: business_reward(o, s, f, v, mm, t_max=t_max, weights=weights))(
@@ -97,6 +97,12 @@ def per_episode_metrics(traj: Trajectory, *, max_relevance: float, t_max: int, w
         "outcome": traj.outcome,
         "turns": jnp.sum(m, -1).astype(jnp.float32),
     }
+
+
+def per_episode_metrics(traj: Trajectory, *, max_relevance: float, t_max: int, weights: BusinessWeights,
+                        esndcg_p: float) -> dict[str, np.ndarray]:
+    """`episode_metrics` as float64 host arrays (what means and intervals are taken over)."""
+    out = episode_metrics(traj, max_relevance=max_relevance, t_max=t_max, weights=weights, esndcg_p=esndcg_p)
     return {k: np.asarray(v, np.float64) for k, v in out.items()}
 
 
@@ -140,9 +146,12 @@ class Run:
         # it is the same for every method and can be shared (`gopo_jax.train.warm_start`).
         self.sft_tx = make_optimizer({k: config.sft.learning_rate if k in ("expert", "cs") else 0.0 for k in params},
                                      clip_norm=config.train.clip_norm)
-        self.gopo_step = make_train_step(self.method.make_loss(), self.tx, mesh=self.mesh)
+        # The pure losses are kept for `gopo_jax.train.seed_parallel`, which vmaps them over seeds.
+        self.gopo_loss = self.method.make_loss()
+        self.gopo_step = make_train_step(self.gopo_loss, self.tx, mesh=self.mesh)
         warm_start = make_warm_start_loss(self.expert_gd, self.cs_gd, w.layout, self.strategy_ids,
                                           use_expert=use_expert, sop_mask=self.hyper.sop_mask)
+        self.warm_start_loss = warm_start
         self.sft_step = make_train_step(warm_start, self.sft_tx, mesh=self.mesh)
         self.sft_eval = jax.jit(lambda params, batch: warm_start(params, {}, batch, None))
         self.base_key = jax.random.key(config.seed)
@@ -172,6 +181,11 @@ class Run:
         traj = self.reference_rollout({}, self.eval_env_keys(), self.key(_EVAL, 1))
         return per_episode_metrics(traj, max_relevance=self.max_rel, t_max=self.world.spec.max_turns,
                                    weights=self.weights, esndcg_p=self.hyper.esndcg_p)
+
+    def sft_batch_size(self, n_train: int) -> int:
+        """sft.batch_size, at most the demonstrations, rounded down to a multiple of the mesh (even shards)."""
+        bs = min(self.config.sft.batch_size, n_train)
+        return bs - (bs % max(1, self.mesh.size) if bs >= self.mesh.size else 0)
 
     def method_state(self, ref_params) -> TrainState:
         """The method's train state, starting from the warm-start agents with a fresh optimizer. A separate copy:
@@ -215,8 +229,7 @@ class Run:
         reference = self.reference_eval()
         train_demo, held_demo = self.demonstrations()
         n_train = train_demo.tokens.shape[0]
-        bs = min(cfg.sft.batch_size, n_train)
-        bs -= bs % max(1, self.mesh.size) if bs >= self.mesh.size else 0
+        bs = self.sft_batch_size(n_train)
 
         def save(it: int, state, ref):
             checkpoint.save_checkpoint(ckpt_dir, it, {"state": state, "ref": ref, "iteration": np.int64(it)},
@@ -296,26 +309,24 @@ class Run:
         summary = self._summary(sft_eval, final, reference, time.time() - t_start, state)
         write_summary(self.workdir, summary)
         logger.close()
+        plot_curves(self.workdir, self.curve_names())
+        self.write_transcripts(final_params, ref_params)
+        return summary
+
+    def curve_names(self) -> list[str]:
+        """The metrics drawn into curves.png."""
         curves = ["tse", "gre", "esndcg", "alignment"]
         if self.method.trains:
             curves += ["expert_kl_ref", "cs_kl_ref", "mu"]
-        plot_curves(self.workdir, curves)
-        self.write_transcripts(final_params, ref_params)
-        return summary
+        return curves
 
     def write_transcripts(self, final_params, ref_params, num: int = 4) -> None:
         """samples.md: the same held-out customers served by the SFT agents and by the trained agents."""
         episodes = self.eval_env_keys()[:num]
-        w = self.world
-        parts = []
-        for name, params in (("sft", self.method.acting_params(ref_params, self.method.init_extras())),
-                             (self.method.name, final_params)):
-            traj = self.eval_rollout(params, episodes, self.key(_EVAL, 0))
-            parts.append(f"## {name}\n")
-            for i in range(num):
-                parts.append("```\n" + render_dialogue(traj, i, tokenizer=w.tokenizer, layout=w.layout,
-                                                        strategies=w.spec.strategies) + "\n```\n")
-        (self.workdir / "samples.md").write_text("\n".join(parts))
+        trajs = [(name, self.eval_rollout(params, episodes, self.key(_EVAL, 0)))
+                 for name, params in (("sft", self.method.acting_params(ref_params, self.method.init_extras())),
+                                      (self.method.name, final_params))]
+        write_samples(self.workdir, self.world, trajs, num)
 
     def _log_eval(self, logger, iteration, ep, reference):
         m = {k: float(v.mean()) for k, v in ep.items()}
@@ -323,15 +334,11 @@ class Run:
         logger.log(iteration, m, prefix="eval")
 
     def _summary(self, sft, final, reference, wall, state) -> dict:
-        def block(ep):
-            d = {k: mean_ci(v) for k, v in ep.items()}
-            d["ntse"] = float(ep["tse"].mean() / max(reference["tse"].mean(), 1e-9))
-            return d
-
         return {
             "env": self.world.spec.name, "method": self.config.method,
             "eval_episodes": int(self.config.eval.episodes),
-            "reference": block(reference), "sft": block(sft), self.method.name: block(final),
+            "reference": summary_block(reference, reference), "sft": summary_block(sft, reference),
+            self.method.name: summary_block(final, reference),
             f"{self.method.name}_minus_sft": {k: paired_difference(final[k], sft[k])
                                               for k in ("tse", "gre", "esndcg", "alignment")},
             "wall_seconds": wall,
@@ -339,12 +346,32 @@ class Run:
         }
 
 
+def write_samples(workdir: pathlib.Path, world: World, trajs: list[tuple[str, Trajectory]], num: int) -> None:
+    """samples.md: the first `num` dialogues of each (name, batch), rendered as text."""
+    parts = []
+    for name, traj in trajs:
+        parts.append(f"## {name}\n")
+        for i in range(num):
+            parts.append("```\n" + render_dialogue(traj, i, tokenizer=world.tokenizer, layout=world.layout,
+                                                    strategies=world.spec.strategies) + "\n```\n")
+    (pathlib.Path(workdir) / "samples.md").write_text("\n".join(parts))
+
+
+def summary_block(ep: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict:
+    """Mean and 95% interval of every per-episode metric, and TSE normalised by the reference policy's."""
+    d = {k: mean_ci(v) for k, v in ep.items()}
+    d["ntse"] = float(ep["tse"].mean() / max(reference["tse"].mean(), 1e-9))
+    return d
+
+
 def group_minibatches(batch, perm, group_size: int, num: int):
     """[B, ...] -> [num, B / num, ...] minibatches of whole groups (a group's rows stay contiguous), with the
     groups shuffled by `perm`."""
-    perm = np.asarray(perm)
-    per_mb = perm.reshape(len(perm) // num, num).T  # minibatch k: groups perm[k], perm[k + num], ...
-    rows = (per_mb[..., None] * group_size + np.arange(group_size)).reshape(num, -1)
+    # Host indices for the run loop; traced ones inside the seed-parallel pipeline (gopo_jax.train.seed_parallel).
+    xp = jnp if isinstance(perm, jax.core.Tracer) else np
+    perm = xp.asarray(perm)
+    per_mb = perm.reshape(perm.shape[0] // num, num).T  # minibatch k: groups perm[k], perm[k + num], ...
+    rows = (per_mb[..., None] * group_size + xp.arange(group_size)).reshape(num, -1)
     return jax.tree.map(lambda x: x[rows], batch)
 
 
@@ -356,4 +383,7 @@ def params_hash(params) -> str:
 
 
 def train(config, workdir) -> dict:
+    if config.method == "prompted":  # nothing to train: a chat model behind an endpoint serves the held-out customers
+        from gopo_jax.clients.prompted_eval import evaluate_prompted  # noqa: PLC0415
+        return evaluate_prompted(config, workdir)
     return Run(config, workdir).run()

@@ -79,7 +79,8 @@ def register(name: str):
 def get_method(name: str, run) -> Method:
     import gopo_jax.train.baselines  # noqa: F401  (registers the baseline methods)
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r} (config.method); choose one of {sorted(METHODS)}")
+        raise ValueError(f"unknown method {name!r} (config.method); choose one of {sorted(METHODS)} (or "
+                         "'prompted', which `gopo_jax.train.loop.train` evaluates instead of training)")
     return METHODS[name](run)
 
 

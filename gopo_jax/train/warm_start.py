@@ -28,7 +28,7 @@ _log = logging.getLogger(__name__)
 _AFTER_WARM_START = ("method", "sampling", "business", "eval", "baselines")
 _KEEP = {"train": ("clip_norm",), "gopo": ("sop_mask",)}
 _METRICS = "metrics.jsonl"
-_FORMAT = 1  # bump when what a warm start is changes, so old cache entries are not read
+_FORMAT = 2  # bump when what a warm start is changes, so old cache entries are not read
 
 
 def warm_start_key(config: ml_collections.ConfigDict, *, use_expert: bool) -> str:

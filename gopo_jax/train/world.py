@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gopo_jax.dialogue.host_rollout import HostScriptedAgents, TextCodec, host_env_factory, rollout_host
+from gopo_jax.dialogue.host_rollout import HostScriptedAgents, TextAgents, TextCodec, host_env_factory, rollout_host
 from gopo_jax.dialogue.layout import Layout
 from gopo_jax.dialogue.rollout import HEADER_LEN, AgentVocab, ScriptedAgents, make_rollout
 from gopo_jax.models import qwen3
@@ -63,7 +63,7 @@ class World:
             return make_rollout(self.env, self.layout, self.vocab, agents)
         codec = TextCodec(self.tokenizer, self.layout, self.vocab)
         factory = host_env_factory(self.env)
-        if isinstance(agents, HostScriptedAgents):
+        if isinstance(agents, (HostScriptedAgents, TextAgents)):
             return lambda params, seeds, key: rollout_host(factory, codec, agents, params, seeds, key)
         init, act = jax.jit(agents.init), jax.jit(agents.act)
         return lambda params, seeds, key: rollout_host(factory, codec, agents, params, seeds, key,

@@ -1,0 +1,71 @@
+"""The prompted-large-model baseline (GOPO.md §4): a chat model behind an OpenAI-compatible endpoint acts as the CS
+of a host world on the same held-out customers as the trained agents, scored by the same metrics.
+
+`config.method == "prompted"` routes `gopo_jax.train.loop.train` here, so the comparison driver runs it like any
+other method (`experiments/compare.py`, e.g. a variant "method=prompted,baselines.prompted.model=..."). Nothing is
+trained: the world is built (its tokenizer is saved in the workdir like a run's), the reference policy and the
+prompted agent each serve `eval.episodes` customers, and `summary.json` has a run's shape with a `prompted` block.
+The prompted agent's reply passes through the same reply slot as the trained CS (`layout.reply_len` tokens of the
+world's tokenizer), so both are held to the same length; a longer answer is cut, and the world sees the cut text.
+"""
+from __future__ import annotations
+
+import pathlib
+import time
+
+import jax
+
+from gopo_jax.clients.openai_chat import ChatClient, PromptedAgent
+from gopo_jax.dialogue.host_rollout import TextAgents
+
+
+def prompted_agents(settings, *, temperature: float | None = None) -> TextAgents:
+    """One `PromptedAgent` per episode, prompted with that episode's SOP and strategy descriptions."""
+    if not settings.base_url or not settings.model:
+        raise ValueError("method=prompted needs baselines.prompted.base_url (e.g. http://127.0.0.1:8000) and "
+                         "baselines.prompted.model (the served model's name)")
+    client = ChatClient(settings.base_url, settings.model, api_key_env=settings.api_key_env,
+                        timeout=settings.timeout, max_retries=settings.max_retries)
+
+    def make_agent(env):
+        return PromptedAgent(client, env.spec.sop, env.spec.strategy_descriptions,
+                             temperature=settings.temperature if temperature is None else temperature,
+                             max_tokens=settings.max_tokens)
+
+    return TextAgents(make_agent)
+
+
+def evaluate_prompted(config, workdir: str | pathlib.Path) -> dict:
+    """Serves the held-out customers with the prompted model; writes and returns the run-format summary."""
+    from gopo_jax.train.logging import save_config, write_summary  # noqa: PLC0415  (import cycle via loop)
+    from gopo_jax.train.loop import per_episode_metrics, summary_block  # noqa: PLC0415
+    from gopo_jax.metrics.business import BusinessWeights  # noqa: PLC0415
+    from gopo_jax.train.world import build_world  # noqa: PLC0415
+
+    start = time.time()
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    world = build_world(config, workdir)
+    if world.kind != "host":
+        raise ValueError(f"method=prompted needs a text (host) world: env.name={config.env.name!r} speaks token ids "
+                         "only; use mgshop, multiwoz or tmallbrand")
+    save_config(workdir, config)
+    settings = config.baselines.prompted
+    episodes = world.eval_episodes(config.eval.seed, config.eval.episodes)
+    key = jax.random.key(config.seed)  # seeds the host loop's own draws; text agents and the reference use none
+    max_rel = float(config.env.max_relevance if config.env.max_relevance > 0 else world.spec.max_relevance)
+    weights = BusinessWeights.from_config(config.business.to_dict())
+
+    def metrics(agents):
+        traj = world.make_rollout(agents)({}, episodes, key)
+        return per_episode_metrics(traj, max_relevance=max_rel, t_max=world.spec.max_turns, weights=weights,
+                                   esndcg_p=config.gopo.esndcg_p)
+
+    reference = metrics(world.reference_agents())
+    prompted = metrics(prompted_agents(settings))
+    summary = {"env": world.spec.name, "method": "prompted", "eval_episodes": int(config.eval.episodes),
+               "endpoint": {"base_url": settings.base_url, "model": settings.model},
+               "reference": summary_block(reference, reference), "prompted": summary_block(prompted, reference),
+               "wall_seconds": time.time() - start}
+    write_summary(workdir, summary)
+    return summary
