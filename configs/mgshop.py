@@ -99,6 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.episodes = 256
     c.eval.seed = 10_000  # held-out world seeds, disjoint from training seeds
+    c.eval.judge_dialogues = 8  # held-out dialogues whose turns are written as G-Eval samples (judge_samples.jsonl)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

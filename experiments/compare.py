@@ -10,7 +10,9 @@ A run directory written with a different resolved config is an error (the old nu
 
 Writes `<workdir>/results.json` (every run's status, the per-environment tables and GOPO's relative differences),
 `results.md`, `figure1.png` (TSE / GRE / G-Eval per environment and method) and `figure3.png` (GOPO convergence
-under the `convergence` settings). G-Eval is not computed by the run pipeline, so it is reported as absent.
+under the `convergence` settings). G-Eval: with a judge configured (`geval.judge`: an OpenAI-compatible endpoint
+or a local Hugging Face causal LM), every finished run's held-out turns (`judge_samples.jsonl`) are judged once
+(cached in the run's `geval.json`) and the score is a metric of the tables; with none it is reported as absent.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import pathlib
 import sys
 import time
@@ -27,6 +30,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from gopo_jax.metrics import geval as geval_lib
 from gopo_jax.report import figures, tables
 
 _log = logging.getLogger(__name__)
@@ -134,6 +138,11 @@ def run_dir(workdir: pathlib.Path, run: dict) -> pathlib.Path:
     return workdir / "runs" / run["env"] / run["label"] / f"seed{run['seed']}"
 
 
+# Run config keys that change neither training nor evaluation: where shared warm starts live (a moved workdir
+# still resumes) and how many dialogues are written out for a judge.
+_NOT_RESULTS = frozenset({"sft.cache_dir", "eval.judge_dialogues"})
+
+
 def _check_same_config(directory: pathlib.Path, config: ml_collections.ConfigDict) -> None:
     path = directory / "config.json"
     if not path.exists():
@@ -148,8 +157,7 @@ def _check_same_config(directory: pathlib.Path, config: ml_collections.ConfigDic
         return out
 
     a, b = flat(stored), flat(wanted)
-    # Where the shared warm starts live does not change what a run computes (a moved workdir still resumes).
-    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != "sft.cache_dir")
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in _NOT_RESULTS)
     if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
         raise ComparisonError(f"{directory} was trained with a different config ({shown}); use a fresh --workdir "
@@ -210,11 +218,46 @@ def collect(cfg, workdir: pathlib.Path, runs: list[dict], records: list[dict]) -
     summaries = {id(run): json.loads((run_dir(workdir, run) / "summary.json").read_text()) for run, _ in done}
     compare_records = [(run["env"], run["label"], run["seed"], summaries[id(run)]) for run, _ in done
                        if run["kind"] == "compare"]
-    results = {"config": cfg.to_dict(), "runs": records,
-               "geval": {"available": False, "reason": "the run pipeline computes no G-Eval; no judge configured"}}
-    results.update(tables.aggregate(compare_records, gopo_label=cfg.gopo_label))
+    results = {"config": cfg.to_dict(), "runs": records}
+    # The key comes from the environment, never from a config that is written into results.json.
+    judge = geval_lib.make_judge(cfg.geval.to_dict() | {"api_key": os.environ.get(cfg.geval.api_key_env, "")})
+    metrics = tables.METRICS
+    if judge.available:
+        criteria = _names(cfg.geval.criteria, "geval.criteria")
+        for run, _ in done:
+            summary = summaries[id(run)]
+            summary[summary["method"]]["geval"] = judge_run(judge, run_dir(workdir, run), criteria)
+        metrics = (*metrics, "geval")
+    results.update(tables.aggregate(compare_records, gopo_label=cfg.gopo_label, metrics=metrics))
+    results["geval"] = ({"available": True, "judge": judge.name, "criteria": cfg.geval.criteria}
+                        if judge.available else {"available": False, "reason": judge.reason})
     results["convergence"] = _convergence_curves(cfg, workdir, runs, records)
     return results
+
+
+def judge_run(judge, directory: pathlib.Path, criteria: list[str]) -> dict:
+    """G-Eval of a finished run's held-out turns (its judge_samples.jsonl): the mean over criteria of the
+    per-criterion means, as {"mean", "per_criterion", "judge", "samples"}. Cached in the run's geval.json per judge
+    and criteria, so a resumed comparison does not ask the judge again."""
+    from gopo_jax.train.loop import JUDGE_SAMPLES  # noqa: PLC0415
+    cache = directory / "geval.json"
+    if cache.exists():
+        stored = json.loads(cache.read_text())
+        if stored.get("judge") == judge.name and stored.get("criteria") == criteria:
+            return stored
+    path = directory / JUDGE_SAMPLES
+    if not path.exists():
+        raise ComparisonError(f"{path} is missing: the run predates G-Eval samples; delete {directory} to retrain "
+                              "it, or run the comparison with geval.judge='none'")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    samples = [geval_lib.Sample(context=r["context"], response=r["response"], strategy=r["strategy"]) for r in rows]
+    result = geval_lib.geval(judge, samples, criteria)
+    per_criterion = {k: v for k, v in result.scores.items() if math.isfinite(v)}
+    out = {"judge": judge.name, "criteria": criteria, "samples": len(samples), "per_criterion": per_criterion,
+           "unscored": result.num_unscored,
+           "mean": float(sum(per_criterion.values()) / len(per_criterion)) if per_criterion else float("nan")}
+    cache.write_text(json.dumps(jsonable(out), indent=2) + "\n")
+    return out
 
 
 def _convergence_curves(cfg, workdir, runs, records) -> dict:
@@ -249,10 +292,14 @@ def jsonable(x):
 
 def write_results(workdir: pathlib.Path, results: dict, cfg) -> None:
     (workdir / "results.json").write_text(json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n")
-    (workdir / "results.md").write_text(tables.markdown(results, gopo_label=cfg.gopo_label))
+    columns = (*tables.HEADLINE, "geval") if results["geval"]["available"] else tables.HEADLINE
+    (workdir / "results.md").write_text(tables.markdown(results, gopo_label=cfg.gopo_label, metrics=columns))
     if results["table"]:
-        figures.figure1(results["table"], workdir / "figure1.png", geval_reason=results["geval"]["reason"],
-                        highlight=cfg.gopo_label)
+        geval = results["geval"]
+        table = {env: {label: cis["geval"] for label, cis in by_label.items() if "geval" in cis}
+                 for env, by_label in results["table"].items()} if geval["available"] else None
+        figures.figure1(results["table"], workdir / "figure1.png", geval=table,
+                        geval_reason=geval.get("reason", ""), highlight=cfg.gopo_label)
     if results["convergence"]:
         figures.figure3({k: [(c["iterations"], c["tse"]) for c in v] for k, v in results["convergence"].items()},
                         workdir / "figure3.png")

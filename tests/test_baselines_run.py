@@ -31,13 +31,16 @@ def tiny_config(method: str):
 def results(tmp_path_factory):
     cache = {}
 
-    def get(method: str):
+    def get(name: str):  # "<method>" -> (summary, train lines); "<method>/judge" -> its judge samples
+        method = name.split("/")[0]
         if method not in cache:
             workdir = tmp_path_factory.mktemp(method)
             summary = Run(tiny_config(method), workdir).run()
             lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l.strip()]
             cache[method] = (summary, [l for l in lines if any(k.startswith("train/") for k in l)])
-        return cache[method]
+            judged = [json.loads(l) for l in (workdir / "judge_samples.jsonl").read_text().splitlines()]
+            cache[method + "/judge"] = judged
+        return cache[name]
 
     return get
 
@@ -56,6 +59,12 @@ def test_method_runs_end_to_end(results, method):
     block = summary[method]
     for k in ("tse", "gre", "esndcg"):
         assert math.isfinite(block[k]["mean"]) and block[k]["n"] == 4
+    # The held-out turns a G-Eval judge reads: every turn of the first eval dialogues, with the Expert's strategy
+    # named where an Expert acts (single-agent baselines have none).
+    judged = results(method + "/judge")
+    assert judged and all(set(j) == {"episode", "turn", "context", "response", "strategy"} for j in judged)
+    assert all(j["context"].startswith("Business context:") and "Customer:" in j["context"] for j in judged)
+    assert all(bool(j["strategy"]) == (method in ("sft", "memento")) for j in judged), method
     if method == "sft":
         assert not train  # no RL iteration
         return

@@ -38,7 +38,7 @@ def prompted_agents(settings, *, temperature: float | None = None) -> TextAgents
 def evaluate_prompted(config, workdir: str | pathlib.Path) -> dict:
     """Serves the held-out customers with the prompted model; writes and returns the run-format summary."""
     from gopo_jax.train.logging import save_config, write_summary  # noqa: PLC0415  (import cycle via loop)
-    from gopo_jax.train.loop import per_episode_metrics, summary_block  # noqa: PLC0415
+    from gopo_jax.train.loop import per_episode_metrics, summary_block, write_judge_samples  # noqa: PLC0415
     from gopo_jax.metrics.business import BusinessWeights  # noqa: PLC0415
     from gopo_jax.train.world import build_world  # noqa: PLC0415
 
@@ -56,13 +56,17 @@ def evaluate_prompted(config, workdir: str | pathlib.Path) -> dict:
     max_rel = float(config.env.max_relevance if config.env.max_relevance > 0 else world.spec.max_relevance)
     weights = BusinessWeights.from_config(config.business.to_dict())
 
-    def metrics(agents):
-        traj = world.make_rollout(agents)({}, episodes, key)
+    def served(agents):
+        return world.make_rollout(agents)({}, episodes, key)
+
+    def metrics(traj):
         return per_episode_metrics(traj, max_relevance=max_rel, t_max=world.spec.max_turns, weights=weights,
                                    esndcg_p=config.gopo.esndcg_p)
 
-    reference = metrics(world.reference_agents())
-    prompted = metrics(prompted_agents(settings))
+    reference = metrics(served(world.reference_agents()))
+    traj = served(prompted_agents(settings))
+    prompted = metrics(traj)
+    write_judge_samples(workdir, world, traj, config.eval.judge_dialogues)
     summary = {"env": world.spec.name, "method": "prompted", "eval_episodes": int(config.eval.episodes),
                "endpoint": {"base_url": settings.base_url, "model": settings.model},
                "reference": summary_block(reference, reference), "prompted": summary_block(prompted, reference),

@@ -31,3 +31,30 @@ def render_dialogue(traj: Trajectory, index: int, *, tokenizer, layout: Layout, 
     lines.append(f"  outcome={float(traj.outcome[index]):.0f} satisfaction={float(traj.satisfaction[index]):.2f} "
                  f"fcr={float(traj.fcr[index]):.0f}")
     return "\n".join(lines)
+
+
+def judge_samples(traj: Trajectory, indices, *, tokenizer, layout: Layout, strategies,
+                  descriptions=()) -> list[dict]:
+    """The agent turns of dialogues `indices` as G-Eval samples (`gopo_jax.metrics.geval.Sample` fields): the
+    dialogue so far as "Customer: ... / Agent: ..." lines, the reply, and the chosen strategy with its description
+    ("" where no Expert chose one), plus the episode and turn they come from."""
+    tokens, valid = np.asarray(traj.tokens), np.asarray(traj.valid)
+    described = dict(zip(strategies, descriptions))
+    samples = []
+    for i in indices:
+        c = layout.context_len
+        history = [f"Business context: {_text(tokenizer, tokens[i, :c], valid[i, :c])}"]
+        for t in range(layout.max_turns):
+            if not bool(traj.turn_mask[i, t]):
+                break
+            c0, r0 = layout.turn_start(t), layout.reply_start(t)
+            history.append("Customer: " + _text(tokenizer, tokens[i, c0:c0 + layout.customer_len],
+                                                valid[i, c0:c0 + layout.customer_len]))
+            reply = _text(tokenizer, tokens[i, r0:r0 + layout.reply_len], valid[i, r0:r0 + layout.reply_len])
+            k = int(traj.strategy[i, t])
+            strategy = f"{strategies[k]}: {described.get(strategies[k], strategies[k])}" if 0 <= k < len(
+                strategies) else ""
+            samples.append({"episode": int(i), "turn": t, "context": "\n".join(history), "response": reply,
+                            "strategy": strategy})
+            history.append("Agent: " + reply)
+    return samples

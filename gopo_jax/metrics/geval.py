@@ -312,7 +312,7 @@ class EndpointJudge(Judge):
 
 def make_judge(config: Mapping[str, Any]) -> Judge:
     """Builds the judge named by `config["judge"]`: "none", "causal_lm" (`model_path`: a local HF folder) or
-    "endpoint" (`endpoint_url`, `endpoint_model`, optional `api_key`, `use_logprobs`, `n_samples`)."""
+    "endpoint" (`endpoint_url`, `endpoint_model`, optional `api_key`, `use_logprobs`, `top_logprobs`, `n_samples`)."""
     kind = config.get("judge", "none")
     if kind == "none":
         return NoJudge()
@@ -340,6 +340,7 @@ def make_judge(config: Mapping[str, Any]) -> Judge:
             config["endpoint_model"],
             api_key=config.get("api_key", ""),
             use_logprobs=bool(config.get("use_logprobs", True)),
+            top_logprobs=int(config.get("top_logprobs", 20)),
             n_samples=int(config.get("n_samples", 5)),
         )
     raise ValueError(f"geval.judge must be 'none', 'causal_lm' or 'endpoint', got {kind!r}")

@@ -121,6 +121,9 @@ def markdown(results: Mapping[str, Any], *, gopo_label: str = "gopo", metrics: S
     geval = results.get("geval")
     if geval is not None and not geval.get("available"):
         lines += ["", f"G-Eval: not reported ({geval.get('reason', 'no judge configured')})."]
+    elif geval is not None:
+        lines += ["", f"G-Eval (`geval` column): judge {geval['judge']}; per run, the mean over the criteria "
+                      f"{geval['criteria']} of the judge's probability-weighted 1-5 scores of its held-out turns."]
     if "wall_seconds" in results:
         lines += ["", f"Wall time of this invocation: {results['wall_seconds']:.0f} s."]
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import pathlib
 import time
@@ -25,7 +26,7 @@ import numpy as np
 from gopo_jax import parallel
 from gopo_jax.algorithms.hierarchical import GOPOHyper, make_warm_start_loss, trajectory_scores_from
 from gopo_jax.dialogue.layout import Trajectory
-from gopo_jax.dialogue.render import render_dialogue
+from gopo_jax.dialogue.render import judge_samples, render_dialogue
 from gopo_jax.dialogue.rollout import SamplingConfig
 from gopo_jax.metrics.business import BusinessWeights, business_reward
 from gopo_jax.metrics.esndcg import esndcg
@@ -42,6 +43,7 @@ from gopo_jax.train.world import World, build_world, init_agents
 _log = logging.getLogger(__name__)
 _SFT, _GOPO, _EVAL, _DEMO = 1, 2, 3, 4  # phase tags folded into PRNG keys
 _AGENTS = ("expert", "cs")  # the parameters the warm start trains
+JUDGE_SAMPLES = "judge_samples.jsonl"  # the trained agents' held-out turns, for a G-Eval judge
 
 
 def hyper_from_config(config) -> GOPOHyper:
@@ -321,12 +323,14 @@ class Run:
         return curves
 
     def write_transcripts(self, final_params, ref_params, num: int = 4) -> None:
-        """samples.md: the same held-out customers served by the SFT agents and by the trained agents."""
-        episodes = self.eval_env_keys()[:num]
+        """samples.md: the same held-out customers served by the SFT agents and by the trained agents; and the
+        trained agents' turns with the first `eval.judge_dialogues` customers as G-Eval samples."""
+        episodes = self.eval_env_keys()[:max(num, self.config.eval.judge_dialogues)]
         trajs = [(name, self.eval_rollout(params, episodes, self.key(_EVAL, 0)))
                  for name, params in (("sft", self.method.acting_params(ref_params, self.method.init_extras())),
                                       (self.method.name, final_params))]
-        write_samples(self.workdir, self.world, trajs, num)
+        write_samples(self.workdir, self.world, trajs, min(num, len(episodes)))
+        write_judge_samples(self.workdir, self.world, trajs[-1][1], self.config.eval.judge_dialogues)
 
     def _log_eval(self, logger, iteration, ep, reference):
         m = {k: float(v.mean()) for k, v in ep.items()}
@@ -355,6 +359,15 @@ def write_samples(workdir: pathlib.Path, world: World, trajs: list[tuple[str, Tr
             parts.append("```\n" + render_dialogue(traj, i, tokenizer=world.tokenizer, layout=world.layout,
                                                     strategies=world.spec.strategies) + "\n```\n")
     (pathlib.Path(workdir) / "samples.md").write_text("\n".join(parts))
+
+
+def write_judge_samples(workdir: pathlib.Path, world: World, traj: Trajectory, dialogues: int) -> None:
+    """judge_samples.jsonl: the agent turns of the first `dialogues` dialogues as G-Eval samples (one JSON object
+    per line: episode, turn, context, response, strategy), read by the comparison's judge."""
+    samples = judge_samples(traj, range(min(dialogues, traj.tokens.shape[0])), tokenizer=world.tokenizer,
+                            layout=world.layout, strategies=world.spec.strategies,
+                            descriptions=world.spec.strategy_descriptions)
+    (pathlib.Path(workdir) / JUDGE_SAMPLES).write_text("".join(json.dumps(s) + "\n" for s in samples))
 
 
 def summary_block(ep: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict:

@@ -1,0 +1,50 @@
+"""G-Eval in the comparison: every finished run's held-out turns are judged through an OpenAI-compatible endpoint
+(the project's own server on loopback), the score becomes a column of the tables and the third panel of Figure 1,
+and a resumed comparison reads each run's cached geval.json instead of asking the judge again."""
+import json
+
+from configs import compare as compare_config
+from experiments import compare as compare_lib
+from test_serve import server  # noqa: F401  (the live server fixture)
+
+SAMPLES = [{"episode": 0, "turn": 0, "context": "Customer: hi, i want a phone", "response": "hello, which brand?",
+            "strategy": "elicit: ask what the customer wants"},
+           {"episode": 0, "turn": 1, "context": "Customer: hi\nAgent: hello\nCustomer: cheap", "response": "try the x1",
+            "strategy": "recommend: suggest an item"}]
+
+
+def fake_train(config, directory):
+    """A finished run's files without training: a summary and the judge samples."""
+    block = {k: {"mean": 0.3 + 0.1 * config.seed, "lo": 0.2, "hi": 0.4, "n": 4}
+             for k in ("tse", "gre", "esndcg", "alignment", "sop_validity", "outcome", "turns")}
+    summary = {"env": config.env.name, "method": config.method, "eval_episodes": 4, "reference": block,
+               config.method: block | {"ntse": 1.0}, "wall_seconds": 0.0}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "summary.json").write_text(json.dumps(summary))
+    (directory / "metrics.jsonl").write_text(json.dumps({"step": config.sft.steps, "eval/tse": 0.3}) + "\n")
+    (directory / "judge_samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in SAMPLES))
+    return summary
+
+
+def test_compare_judges_every_run_once(server, tmp_path):  # noqa: F811
+    c = compare_config.get_config()
+    c.quick, c.seeds, c.methods, c.convergence_seeds, c.environments = True, 2, "gopo,sft", 0, "synthetic_shop"
+    c.geval.judge, c.geval.endpoint_model = "endpoint", "tiny-gopo"
+    c.geval.endpoint_url = f"http://127.0.0.1:{server.server_address[1]}"
+    c.geval.top_logprobs = server.served.vocab_size  # the tiny model rarely puts digits in its top 20
+    c.geval.criteria = "fluency,coherence"
+    results = compare_lib.compare(c, tmp_path, train_fn=fake_train)
+    assert results["geval"]["available"] and results["geval"]["judge"] == "endpoint:tiny-gopo"
+    for label in ("gopo", "sft"):
+        ci = results["table"]["synthetic_shop"][label]["geval"]
+        assert ci["n"] == 2 and 1.0 <= ci["mean"] <= 5.0
+        stored = json.loads((tmp_path / "runs" / "synthetic_shop" / label / "seed0" / "geval.json").read_text())
+        assert stored["samples"] == 2 and set(stored["per_criterion"]) == {"fluency", "coherence"}
+    md = (tmp_path / "results.md").read_text()
+    assert "| geval |" in md and "judge endpoint:tiny-gopo" in md
+    assert (tmp_path / "figure1.png").stat().st_size > 0
+    # Resumed with the judge gone: the cached scores are read, nothing is asked.
+    c.geval.endpoint_url = "http://127.0.0.1:9"
+    again = compare_lib.compare(c, tmp_path, train_fn=fake_train)
+    assert again["table"]["synthetic_shop"]["gopo"]["geval"] == json.loads(json.dumps(
+        results["table"]["synthetic_shop"]["gopo"]["geval"]))
