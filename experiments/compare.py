@@ -1,6 +1,7 @@
 """The comparison driver: methods × environments × seeds, each run a config override of the run config.
 
     python -m experiments.compare --config configs/compare.py --workdir runs/compare [--config.seeds=5]
+    python -m experiments.compare --config configs/compare.py --workdir runs/compare --report_only
 
 Each run trains in this process with `gopo_jax.train.loop.train` in `<workdir>/runs/<env>/<label>/seed<s>/`.
 Resumable: a run whose summary.json exists is read, not retrained; a half-finished run resumes through its own
@@ -164,6 +165,10 @@ def _check_same_config(directory: pathlib.Path, config: ml_collections.ConfigDic
                               f"or delete {directory} to retrain it")
 
 
+class _NotRun(Exception):
+    """A run a report-only call leaves untrained."""
+
+
 def execute(run: dict, directory: pathlib.Path, train_fn: Callable) -> dict:
     """Trains (or reads) one run; never raises for a failing run, only for a mislabelled directory."""
     record = {k: run[k] for k in ("env", "label", "seed", "kind")} | {"dir": str(directory)}
@@ -174,6 +179,8 @@ def execute(run: dict, directory: pathlib.Path, train_fn: Callable) -> dict:
     start = time.time()
     try:
         summary = train_fn(run["config"], directory)
+    except _NotRun:
+        return record | {"status": "not run"}
     except Exception as e:  # noqa: BLE001  (one failing method must not end the comparison)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "error.txt").write_text(traceback.format_exc())
@@ -188,9 +195,14 @@ def execute(run: dict, directory: pathlib.Path, train_fn: Callable) -> dict:
     return record | {"status": "done", "wall_seconds": time.time() - start}
 
 
-def compare(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, train_fn: Callable | None = None) -> dict:
-    """Runs (or resumes) the whole comparison and writes the results files; returns the results dict."""
-    if train_fn is None:
+def compare(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, train_fn: Callable | None = None,
+            report_only: bool = False) -> dict:
+    """Runs (or resumes) the whole comparison and writes the results files; returns the results dict.
+    `report_only`: train nothing, report the runs that have finished (others are listed as "not run")."""
+    if report_only:
+        def train_fn(config, directory):
+            raise _NotRun(f"{directory} has not finished; rerun without --report_only to train it")
+    elif train_fn is None:
         from gopo_jax.train.loop import train as train_fn  # noqa: PLC0415  (heavy: JAX, models)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -319,7 +331,7 @@ def main(argv) -> None:
         # The runs of a comparison compile the same rollouts and steps again and again: compile each once.
         jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(FLAGS.workdir).resolve() / "jax_cache"))
     try:
-        results = compare(FLAGS.config, FLAGS.workdir)
+        results = compare(FLAGS.config, FLAGS.workdir, report_only=FLAGS.report_only)
     except ComparisonError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -337,4 +349,6 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", "configs/compare.py", "comparison config (configs/compare.py)",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "comparison directory; rerun the same command to resume")
+    flags.DEFINE_bool("report_only", False, "train nothing: write the results of the runs that have finished "
+                      "(e.g. while other processes still train parts of the comparison in the same workdir)")
     app.run(main)

@@ -43,6 +43,13 @@ def test_compare_judges_every_run_once(server, tmp_path):  # noqa: F811
     md = (tmp_path / "results.md").read_text()
     assert "| geval |" in md and "judge endpoint:tiny-gopo" in md
     assert (tmp_path / "figure1.png").stat().st_size > 0
+    # A report-only call with more seeds trains nothing and says what is missing.
+    c.seeds = 3
+    partial = compare_lib.compare(c, tmp_path, report_only=True)
+    assert {r["status"] for r in partial["runs"] if r["seed"] == 2} == {"not run"}
+    assert partial["table"]["synthetic_shop"]["gopo"]["tse"]["n"] == 2
+    assert "Not trained (yet): 2 runs" in (tmp_path / "results.md").read_text()
+    c.seeds = 2
     # Resumed with the judge gone: the cached scores are read, nothing is asked.
     c.geval.endpoint_url = "http://127.0.0.1:9"
     again = compare_lib.compare(c, tmp_path, train_fn=fake_train)

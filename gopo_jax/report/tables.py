@@ -118,6 +118,13 @@ def markdown(results: Mapping[str, Any], *, gopo_label: str = "gopo", metrics: S
         for r in failed:
             error = str(r.get("error", "")).replace("|", "\\|").replace("\n", " ")[:300]
             lines.append(f"| {r['env']} | {r['label']} | {r['seed']} | {error} |")
+    pending = [r for r in results.get("runs", []) if r.get("status") == "not run"]
+    if pending:
+        by_label: dict[tuple[str, str], list] = {}
+        for r in pending:
+            by_label.setdefault((r["env"], r["label"]), []).append(r["seed"])
+        lines += ["", f"Not trained (yet): {len(pending)} runs, rerun the comparison to train them: " + "; ".join(
+            f"{env}/{label} seeds {seeds}" for (env, label), seeds in by_label.items()) + "."]
     geval = results.get("geval")
     if geval is not None and not geval.get("available"):
         lines += ["", f"G-Eval: not reported ({geval.get('reason', 'no judge configured')})."]
