@@ -38,21 +38,11 @@ def _constrain(tree, shardings):
     return jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: Mesh,
-                    state_shardings: TrainState | None = None, donate: bool = True):
-    """Returns the jitted `step(state, batch) -> (new_state, metrics)`.
-
-    `state_shardings` (e.g. `param_shardings(state, mesh)`) pins the jit's input and output layouts. Without
-    it the layouts are derived inside the trace from the same annotations, so the step also accepts a state
-    that has not been placed yet (it is resharded on entry). Metrics add `loss`, `grad_norm` (global, before
-    any clipping in `tx`) and `nonfinite` (int32 0/1) to the loss's own.
-    """
-    data_sharding = batch_sharding(mesh)
+def pure_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
+    """The update of `make_train_step` as a plain function `step(state, batch) -> (new_state, metrics)`: no jit, no
+    layout constraints, so callers can vmap it (one update per seed, `gopo_jax.train.seed_parallel`) or scan it."""
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
-        shardings = param_shardings(state, mesh)
-        state = _constrain(state, shardings)
-        batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, data_sharding), batch)
         rng, loss_rng = jax.random.split(state.rng)
         (loss, (metrics, new_extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.extras, batch, loss_rng)
@@ -77,6 +67,28 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
         )
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
                    "nonfinite": jnp.logical_not(finite).astype(jnp.int32)}
+        return new_state, metrics
+
+    return step
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: Mesh,
+                    state_shardings: TrainState | None = None, donate: bool = True):
+    """Returns the jitted `step(state, batch) -> (new_state, metrics)`.
+
+    `state_shardings` (e.g. `param_shardings(state, mesh)`) pins the jit's input and output layouts. Without
+    it the layouts are derived inside the trace from the same annotations, so the step also accepts a state
+    that has not been placed yet (it is resharded on entry). Metrics add `loss`, `grad_norm` (global, before
+    any clipping in `tx`) and `nonfinite` (int32 0/1) to the loss's own.
+    """
+    data_sharding = batch_sharding(mesh)
+    update = pure_train_step(loss_fn, tx)
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        shardings = param_shardings(state, mesh)
+        state = _constrain(state, shardings)
+        batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, data_sharding), batch)
+        new_state, metrics = update(state, batch)
         return _constrain(new_state, shardings), metrics
 
     donate_argnums = (0,) if donate else ()

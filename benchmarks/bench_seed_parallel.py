@@ -1,0 +1,92 @@
+"""Wall time of S seeds of one config trained vmapped in one process (gopo_jax.train.seed_parallel) against the same
+seeds trained one after another (`gopo_jax.train.loop.Run`, as `experiments.sweep` does without `vmap_seeds`).
+
+    python -m benchmarks.bench_seed_parallel [--seeds 4] [--overrides "sft.steps=50,..."]
+
+Both variants run in this process, the vmapped group first (it pays the one-off cost of compiling eager
+operations that the separate runs then reuse, so the ratio errs against it), on the visible devices (one CPU
+device unless XLA_FLAGS says otherwise), without a persistent compilation cache. Compile time is the union of the
+intervals JAX reports for tracing, lowering and compiling (`jax.monitoring` time spans; nested jits counted once);
+"compile excluded" is wall time minus that union. Every run writes its full outputs (logs, checkpoints, plots) to a
+temporary directory, as a sweep would.
+"""
+import argparse
+import pathlib
+import tempfile
+import time
+
+import jax
+
+from experiments.compare import apply_overrides, load_config_file, parse_overrides
+from gopo_jax.train.loop import Run
+from gopo_jax.train.seed_parallel import SeedParallelRun
+
+# The equivalence test's config (tests/test_seed_parallel.py).
+TINY = ("model.hidden_size=32,model.intermediate_size=64,model.num_layers=1,sft.episodes=64,sft.steps=50,"
+        "sft.batch_size=16,train.steps=2,train.groups=8,train.group_size=2,train.epochs=2,train.minibatches=2,"
+        "train.eval_every=1,train.checkpoint_every=1,eval.episodes=8,method=gopo")
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+class CompileClock:
+    """Collects the time spans of JAX's tracing/lowering/compilation events; `seconds(a, b)` is the length of
+    their union inside [a, b]."""
+
+    def __init__(self):
+        self.spans = []
+        jax.monitoring.register_event_time_span_listener(self._record)
+
+    def _record(self, event, start, end, **kwargs):
+        if event in _COMPILE_EVENTS:
+            self.spans.append((start, end))
+
+    def seconds(self, lo: float, hi: float) -> float:
+        total, reach = 0.0, lo
+        for start, end in sorted(self.spans):
+            start, end = max(start, reach), min(end, hi)
+            if end > start:
+                total += end - start
+                reach = end
+        return total
+
+
+def config(seed: int, overrides: str):
+    c = load_config_file("configs/mgshop.py")
+    apply_overrides(c, parse_overrides(overrides, where="--overrides"), where="--overrides")
+    c.seed = seed
+    return c
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--overrides", default=TINY, help="run-config overrides (configs/mgshop.py keys)")
+    args = parser.parse_args()
+    seeds = list(range(args.seeds))
+    clock = CompileClock()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = pathlib.Path(tmp)
+        start = time.time()
+        SeedParallelRun([config(s, args.overrides) for s in seeds], [root / "vmapped" / f"seed{s}" for s in seeds]
+                        ).run_group()
+        results["vmapped"] = (start, time.time())
+        start = time.time()
+        for s in seeds:
+            Run(config(s, args.overrides), root / "separate" / f"seed{s}").run()
+        results["one after another"] = (start, time.time())
+    print(f"{args.seeds} seeds, devices: {jax.device_count()} x {jax.devices()[0].platform}, overrides: "
+          f"{args.overrides}")
+    rows = {}
+    for name, (start, end) in results.items():
+        wall, compile_s = end - start, clock.seconds(start, end)
+        rows[name] = (wall, wall - compile_s)
+        print(f"  {name:>17}: {wall:7.1f} s wall, {compile_s:6.1f} s compiling, {wall - compile_s:7.1f} s excluding "
+              "compilation")
+    (sw, sx), (vw, vx) = rows["one after another"], rows["vmapped"]
+    print(f"  one after another / vmapped: {sw / vw:.2f}x compile included, {sx / vx:.2f}x compile excluded")
+
+
+if __name__ == "__main__":
+    main()
