@@ -19,6 +19,9 @@ METRICS = ("tse", "ntse", "gre", "esndcg", "alignment", "sop_validity", "outcome
 HEADLINE = ("tse", "gre", "ntse", "alignment", "sop_validity", "outcome")
 # Relative differences are reported for the paper's metrics.
 RELATIVE = ("tse", "gre")
+# Metrics that can be zero or negative (GRE is a mean of R_B, which penalties push below 0): a percentage of such a
+# baseline is meaningless (it flips sign and explodes near 0), so the tables show their absolute paired difference.
+SIGNED = ("gre",)
 
 
 def run_value(summary: Mapping[str, Any], metric: str) -> float:
@@ -78,6 +81,14 @@ def _ci_cell(ci: Mapping[str, Any], digits: int = 3) -> str:
     return f"{ci['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _diff_cell(d: Mapping[str, Any]) -> str:
+    diff, lo, hi = _finite(d.get("mean_diff")), _finite(d.get("lo")), _finite(d.get("hi"))
+    mark = " *" if d.get("significant") else ""
+    if lo is None or hi is None:
+        return f"{diff:+.3f} (n={d.get('n')})"
+    return f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark}"
+
+
 def _rel_cell(d: Mapping[str, Any]) -> str:
     rel, lo, hi = _finite(d.get("rel_pct")), _finite(d.get("rel_lo")), _finite(d.get("rel_hi"))
     if rel is None:
@@ -109,9 +120,11 @@ def markdown(results: Mapping[str, Any], *, gopo_label: str = "gopo", metrics: S
         if rel:
             keys = list(next(iter(rel.values())))
             lines += ["", f"GOPO ({gopo_label}) relative to each method:", "",
-                      "| vs method | " + " | ".join(f"Δ{k} %" for k in keys) + " |", "|---|" + "---|" * len(keys)]
+                      "| vs method | " + " | ".join(f"Δ{k} (absolute)" if k in SIGNED else f"Δ{k} %" for k in keys)
+                      + " |", "|---|" + "---|" * len(keys)]
             for label, diffs in rel.items():
-                lines.append(f"| {label} | " + " | ".join(_rel_cell(diffs[k]) for k in keys) + " |")
+                lines.append(f"| {label} | " + " | ".join(
+                    _diff_cell(diffs[k]) if k in SIGNED else _rel_cell(diffs[k]) for k in keys) + " |")
     failed = [r for r in results.get("runs", []) if r.get("status") == "failed"]
     if failed:
         lines += ["", "## Failed runs", "", "| environment | method | seed | error |", "|---|---|---|---|"]
