@@ -75,7 +75,7 @@ def test_tables_hand_computed():
                                           "error": "ValueError: unknown method 'dpo'"}]})
     assert "| gopo | 2 | 0.400 [" in md and "| ppo | +33.3% [" in md and "unknown method 'dpo'" in md
     # GRE can be negative: its column is the absolute paired difference (+0.500), not a percentage.
-    assert "| Δtse % | Δgre (absolute) |" in md and "| ppo | +33.3% [" in md and "] | +0.500 [" in md
+    assert "| Δtse % | Δgre (absolute) |" in md and "] * | +0.500 [+0.000, +1.000] |" in md
 
 
 @pytest.mark.slow
