@@ -144,7 +144,7 @@ def run_dir(workdir: pathlib.Path, run: dict) -> pathlib.Path:
 _NOT_RESULTS = frozenset({"sft.cache_dir", "eval.judge_dialogues"})
 
 
-def _check_same_config(directory: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+def check_same_config(directory: pathlib.Path, config: ml_collections.ConfigDict) -> None:
     path = directory / "config.json"
     if not path.exists():
         return
@@ -173,7 +173,7 @@ def execute(run: dict, directory: pathlib.Path, train_fn: Callable) -> dict:
     """Trains (or reads) one run; never raises for a failing run, only for a mislabelled directory."""
     record = {k: run[k] for k in ("env", "label", "seed", "kind")} | {"dir": str(directory)}
     summary_path = directory / "summary.json"
-    _check_same_config(directory, run["config"])
+    check_same_config(directory, run["config"])
     if summary_path.exists():
         return record | {"status": "done", "resumed": "skipped (summary.json exists)"}
     start = time.time()

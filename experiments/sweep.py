@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from experiments.compare import (ComparisonError, _check_same_config, apply_overrides, execute, jsonable,
+from experiments.compare import (ComparisonError, apply_overrides, check_same_config, execute, jsonable,
                                  load_config_file, parse_overrides)
 from gopo_jax.report import figures, tables
 
@@ -82,7 +82,7 @@ def execute_group(runs: list[dict], directories: list[pathlib.Path], train_group
     """The seeds of one setting trained together: `train_group_fn(configs, workdirs) -> summaries` on those without
     summary.json. One record per seed, as `execute` writes them; never raises for a failing group."""
     for run, directory in zip(runs, directories):
-        _check_same_config(directory, run["config"])
+        check_same_config(directory, run["config"])
     records = [{k: run[k] for k in ("env", "label", "seed", "kind")} | {"dir": str(d)}
                for run, d in zip(runs, directories)]
     todo = [j for j, d in enumerate(directories) if not (d / "summary.json").exists()]

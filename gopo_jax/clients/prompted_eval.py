@@ -38,8 +38,8 @@ def prompted_agents(settings, *, temperature: float | None = None) -> TextAgents
 def evaluate_prompted(config, workdir: str | pathlib.Path) -> dict:
     """Serves the held-out customers with the prompted model; writes and returns the run-format summary."""
     from gopo_jax.train.logging import save_config, write_summary  # noqa: PLC0415  (import cycle via loop)
-    from gopo_jax.train.loop import per_episode_metrics, summary_block, write_judge_samples  # noqa: PLC0415
-    from gopo_jax.metrics.business import BusinessWeights  # noqa: PLC0415
+    from gopo_jax.train.loop import (metric_settings, per_episode_metrics, summary_block,  # noqa: PLC0415
+                                     write_judge_samples)  # noqa: PLC0415
     from gopo_jax.train.world import build_world  # noqa: PLC0415
 
     start = time.time()
@@ -53,15 +53,13 @@ def evaluate_prompted(config, workdir: str | pathlib.Path) -> dict:
     settings = config.baselines.prompted
     episodes = world.eval_episodes(config.eval.seed, config.eval.episodes)
     key = jax.random.key(config.seed)  # seeds the host loop's own draws; text agents and the reference use none
-    max_rel = float(config.env.max_relevance if config.env.max_relevance > 0 else world.spec.max_relevance)
-    weights = BusinessWeights.from_config(config.business.to_dict())
+    metric_kwargs = metric_settings(config, world)
 
     def served(agents):
         return world.make_rollout(agents)({}, episodes, key)
 
     def metrics(traj):
-        return per_episode_metrics(traj, max_relevance=max_rel, t_max=world.spec.max_turns, weights=weights,
-                                   esndcg_p=config.gopo.esndcg_p)
+        return per_episode_metrics(traj, **metric_kwargs)
 
     reference = metrics(served(world.reference_agents()))
     traj = served(prompted_agents(settings))

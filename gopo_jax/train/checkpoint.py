@@ -168,13 +168,17 @@ def _check_metadata(stored: Mapping[str, Any], expected: Mapping[str, Any], step
             shown = "<absent>" if got is missing else json.dumps(got)
             diffs.append(f"  {key}: checkpoint has {shown}, this run has {json.dumps(value)}")
     if diffs:
-        listed = "\n".join(diffs[:_MAX_LISTED]) + (
-            f"\n  ... and {len(diffs) - _MAX_LISTED} more" if len(diffs) > _MAX_LISTED else ""
-        )
+        listed = _listed(diffs)
         raise CheckpointMismatchError(
             f"Checkpoint {step_dir} was written by a different configuration:\n{listed}\n"
             "Fix: use a fresh --workdir for this config, or rerun with the config that wrote this workdir."
         )
+
+
+def _listed(lines: list[str]) -> str:
+    """The first `_MAX_LISTED` problem lines, and how many more there are."""
+    more = f"\n  ... and {len(lines) - _MAX_LISTED} more" if len(lines) > _MAX_LISTED else ""
+    return "\n".join(lines[:_MAX_LISTED]) + more
 
 
 def _restore_target(leaf: Any) -> Any:
@@ -204,9 +208,7 @@ def _check_structure(stored_tree: PyTree, target: PyTree, step_dir: str) -> None
         if stored[k] != wanted[k]
     ]
     if problems:
-        listed = "\n".join(problems[:_MAX_LISTED]) + (
-            f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-        )
+        listed = _listed(problems)
         raise CheckpointMismatchError(
             f"Checkpoint {step_dir} does not fit this run's state (different model or optimiser layout):\n{listed}\n"
             "Fix: use a fresh --workdir for this config, or rerun with the config that wrote this workdir."

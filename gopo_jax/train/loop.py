@@ -101,6 +101,14 @@ def episode_metrics(traj: Trajectory, *, max_relevance: float, t_max: int, weigh
     }
 
 
+def metric_settings(config, world: World) -> dict:
+    """The keyword arguments of `per_episode_metrics` for a run config and its world: R (the config's, else the
+    world's), T_max, the business weights and ESNDCG's continuation probability."""
+    max_rel = config.env.max_relevance if config.env.max_relevance > 0 else world.spec.max_relevance
+    return {"max_relevance": float(max_rel), "t_max": world.spec.max_turns,
+            "weights": BusinessWeights.from_config(config.business.to_dict()), "esndcg_p": config.gopo.esndcg_p}
+
+
 def per_episode_metrics(traj: Trajectory, *, max_relevance: float, t_max: int, weights: BusinessWeights,
                         esndcg_p: float) -> dict[str, np.ndarray]:
     """`episode_metrics` as float64 host arrays (what means and intervals are taken over)."""
@@ -120,8 +128,8 @@ class Run:
         self.mesh = parallel.make_mesh(config.mesh)
         self.hyper = hyper_from_config(config)
         w = self.world
-        self.max_rel = float(config.env.max_relevance if config.env.max_relevance > 0 else w.spec.max_relevance)
-        self.weights = BusinessWeights.from_config(config.business.to_dict())
+        self.metric_kwargs = metric_settings(config, w)
+        self.max_rel, self.weights = self.metric_kwargs["max_relevance"], self.metric_kwargs["weights"]
         self.expert_gd, self.cs_gd, params = init_agents(w, config.seed)
         self.strategy_ids = w.vocab.strategy_ids
         self.method = get_method(config.method, self)
@@ -176,13 +184,11 @@ class Run:
 
     def evaluate(self, params) -> dict[str, np.ndarray]:
         traj = self.eval_rollout(params, self.eval_env_keys(), self.key(_EVAL, 0))
-        return per_episode_metrics(traj, max_relevance=self.max_rel, t_max=self.world.spec.max_turns,
-                                   weights=self.weights, esndcg_p=self.hyper.esndcg_p)
+        return per_episode_metrics(traj, **self.metric_kwargs)
 
     def reference_eval(self) -> dict[str, np.ndarray]:
         traj = self.reference_rollout({}, self.eval_env_keys(), self.key(_EVAL, 1))
-        return per_episode_metrics(traj, max_relevance=self.max_rel, t_max=self.world.spec.max_turns,
-                                   weights=self.weights, esndcg_p=self.hyper.esndcg_p)
+        return per_episode_metrics(traj, **self.metric_kwargs)
 
     def sft_batch_size(self, n_train: int) -> int:
         """sft.batch_size, at most the demonstrations, rounded down to a multiple of the mesh (even shards)."""
@@ -294,8 +300,7 @@ class Run:
                         stats.append(m)
                 iteration += 1
                 metrics = {k: float(np.mean([float(s[k]) for s in stats])) for k in stats[0]}
-                ep = per_episode_metrics(traj, max_relevance=self.max_rel, t_max=w.spec.max_turns,
-                                         weights=self.weights, esndcg_p=self.hyper.esndcg_p)
+                ep = per_episode_metrics(traj, **self.metric_kwargs)
                 metrics.update({f"rollout_{k}": float(v.mean()) for k, v in ep.items()})
                 logger.log(iteration, metrics, prefix="train")
                 if (it + 1) % cfg.train.eval_every == 0 or iteration == total:

@@ -121,8 +121,7 @@ class SeedParallelRun:
             init.append(params)
         self.init_params = _stack(init)
         self.init_extras = _stack([method.init_extras() for _ in self.seeds])
-        metric_kwargs = {"max_relevance": run.max_rel, "t_max": run.world.spec.max_turns, "weights": run.weights,
-                         "esndcg_p": run.hyper.esndcg_p}
+        metric_kwargs = run.metric_kwargs
         eval_keys = run.eval_env_keys()
         # The first held-out dialogues, for samples.md and judge_samples.jsonl (greedy: a row of the batch is the
         # dialogue `Run.write_transcripts` rolls out alone).
