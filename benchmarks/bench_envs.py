@@ -33,9 +33,9 @@ def main() -> None:
     policy = policies.jax_policy(env, args.policy)
     keys = jax.random.split(jax.random.PRNGKey(0), args.worlds)
     start = time.perf_counter()
-    jax.block_until_ready(ss.rollout_scripted(env, keys, policy))
+    jax.block_until_ready(policies.rollout_scripted(env, keys, policy))
     compile_s = time.perf_counter() - start
-    vmapped = _time(lambda: ss.rollout_scripted(env, keys, policy), args.reps)
+    vmapped = _time(lambda: policies.rollout_scripted(env, keys, policy), args.reps)
     vmapped_eps = args.worlds / vmapped
 
     reset, step, act = jax.jit(env.reset), jax.jit(env.step), jax.jit(policy)

@@ -18,14 +18,11 @@ import numpy as np
 
 from configs.mgshop import get_config
 from gopo_jax import parallel
-from gopo_jax.algorithms.hierarchical import make_gopo_loss, make_warm_start_loss, trajectory_scores_from
+from gopo_jax.algorithms.sft import DemoBatch
 from gopo_jax.dialogue.rollout import ModelAgents, SamplingConfig, python_loop_rollout
-from gopo_jax.metrics.business import BusinessWeights
-from gopo_jax.train.loop import hyper_from_config
-from gopo_jax.train.methods import reference_log_probs
+from gopo_jax.train.build import build
 from gopo_jax.train.state import create_train_state
 from gopo_jax.train.step import make_optimizer, make_train_step
-from gopo_jax.train.world import build_world, init_agents
 
 
 def best_of(fn, repeats: int) -> float:
@@ -43,8 +40,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     config = get_config()
-    world = build_world(config, None)
-    ge, gc, params = init_agents(world, 0)
+    c = build(config, None)
+    world, ge, gc, params = c.world, c.expert_gd, c.cs_gd, c.init_params(0)
     agents = ModelAgents(ge, gc, world.vocab, world.layout, SamplingConfig())
     episodes = world.episodes(jax.random.key(0), args.batch)
     key = jax.random.key(1)
@@ -61,20 +58,11 @@ def main():
     print(f"  python loop     {t_loop * 1e3:8.1f} ms  {args.batch / t_loop:8.1f} dialogues/s  {tokens / t_loop:9.0f} tok/s")
     print(f"  ratio (loop / scan time) = {t_loop / t_fused:.2f}x")
 
-    hyper = hyper_from_config(config)
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    scores, _, _ = trajectory_scores_from(a, max_relevance=world.spec.max_relevance, t_max=world.spec.max_turns,
-                                          weights=BusinessWeights(), hyper=hyper)
-
-    class _Run:
-        pass
-
-    run = _Run()
-    run.expert_gd, run.cs_gd, run.world, run.strategy_ids, run.hyper = ge, gc, world, world.vocab.strategy_ids, hyper
-    batch = {"traj": a, "scores": scores, **reference_log_probs(run, params, a, expert=True, cs=True)}
+    batch = jax.jit(c.method.prepare_batch)(a, params, params)  # GOPO's scores and reference log-probs
     tx = make_optimizer({"expert": 1e-4, "cs": 1e-4})
-    gopo = make_train_step(make_gopo_loss(ge, gc, world.layout, world.vocab.strategy_ids, hyper), tx, mesh=mesh)
-    sft = make_train_step(make_warm_start_loss(ge, gc, world.layout, world.vocab.strategy_ids), tx, mesh=mesh)
+    gopo = make_train_step(c.method.loss, tx, mesh=mesh)
+    sft = make_train_step(c.warm_start_loss, tx, mesh=mesh)
     slots = a.tokens.size * 2  # both agents read every slot of the buffer
 
     def timed(step, b):
@@ -89,7 +77,7 @@ def main():
         return best
 
     t_gopo = timed(gopo, batch)
-    t_sft = timed(sft, {"traj": a})
+    t_sft = timed(sft, DemoBatch(traj=a))
     print(f"train step  batch={args.batch} x {a.tokens.shape[1]} slots, two agents")
     print(f"  GOPO hierarchical step {t_gopo * 1e3:8.1f} ms  {slots / t_gopo:9.0f} slot-tok/s")
     print(f"  SFT warm-start step    {t_sft * 1e3:8.1f} ms  {slots / t_sft:9.0f} slot-tok/s")

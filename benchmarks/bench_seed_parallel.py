@@ -1,5 +1,5 @@
-"""Wall time of S seeds of one config trained vmapped in one process (gopo_jax.train.seed_parallel) against the same
-seeds trained one after another (`gopo_jax.train.loop.Run`, as `experiments.sweep` does without `vmap_seeds`).
+"""Wall time of S seeds of one config trained vmapped in one process (`gopo_jax.train.driver.train_seeds`) against
+the same seeds trained one after another (`train_run`, as `experiments.sweep` does without `vmap_seeds`).
 
     python -m benchmarks.bench_seed_parallel [--seeds 4] [--overrides "sft.steps=50,..."]
 
@@ -18,8 +18,7 @@ import time
 import jax
 
 from experiments.compare import apply_overrides, load_config_file, parse_overrides
-from gopo_jax.train.loop import Run
-from gopo_jax.train.seed_parallel import SeedParallelRun
+from gopo_jax.train.driver import train_run, train_seeds
 
 # The equivalence test's config (tests/test_seed_parallel.py).
 TINY = ("model.hidden_size=32,model.intermediate_size=64,model.num_layers=1,sft.episodes=64,sft.steps=50,"
@@ -69,12 +68,11 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
         start = time.time()
-        SeedParallelRun([config(s, args.overrides) for s in seeds], [root / "vmapped" / f"seed{s}" for s in seeds]
-                        ).run_group()
+        train_seeds([config(s, args.overrides) for s in seeds], [root / "vmapped" / f"seed{s}" for s in seeds])
         results["vmapped"] = (start, time.time())
         start = time.time()
         for s in seeds:
-            Run(config(s, args.overrides), root / "separate" / f"seed{s}").run()
+            train_run(config(s, args.overrides), root / "separate" / f"seed{s}")
         results["one after another"] = (start, time.time())
     print(f"{args.seeds} seeds, devices: {jax.device_count()} x {jax.devices()[0].platform}, overrides: "
           f"{args.overrides}")

@@ -49,17 +49,17 @@ def get_config() -> ml_collections.ConfigDict:
     # A prompted chat model as the CS (host worlds): add `prompted` to `methods` and point it at an endpoint, e.g.
     # --config.variants.prompted="method=prompted,baselines.prompted.base_url=http://127.0.0.1:8000,baselines.prompted.model=NAME"
     c.variants.prompted = "method=prompted"
-    c.environments = "synthetic_shop,mgshop,multiwoz"
+    c.environments = "synthetic_shop,mg_shopdial,multiwoz"
     # The run config of each environment (relative paths are from the repository root) ...
     c.env_configs = ml_collections.ConfigDict()
     c.env_configs.synthetic_shop = "configs/mgshop.py"
-    c.env_configs.mgshop = "configs/mgshop_real.py"
+    c.env_configs.mg_shopdial = "configs/mgshop_real.py"
     c.env_configs.multiwoz = "configs/multiwoz.py"
     c.env_configs.tmallbrand = "configs/tmallbrand.py"
     # ... and its short-training overrides (data-backed worlds read their folder under ../shared/data).
     c.env_overrides = ml_collections.ConfigDict()
     c.env_overrides.synthetic_shop = SHORT
-    c.env_overrides.mgshop = HOST_SHORT + ",env.data_dir=../shared/data/mgshopdial"
+    c.env_overrides.mg_shopdial = HOST_SHORT + ",env.data_dir=../shared/data/mgshopdial"
     c.env_overrides.multiwoz = HOST_SHORT + ",env.max_turns=6,env.data_dir=../shared/data/multiwoz"
     c.env_overrides.tmallbrand = HOST_SHORT + ",env.data_dir=../shared/data/abcd"
     # Figure 3: GOPO settings (label -> overrides) run on the first environment; "" disables.

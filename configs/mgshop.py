@@ -1,7 +1,7 @@
 """GOPO on the e-commerce world: by default the embedded synthetic shop (no files), tiny models, minutes on 2 CPU
-cores. `--config.env.name=mgshop --config.env.data_dir=PATH` runs on the real MG-ShopDial conversations.
+cores. `--config.env.name=mg_shopdial --config.env.data_dir=PATH` runs on the real MG-ShopDial conversations.
 
-Every key here is read by `gopo_jax.train.loop`; a typo in a command-line override is an error (locked config).
+Every key here is read by `gopo_jax.train` (build, phases, driver); a typo in a command-line override is an error (locked config).
 """
 import ml_collections
 
@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.env = ml_collections.ConfigDict()
     c.env.name = "synthetic_shop"
-    c.env.data_dir = ""  # only for data-backed worlds (mgshop, multiwoz, tmallbrand)
+    c.env.data_dir = ""  # only for data-backed worlds (mg_shopdial, multiwoz, tmallbrand)
     c.env.max_relevance = -1  # -1: the environment's own R
     c.env.max_turns = -1  # -1: the environment's own T_max
 

@@ -3,7 +3,7 @@
     python -m experiments.compare --config configs/compare.py --workdir runs/compare [--config.seeds=5]
     python -m experiments.compare --config configs/compare.py --workdir runs/compare --report_only
 
-Each run trains in this process with `gopo_jax.train.loop.train` in `<workdir>/runs/<env>/<label>/seed<s>/`.
+Each run trains in this process with `gopo_jax.launch.train` in `<workdir>/runs/<env>/<label>/seed<s>/`.
 Resumable: a run whose summary.json exists is read, not retrained; a half-finished run resumes through its own
 checkpoints; a run that raises (e.g. a baseline that is not implemented yet, a missing data folder) is recorded
 as failed with its message, and the comparison goes on. Rerunning the command retries only what is not done.
@@ -203,7 +203,7 @@ def compare(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, trai
         def train_fn(config, directory):
             raise _NotRun(f"{directory} has not finished; rerun without --report_only to train it")
     elif train_fn is None:
-        from gopo_jax.train.loop import train as train_fn  # noqa: PLC0415  (heavy: JAX, models)
+        from gopo_jax.launch import train as train_fn  # noqa: PLC0415  (heavy: JAX, models)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -251,7 +251,7 @@ def judge_run(judge, directory: pathlib.Path, criteria: list[str]) -> dict:
     """G-Eval of a finished run's held-out turns (its judge_samples.jsonl): the mean over criteria of the
     per-criterion means, as {"mean", "per_criterion", "judge", "samples"}. Cached in the run's geval.json per judge
     and criteria, so a resumed comparison does not ask the judge again."""
-    from gopo_jax.train.loop import JUDGE_SAMPLES  # noqa: PLC0415
+    from gopo_jax.train.report import JUDGE_SAMPLES  # noqa: PLC0415
     cache = directory / "geval.json"
     if cache.exists():
         stored = json.loads(cache.read_text())

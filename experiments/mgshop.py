@@ -3,7 +3,7 @@
     python -m experiments.mgshop --config configs/mgshop.py --workdir runs/mgshop
 """
 from experiments.common import define_flags, run_main
-from gopo_jax.train.loop import train
+from gopo_jax.launch import train
 
 define_flags("configs/mgshop.py")
 

@@ -3,7 +3,7 @@
     python -m experiments.multiwoz --config configs/multiwoz.py --workdir runs/multiwoz
 """
 from experiments.common import define_flags, run_main
-from gopo_jax.train.loop import train
+from gopo_jax.launch import train
 
 define_flags("configs/multiwoz.py")
 

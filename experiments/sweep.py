@@ -3,11 +3,11 @@
     python -m experiments.sweep --config configs/sweeps/gopo_hparams.py --workdir runs/sweep [--shard=0 --num_shards=2]
 
 With `vmap_seeds = True` in the sweep config, the seeds of a setting on a pure-JAX world (the embedded synthetic
-shop) train together in one process, every phase a `jax.vmap` over the seeds (purejaxrl style;
-`gopo_jax.train.seed_parallel`); seed s of such a group is the run `python -m experiments.mgshop` trains with
-`seed=s`, up to float reduction order. Settings on host worlds (mgshop, multiwoz, tmallbrand), methods outside
-`seed_parallel.SEED_PARALLEL_METHODS`, and sweeps without the switch run their seeds one after another (each run
-itself data-parallel over the device mesh); a log line says which way each setting goes.
+shop) train together in one process, every phase a `jax.vmap` over the seeds of the same pure phase functions
+(purejaxrl style; `gopo_jax.train.driver.train_seeds`); seed s of such a group is the run
+`python -m experiments.mgshop` trains with `seed=s`, up to float reduction order. Settings on host worlds, the
+prompted model, and sweeps without the switch run their seeds one after another (each run itself data-parallel
+over the device mesh); a log line says which way each setting goes.
 
 `--num_shards` processes with distinct `--shard` split the work between them (e.g. one process per accelerator):
 run i goes to shard i % num_shards, or with `vmap_seeds` setting i (all its seeds) does. Any of them, or a last
@@ -115,13 +115,13 @@ def execute_group(runs: list[dict], directories: list[pathlib.Path], train_group
 
 def _vmapped(run: dict) -> bool:
     """Whether the seeds of `run`'s setting can train vmapped; logs the way they go."""
-    from gopo_jax.train.seed_parallel import check_supported  # noqa: PLC0415  (heavy: JAX)
+    from gopo_jax.train.driver import check_supported  # noqa: PLC0415  (heavy: JAX)
     try:
         check_supported(run["config"])
     except ValueError as e:
         _log.info("sweep: %s: seeds one after another (%s)", run["label"], e)
         return False
-    _log.info("sweep: %s: seeds trained together, vmapped in one process (gopo_jax.train.seed_parallel)",
+    _log.info("sweep: %s: seeds trained together, vmapped in one process (gopo_jax.train.driver)",
               run["label"])
     return True
 
@@ -129,16 +129,16 @@ def _vmapped(run: dict) -> bool:
 def sweep(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, shard: int = 0, num_shards: int = 1,
           report_only: bool = False, train_fn: Callable | None = None,
           train_group_fn: Callable | None = None) -> dict:
-    """`train_fn(config, workdir)` trains one run (default `gopo_jax.train.loop.train`); `train_group_fn(configs,
+    """`train_fn(config, workdir)` trains one run (default `gopo_jax.launch.train`); `train_group_fn(configs,
     workdirs)` the seeds of a setting together when `cfg.vmap_seeds` (default
-    `gopo_jax.train.seed_parallel.train_seeds`)."""
+    `gopo_jax.train.driver.train_seeds`)."""
     if not 0 <= shard < num_shards:
         raise ComparisonError(f"--shard={shard} must be in 0..{num_shards - 1} (--num_shards={num_shards})")
     vmap_seeds = bool(cfg.get("vmap_seeds", False))
     if train_fn is None and not report_only:
-        from gopo_jax.train.loop import train as train_fn  # noqa: PLC0415
+        from gopo_jax.launch import train as train_fn  # noqa: PLC0415
     if train_group_fn is None and vmap_seeds and not report_only:
-        from gopo_jax.train.seed_parallel import train_seeds as train_group_fn  # noqa: PLC0415
+        from gopo_jax.train.driver import train_seeds as train_group_fn  # noqa: PLC0415
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()

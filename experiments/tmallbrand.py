@@ -3,7 +3,7 @@
     python -m experiments.tmallbrand --config configs/tmallbrand.py --workdir runs/tmallbrand
 """
 from experiments.common import define_flags, run_main
-from gopo_jax.train.loop import train
+from gopo_jax.launch import train
 
 define_flags("configs/tmallbrand.py")
 

@@ -49,8 +49,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gopo_jax.algorithms.gopo import masked_strategy_log_softmax
-from gopo_jax.dialogue.sop import UNRECOGNISED
+from gopo_jax.dialogue.sop import UNRECOGNISED, masked_strategy_log_softmax
 from gopo_jax.models import qwen3
 from gopo_jax.models import tokenizer as tokenizer_lib
 from gopo_jax.sampling import filter_logits
@@ -82,39 +81,32 @@ class ServedRun:
 
     def __init__(self, workdir: str | pathlib.Path, *, model_name: str | None = None, max_context: int = 4096,
                  max_new_tokens: int = 256):
-        from gopo_jax.train import checkpoint  # noqa: PLC0415  (heavy imports only when serving)
-        from gopo_jax.train.loop import Run, model_fingerprint  # noqa: PLC0415
-        from gopo_jax.train.state import create_train_state  # noqa: PLC0415
+        from gopo_jax.train.driver import restore_agents  # noqa: PLC0415  (heavy imports only when serving)
 
         workdir = pathlib.Path(workdir)
         for needed, what in (("config.json", "the resolved run config"), ("tokenizer/tokenizer.json",
                                                                            "the run's tokenizer")):
             if not (workdir / needed).exists():
                 raise ServeError(f"{workdir / needed} is missing ({what}); point --workdir at a run directory "
-                                 "written by gopo_jax.train.loop (python -m experiments.mgshop ...)", status=500,
+                                 "written by the trainer (python -m experiments.mgshop ...)", status=500,
                                  code="bad_workdir", type_="server_error")
         config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-        run = Run(config, workdir)
-        template = create_train_state(run.init_params, run.tx, extras={"mu": jnp.float32(0.0)},
-                                      rng=jax.random.key(0))
-        restored = checkpoint.restore_checkpoint(workdir / "checkpoints", run.checkpoint_target(template,
-                                                                                                 run.init_params),
-                                                 expected_metadata=model_fingerprint(run.world))
+        restored = restore_agents(workdir, config)
         if restored is None:
             raise ServeError(f"{workdir / 'checkpoints'} holds no checkpoint; train the run first (its first "
                              "checkpoint is written at the end of the warm start)", status=500, code="bad_workdir",
                              type_="server_error")
-        payload, _ = restored
-        self.params = jax.device_get(payload["state"].params)
-        self.iteration = int(payload["iteration"])
-        self.config, self.world, self.workdir = config, run.world, workdir
+        c, params, self.iteration = restored
+        self.params = jax.device_get(params)
+        world = c.world
+        self.config, self.world, self.workdir = config, world, workdir
         self.model_name = model_name or workdir.resolve().name
-        self.env, self.tokenizer, self.sop = run.world.env, run.world.tokenizer, run.world.spec.sop
-        self.vocab = run.world.vocab
-        self.use_expert = run.method.use_expert
-        self.sop_mask = bool(run.hyper.sop_mask)
-        self.expert_gd, self.cs_gd = run.expert_gd, run.cs_gd
-        self.vocab_size = run.world.model_config.vocab_size
+        self.env, self.tokenizer, self.sop = world.env, world.tokenizer, world.spec.sop
+        self.vocab = world.vocab
+        self.use_expert = c.method.use_expert
+        self.sop_mask = bool(c.hyper.sop_mask)
+        self.expert_gd, self.cs_gd = c.expert_gd, c.cs_gd
+        self.vocab_size = world.model_config.vocab_size
         self.max_context, self.max_new_tokens = max_context, max_new_tokens
         self.created = int(time.time())
         self._lock = threading.Lock()

@@ -10,6 +10,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
 
+from tests.helpers import tiny_run_config, world_and_agents  # noqa: E402
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
@@ -26,23 +28,7 @@ def shared_data() -> pathlib.Path:
     return SHARED_DATA
 
 
-def tiny_run_config():
-    """The embedded-default config shrunk to a 1-layer, 32-wide model: what every pipeline test builds on."""
-    from configs.mgshop import get_config
-
-    c = get_config()
-    c.unlock()
-    c.model.hidden_size = 32
-    c.model.num_layers = 1
-    c.model.intermediate_size = 64
-    c.lock()
-    return c
-
-
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
     """(world, expert graphdef, cs graphdef, params) of the synthetic shop with tiny agents."""
-    from gopo_jax.train.world import build_world, init_agents
-
-    world = build_world(tiny_run_config(), tmp_path_factory.mktemp("world"))
-    return (world, *init_agents(world, 0))
+    return world_and_agents(tiny_run_config(), tmp_path_factory.mktemp("world"))

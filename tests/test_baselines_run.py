@@ -1,4 +1,4 @@
-"""Every baseline end to end through the one `Run` pipeline, with a tiny config (SFT warm start, one iteration of
+"""Every baseline end to end through the one trainer, with a tiny config (SFT warm start, one iteration of
 rollout + updates, evaluation, summary). Each run compiles its own rollouts and steps: ~30-60 s each on 2 cores."""
 import json
 import math
@@ -7,7 +7,7 @@ import pytest
 
 from configs import mgshop
 from configs.baselines import add_baseline_config
-from gopo_jax.train.loop import Run
+from gopo_jax.train.driver import train_run
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def results(tmp_path_factory):
         method = name.split("/")[0]
         if method not in cache:
             workdir = tmp_path_factory.mktemp(method)
-            summary = Run(tiny_config(method), workdir).run()
+            summary = train_run(tiny_config(method), workdir)
             lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l.strip()]
             cache[method] = (summary, [l for l in lines if any(k.startswith("train/") for k in l)])
             judged = [json.loads(l) for l in (workdir / "judge_samples.jsonl").read_text().splitlines()]
@@ -71,20 +71,30 @@ def test_method_runs_end_to_end(results, method):
     assert _train_metric(train, "train/nonfinite") == 0
     assert _train_metric(train, "train/grad_norm") > 0
     if method == "grpo":
-        _train_metric(train, "train/reward_std")
-        _train_metric(train, "train/cs_clip_fraction")
+        assert 0.0 <= _train_metric(train, "train/cs_clip_fraction") <= 1.0
+        # A zero reward spread over the batch means every group had zero variance (no GRPO signal at all).
+        std = _train_metric(train, "train/reward_std")
+        assert std > 0 or _train_metric(train, "train/zero_variance_groups") == 1.0, std
     elif method == "ppo":
-        assert _train_metric(train, "train/loss_value") > 0
-        _train_metric(train, "train/value_mean")
+        loss_value = _train_metric(train, "train/loss_value")
+        assert loss_value > 0
+        # 0.5·mean(max(...)²) ≥ 0.5·mean(V − R)² ≥ 0.5·(mean V − mean R)² (Jensen, same token mask).
+        gap = _train_metric(train, "train/value_mean") - _train_metric(train, "train/return_mean")
+        assert loss_value >= 0.5 * gap ** 2 - 1e-6, (loss_value, gap)
     elif method == "dpo":
-        _train_metric(train, "train/dpo_accuracy")
-        _train_metric(train, "train/dpo_groups_with_pairs")
+        # 2 groups, each with or without an ordered pair; accuracy is over the groups with pairs.
+        with_pairs = _train_metric(train, "train/dpo_groups_with_pairs")
+        assert with_pairs in (0.0, 0.5, 1.0)
+        accuracy = _train_metric(train, "train/dpo_accuracy")
+        assert 0.0 <= accuracy <= 1.0 and (with_pairs > 0 or accuracy == 0.0)
     elif method == "memento":
         # One rollout of 8 dialogues wrote its turns once although there were two epochs over it.
         fill = _train_metric(train, "train/bank_fill")
         turns = _train_metric(train, "train/rollout_turns")
         assert fill == pytest.approx(8 * turns / 64)
-        _train_metric(train, "train/q_abs_error")
+        # The Q loss 0.5·mean(err²) over the bank bounds 0.5·mean(|err|)² from above (Jensen).
+        abs_error = _train_metric(train, "train/q_abs_error")
+        assert 0.0 < abs_error and _train_metric(train, "train/loss") >= 0.5 * abs_error ** 2 - 1e-6
 
 
 def test_memento_with_an_empty_bank_is_the_sft_agents(results):

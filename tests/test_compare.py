@@ -30,13 +30,13 @@ def test_plan_host_worlds_use_their_own_run_config():
     c = compare_config.get_config()
     c.seeds, c.methods, c.convergence_seeds = 1, "gopo", 0
     by_env = {r["env"]: r["config"] for r in compare_lib.plan(c)}
-    assert set(by_env) == {"synthetic_shop", "mgshop", "multiwoz"}
+    assert set(by_env) == {"synthetic_shop", "mg_shopdial", "multiwoz"}
     assert by_env["synthetic_shop"].env.name == "synthetic_shop" and by_env["synthetic_shop"].sft.steps == 300
     woz = by_env["multiwoz"]
     assert woz.env.name == "multiwoz" and woz.layout.max_turns == woz.env.max_turns == 6
     assert woz.layout.context_len == 24 and woz.tokenizer.vocab_size == 768  # configs/multiwoz.py's
     assert woz.env.data_dir.endswith("shared/data/multiwoz") and woz.env.data_dir.startswith("/")
-    assert by_env["mgshop"].env.name == "mgshop" and by_env["mgshop"].tokenizer.vocab_size == 1024
+    assert by_env["mg_shopdial"].env.name == "mg_shopdial" and by_env["mg_shopdial"].tokenizer.vocab_size == 1024
 
 
 def test_plan_errors_name_the_key():

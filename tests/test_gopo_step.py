@@ -6,10 +6,10 @@ import optax
 import pytest
 
 from gopo_jax import parallel
-from gopo_jax.algorithms.hierarchical import GOPOHyper, make_gopo_loss, trajectory_scores_from
+from gopo_jax.algorithms.gopo import GOPOBatch, GOPOHyper, make_gopo_loss
 from gopo_jax.dialogue.rollout import ModelAgents, SamplingConfig
-from gopo_jax.metrics.business import BusinessWeights
-from gopo_jax.train.methods import reference_log_probs
+from gopo_jax.metrics.episode import EpisodeMetricSettings
+from gopo_jax.train.methods import MethodContext
 from gopo_jax.train.state import create_train_state
 from gopo_jax.train.step import make_train_step
 
@@ -27,16 +27,11 @@ def setup(tiny_world):
     traj = traj.replace(aligned=jax.random.bernoulli(k1, 0.6, traj.aligned.shape).astype(jnp.float32) * traj.turn_mask,
                         quality=jax.random.uniform(k2, traj.quality.shape) * traj.turn_mask)
     hyper = GOPOHyper(group_size=G)
-    scores, _, _ = trajectory_scores_from(traj, max_relevance=world.spec.max_relevance, t_max=world.spec.max_turns,
-                                          weights=BusinessWeights(), hyper=hyper)
-
-    class _Run:  # what reference_log_probs reads
-        pass
-
-    run = _Run()
-    run.expert_gd, run.cs_gd, run.world, run.strategy_ids, run.hyper = ge, gc, world, world.vocab.strategy_ids, hyper
-    ref = reference_log_probs(run, params, traj, expert=True, cs=True)
-    batch = {"traj": traj, "scores": scores, **ref}
+    ctx = MethodContext(config=None, world=world, expert_gd=ge, cs_gd=gc, hyper=hyper,
+                        metric_settings=EpisodeMetricSettings(max_relevance=world.spec.max_relevance,
+                                                              t_max=world.spec.max_turns))
+    batch = GOPOBatch(traj=traj, scores=ctx.scores(traj)[0], ref_expert_logp=ctx.reference_expert_log_probs(params, traj),
+                      ref_cs_logp=ctx.reference_cs_log_probs(params, traj))
     return world, ge, gc, params, batch, hyper
 
 
@@ -84,7 +79,7 @@ def test_beta_zero_needs_no_reference(setup):
     import dataclasses
     free = dataclasses.replace(hyper, beta_cs=0.0, expert_reference=False)
     assert not free.needs_cs_reference and not free.needs_expert_reference
-    no_ref = {"traj": batch["traj"], "scores": batch["scores"]}
+    no_ref = GOPOBatch(traj=batch.traj, scores=batch.scores)
     loss_fn = make_gopo_loss(ge, gc, world.layout, world.vocab.strategy_ids, free)
     loss, (metrics, _) = loss_fn(params, {"mu": jnp.float32(0.0)}, no_ref, None)
     assert np.isfinite(float(loss)) and "cs_kl_ref" not in metrics

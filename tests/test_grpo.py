@@ -50,8 +50,8 @@ def test_grpo_loss_token_mean_at_ratio_one():
     logp, _ = scoring.cs_token_log_probs(nnx.merge(gd, params), traj)
     traj = traj.replace(cs_logprob=logp)  # rollout policy = current policy: ratio 1
     loss_fn = grpo.make_grpo_loss(gd, grpo.GRPOHyper(group_size=2, beta=0.0, aggregation="token-mean"))
-    loss, (metrics, extras) = loss_fn({"cs": params}, {"mu": jnp.float32(0)}, {"traj": traj,
-                                                                              "rewards": jnp.array([1.0, 3.0])}, None)
+    loss, (metrics, extras) = loss_fn({"cs": params}, {"mu": jnp.float32(0)}, grpo.GRPOBatch(
+        traj=traj, rewards=jnp.array([1.0, 3.0])), None)
     # Advantages [-1, 1]; token-mean of -A over 4 tokens: -(-1 * 1 + 1 * 3) / 4.
     np.testing.assert_allclose(loss, -0.5, rtol=1e-5)
     np.testing.assert_allclose(metrics["reward_std"], 1.0)

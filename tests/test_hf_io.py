@@ -132,9 +132,9 @@ def test_key_tables_are_inverse():
 
 
 def test_errors(tmp_path):
-    with pytest.raises(hf_io.CheckpointError, match="does not exist"):
+    with pytest.raises(hf_io.HFModelError, match="does not exist"):
         hf_io.from_pretrained(tmp_path / "nowhere")
-    with pytest.raises(hf_io.CheckpointError, match="config.json not found"):
+    with pytest.raises(hf_io.HFModelError, match="config.json not found"):
         hf_io.from_pretrained(tmp_path)
     ours = qwen3.Qwen3(TINY, rngs=nnx.Rngs(0))
     hf_io.save_pretrained(ours, tmp_path)
@@ -142,29 +142,29 @@ def test_errors(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "llama",
                                                       "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(hf_io.CheckpointError, match="only Qwen3ForCausalLM"):
+    with pytest.raises(hf_io.HFModelError, match="only Qwen3ForCausalLM"):
         hf_io.from_pretrained(tmp_path)
 
     (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
     shape_error = r"tensor model\.layers\.0\.mlp\.\w+_proj\.weight in .* has shape .* but config.json implies"
-    with pytest.raises(hf_io.CheckpointError, match=shape_error):
+    with pytest.raises(hf_io.HFModelError, match=shape_error):
         hf_io.from_pretrained(tmp_path)
 
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
-    with pytest.raises(hf_io.CheckpointError, match=r"missing tensors \['model\.layers\.2\."):
+    with pytest.raises(hf_io.HFModelError, match=r"missing tensors \['model\.layers\.2\."):
         hf_io.from_pretrained(tmp_path)
 
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
-    with pytest.raises(hf_io.CheckpointError, match=r"unexpected tensors \['model\.layers\.1\."):
+    with pytest.raises(hf_io.HFModelError, match=r"unexpected tensors \['model\.layers\.1\."):
         hf_io.from_pretrained(tmp_path)
 
     (tmp_path / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "yarn"}}))
-    with pytest.raises(hf_io.CheckpointError, match="rope_scaling"):
+    with pytest.raises(hf_io.HFModelError, match="rope_scaling"):
         hf_io.from_pretrained(tmp_path)
 
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / hf_io.SINGLE_FILE).unlink()
-    with pytest.raises(hf_io.CheckpointError, match="looked for model.safetensors"):
+    with pytest.raises(hf_io.HFModelError, match="looked for model.safetensors"):
         hf_io.from_pretrained(tmp_path)
 
 
@@ -182,7 +182,7 @@ def test_tokenizer_and_vocab_check(tmp_path):
     assert loaded("hello you")["input_ids"] == [2, 6]
     assert loaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi "
     hf_io.check_vocab(loaded, TINY)
-    with pytest.raises(hf_io.CheckpointError, match="tokenizer ids go up to 6 but the model's vocab_size is 5"):
+    with pytest.raises(hf_io.HFModelError, match="tokenizer ids go up to 6 but the model's vocab_size is 5"):
         hf_io.check_vocab(loaded, TINY.replace(vocab_size=5))
-    with pytest.raises(hf_io.CheckpointError, match="tokenizer.json not found"):
+    with pytest.raises(hf_io.HFModelError, match="tokenizer.json not found"):
         hf_io.load_tokenizer(tmp_path / "empty")

@@ -8,8 +8,8 @@ from flax import nnx
 from configs.tmallbrand import get_config
 from gopo_jax.dialogue import scoring
 from gopo_jax.dialogue.rollout import ModelAgents, SamplingConfig
-from gopo_jax.train.loop import Run
-from gopo_jax.train.world import build_world, init_agents
+from gopo_jax.train.driver import train_run
+from tests.helpers import world_and_agents
 
 
 def _tiny(shared_data, **train):
@@ -27,8 +27,7 @@ def _tiny(shared_data, **train):
 
 @pytest.fixture(scope="module")
 def host_world(shared_data, tmp_path_factory):
-    world = build_world(_tiny(shared_data), tmp_path_factory.mktemp("tb"))
-    return (world, *init_agents(world, 0))
+    return world_and_agents(_tiny(shared_data), tmp_path_factory.mktemp("tb"))
 
 
 def test_reference_rollout_makes_progress(host_world):
@@ -56,7 +55,7 @@ def test_host_rollout_logprobs_match_training_forward(host_world):
 def test_pipeline_runs_on_a_host_world(shared_data, tmp_path):
     c = _tiny(shared_data, sft__steps=2, sft__episodes=16, sft__batch_size=8, train__steps=1, train__groups=2,
               train__group_size=4, train__minibatches=1, train__epochs=1, eval__episodes=8)
-    summary = Run(c, tmp_path).run()
+    summary = train_run(c, tmp_path)
     assert summary["env"] == "tmallbrand" and np.isfinite(summary["gopo"]["gre"]["mean"])
     assert (tmp_path / "summary.json").exists() and (tmp_path / "samples.md").exists()
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gopo_jax.dialogue import layout as L
+from gopo_jax.envs import policies
 from gopo_jax.envs import synthetic_shop as ss
 from gopo_jax.models import qwen3
 from gopo_jax.models import tokenizer as tl
@@ -34,7 +35,7 @@ def test_positions_skip_pads(jit):
 def shop_rollout():
     env = ss.make_env()
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    return env, jax.device_get(ss.demonstration_arrays(env, keys, noise=0.3))
+    return env, jax.device_get(policies.demonstration_arrays(env, keys, noise=0.3))
 
 
 def _append(buf, valid, pos, ids, ids_valid):

@@ -92,8 +92,8 @@ class MementoTest(chex.TestCase):
         loss_fn = memento.make_memento_loss(hyper)
         extras = {"mu": jnp.float32(0), **memento.CaseBank.empty(8, 2).to_extras(),
                   "memento_updates": jnp.zeros((), jnp.int32)}
-        batch = {"emb": jnp.ones((1, 2, 2)), "strategy": jnp.array([[0, 1]]), "target": jnp.array([[1.0, 2.0]]),
-                 "turn_mask": jnp.array([[True, False]])}
+        batch = memento.MementoBatch(emb=jnp.ones((1, 2, 2)), strategy=jnp.array([[0, 1]]),
+                                     target=jnp.array([[1.0, 2.0]]), turn_mask=jnp.array([[True, False]]))
         params = {"q": memento.init_q_params(jax.random.key(0), 2 + 4, 3, 2)}
         _, (m1, extras) = loss_fn(params, extras, batch, None)
         _, (m2, extras) = loss_fn(params, extras, batch, None)  # epoch 2 of the same rollout: no duplicate

@@ -1,4 +1,5 @@
-"""gopo_jax.envs.mgshop: loader validation, SOP derivation, fitted tables, the host environment on real data."""
+"""gopo_jax.envs.mgshop (+ mgshop_data, mgshop_stats): loader validation, SOP derivation, fitted tables, the host
+environment on real data."""
 import copy
 import json
 
@@ -8,7 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from gopo_jax.dialogue.sop import UNRECOGNISED, load_sop, sop_from_dict
-from gopo_jax.envs import base, mgshop as M
+from gopo_jax.envs import base
+from gopo_jax.envs import mgshop as M
+from gopo_jax.envs import mgshop_data as D
+from gopo_jax.envs import mgshop_stats as S
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +22,7 @@ def data_path(shared_data):
 
 @pytest.fixture(scope="module")
 def convs(data_path):
-    return M.load_conversations(data_path)
+    return D.load_conversations(data_path)
 
 
 @pytest.fixture(scope="module")
@@ -30,24 +34,24 @@ def env(shared_data):
 
 
 def test_strategy_label_rules():
-    assert M.strategy_label([["elicit", 2.0], ["o_question", 3.0]]) == M.STRATEGIES.index("elicit")
+    assert D.strategy_label([["elicit", 2.0], ["o_question", 3.0]]) == D.STRATEGIES.index("elicit")
     # tie between strategies broken by priority: recommend before explain
-    assert M.strategy_label([["explain", 2.0], ["recommend", 2.0]]) == M.STRATEGIES.index("recommend")
-    assert M.strategy_label([["disclose", 2.0], ["other", 3.0]]) == M.STRATEGIES.index("explain")
-    assert M.strategy_label([["other", 2.0]]) is None
-    assert M.strategy_label([]) is None
+    assert D.strategy_label([["explain", 2.0], ["recommend", 2.0]]) == D.STRATEGIES.index("recommend")
+    assert D.strategy_label([["disclose", 2.0], ["other", 3.0]]) == D.STRATEGIES.index("explain")
+    assert D.strategy_label([["other", 2.0]]) is None
+    assert D.strategy_label([]) is None
 
 
 def test_relevance_grades_hand_computed():
     probs = np.array([0.1, 0.4, 0.05, 0.2, 0.15, 0.1])
     allowed = np.array([True, True, True, False, True, True])
     # allowed by probability: 1 (0.4) -> 3; 4 (0.15), 0 (0.1, first of the tie) -> 2; 5, 2 -> 1; 3 disallowed -> 0
-    np.testing.assert_array_equal(M.relevance_grades(probs, allowed), [2, 3, 1, 0, 2, 1])
+    np.testing.assert_array_equal(S.relevance_grades(probs, allowed), [2, 3, 1, 0, 2, 1])
 
 
 def test_top_client_intent():
-    assert M.top_client_intent({}) == "none"
-    assert M.top_client_intent({"pf": 2.0, "interaction": 2.0, "greeting": 1.0}) == "pf"
+    assert D.top_client_intent({}) == "none"
+    assert D.top_client_intent({"pf": 2.0, "interaction": 2.0, "greeting": 1.0}) == "pf"
 
 
 # -- data -----------------------------------------------------------------------------------------------------
@@ -61,18 +65,18 @@ def test_real_data_loads(convs):
 
 
 def test_split_is_by_conversation_and_stratified(convs):
-    train, test = M.split_indices(convs, "train"), M.split_indices(convs, "test")
+    train, test = D.split_indices(convs, "train"), D.split_indices(convs, "test")
     assert not set(train) & set(test) and sorted(train + test) == list(range(64))
     assert len(test) == 14
     assert {convs[i].category for i in test} == {c.category for c in convs}
     with pytest.raises(ValueError, match="split"):
-        M.split_indices(convs, "dev")
+        D.split_indices(convs, "dev")
 
 
 def test_shipped_sop_is_the_derived_one(convs):
-    train = [convs[i] for i in M.split_indices(convs, "train")]
-    derived = sop_from_dict(M.derive_sop(train))
-    shipped = load_sop(M.SOP_PATH)
+    train = [convs[i] for i in D.split_indices(convs, "train")]
+    derived = sop_from_dict(D.derive_sop(train))
+    shipped = load_sop(D.SOP_PATH)
     assert shipped.to_json() == derived.to_json()
     # the opening only allows what real wizards start with; the farewell closes only after a recommendation
     assert [shipped.strategies[k] for k in np.flatnonzero(shipped.allowed[0])] == ["greeting", "elicit"]
@@ -99,10 +103,10 @@ def _tiny_record(**over):
 def test_tiny_file_segments_turns(tmp_path):
     p = tmp_path / "MGShopDial.json"
     p.write_text(json.dumps([_tiny_record()]))
-    (conv,) = M.load_conversations(p)
+    (conv,) = D.load_conversations(p)
     (turn,) = conv.turns
     assert (turn.customer_before, turn.text, turn.response, turn.final) == ("hi", "Hello!", "bye", True)
-    assert turn.label == M.STRATEGIES.index("greeting") and turn.response_intents == {"nf": 2.0}
+    assert turn.label == D.STRATEGIES.index("greeting") and turn.response_intents == {"nf": 2.0}
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -119,22 +123,22 @@ def test_bad_records_raise_one_clear_error(tmp_path, mutate, message):
     mutate(rec)
     p = tmp_path / "MGShopDial.json"
     p.write_text(json.dumps([rec]))
-    with pytest.raises(M.MgshopDataError, match=message) as e:
-        M.load_conversations(p)
+    with pytest.raises(D.MgshopDataError, match=message) as e:
+        D.load_conversations(p)
     assert str(p) in str(e.value)
 
 
 def test_truncated_and_duplicate_files(tmp_path):
     p = tmp_path / "MGShopDial.json"
     p.write_text(json.dumps([_tiny_record()])[:-40])
-    with pytest.raises(M.MgshopDataError, match="truncated"):
-        M.load_conversations(p)
+    with pytest.raises(D.MgshopDataError, match="truncated"):
+        D.load_conversations(p)
     p.write_text(json.dumps([_tiny_record(), _tiny_record()]))
-    with pytest.raises(M.MgshopDataError, match="conversation #1: duplicate id"):
-        M.load_conversations(p)
+    with pytest.raises(D.MgshopDataError, match="conversation #1: duplicate id"):
+        D.load_conversations(p)
     p.write_text("{}")
-    with pytest.raises(M.MgshopDataError, match="non-empty JSON list"):
-        M.load_conversations(p)
+    with pytest.raises(D.MgshopDataError, match="non-empty JSON list"):
+        D.load_conversations(p)
 
 
 _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
@@ -157,8 +161,8 @@ def test_hypothesis_corrupted_records_fail_cleanly(tmp_path, key_path, value):
     p = tmp_path / "MGShopDial.json"
     p.write_text(json.dumps([rec]))
     try:
-        M.load_conversations(p)
-    except M.MgshopDataError as e:
+        D.load_conversations(p)
+    except D.MgshopDataError as e:
         assert str(p) in str(e)
 
 
@@ -174,7 +178,7 @@ def test_missing_data_says_where_it_comes_from(tmp_path):
 
 def test_env_conforms_and_is_deterministic(env):
     assert isinstance(env, base.HostEnv)
-    assert env.spec.strategies == M.STRATEGIES and env.spec.max_relevance == 3
+    assert env.spec.strategies == D.STRATEGIES and env.spec.max_relevance == 3
     a, b = env.reset(5), copy.deepcopy(env).reset(5)
     assert a.customer == b.customer and a.stage == env.spec.sop.initial and not a.done
     assert a.allowed.tolist() == env.spec.sop.allowed[a.stage].tolist()
@@ -211,7 +215,7 @@ def test_scripted_replies_realise_their_strategy_and_copies_are_independent(env)
         assert env.realise(env.scripted_reply(k)) == k
     assert env.realise("") == UNRECOGNISED
     probe = copy.deepcopy(env)
-    k = M.STRATEGIES.index("greeting")
+    k = D.STRATEGIES.index("greeting")
     probe.step(k, probe.scripted_reply(k))
     assert env._ep.t == 0 and probe._ep.t == 1
     with pytest.raises(RuntimeError, match="after the episode ended"):
@@ -221,7 +225,7 @@ def test_scripted_replies_realise_their_strategy_and_copies_are_independent(env)
 
 def test_premature_recommendation_is_an_sop_violation(env):
     env.reset(2)
-    k = M.STRATEGIES.index("recommend")
+    k = D.STRATEGIES.index("recommend")
     _, s = env.step(k, env.scripted_reply(k))
     assert s.realised == k and s.aligned and not s.sop_valid and s.rel == 0 and s.gain == 0.0
 
@@ -229,7 +233,7 @@ def test_premature_recommendation_is_an_sop_violation(env):
 def test_demonstrations_and_corpus(env, tmp_path):
     demos = env.demonstrations(3, seed=0)
     assert len(demos) == 3 and all(d.turns for d in demos)
-    assert all(t.strategy in M.STRATEGIES for d in demos for t in d.turns)
+    assert all(t.strategy in D.STRATEGIES for d in demos for t in d.turns)
     assert base.write_demonstrations_jsonl(demos, tmp_path / "d.jsonl") == 3
     texts = list(env.corpus())
     assert len(texts) > 1500 and "Hello, how I can help?" in texts
@@ -239,5 +243,5 @@ def test_classifier_beats_the_majority_baseline_on_held_out_conversations(env):
     r = env.classifier_report()
     assert r["test_conversations"] == 14 and r["n_test"] > 200
     assert r["accuracy"] > r["majority_accuracy"] + 0.05
-    assert r["balanced_accuracy"] > 1 / len(M.STRATEGIES) + 0.15  # the majority baseline's is 1/8
+    assert r["balanced_accuracy"] > 1 / len(D.STRATEGIES) + 0.15  # the majority baseline's is 1/8
     assert min(r["per_class_recall"].values()) > 0  # every strategy can be realised

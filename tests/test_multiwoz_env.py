@@ -11,7 +11,7 @@ import pytest
 
 from gopo_jax.dialogue.sop import UNRECOGNISED
 from gopo_jax.envs import multiwoz
-from gopo_jax.envs.base import HostEnv, write_demonstrations_jsonl
+from gopo_jax.envs.base import ENGAGEMENT, HostEnv, MissingEnvData, write_demonstrations_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_sop_and_preconditions(env):
     stage = obs.stage
     obs, sig = env.step(k("book"), env.scripted_reply(k("book")))
     assert (sig.sop_valid, sig.rel, sig.gain, sig.aligned) == (0, 0, 0.0, 1)
-    assert sig.cont == multiwoz.ENGAGEMENT["violation"] and obs.stage == stage
+    assert sig.cont == ENGAGEMENT["violation"] and obs.stage == stage
     obs, sig = env.step(k("request"), "lorem ipsum")
     assert sig.realised == UNRECOGNISED and sig.sop_valid == 0 and sig.aligned == 0
 
@@ -88,7 +88,7 @@ def test_offer_before_all_constraints_is_rejected_then_accepted(env):
     k = env.spec.sop.strategy_index
     obs, sig = env.step(k("recommend"), env.scripted_reply(k("recommend")))
     assert sig.sop_valid == 1 and sig.gain == 0.0 and "It needs to be" in obs.customer  # told the rest
-    assert sig.cont == multiwoz.ENGAGEMENT["info"] and sig.rel == 1
+    assert sig.cont == ENGAGEMENT["info"] and sig.rel == 1
     obs, sig = env.step(k("recommend"), env.scripted_reply(k("recommend")))
     assert sig.gain > 0 and obs.customer.startswith("That sounds good")
 
@@ -171,7 +171,7 @@ def _real_record(shared_data):
 
 
 def test_missing_data_dir_says_where_the_data_comes_from(tmp_path):
-    with pytest.raises(multiwoz.MultiWOZEnvError, match=r"README.md.*--config.env.data_dir"):
+    with pytest.raises(MissingEnvData, match=r"README.md.*--config.env.data_dir"):
         multiwoz.load_data(tmp_path / "nowhere")
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from gopo_jax.clients.openai_chat import ChatClient, ChatClientError, PromptedAgent, parse_answer
+from gopo_jax.dialogue.env_protocol import HostObs
 from gopo_jax.dialogue.sop import UNRECOGNISED
-from gopo_jax.envs.base import HostObs
 from test_serve import OPENING, server  # noqa: F401  (the live server fixture)
 
 

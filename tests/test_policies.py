@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gopo_jax.dialogue import env_protocol
 from gopo_jax.dialogue.sop import UNRECOGNISED, sop_from_dict
-from gopo_jax.envs import base, policies, registry
+from gopo_jax.envs import policies, registry
 from gopo_jax.envs import synthetic_shop as ss
 
 
@@ -17,14 +18,14 @@ class TwoMoveWorld:
     def __init__(self):
         sop = sop_from_dict({"name": "two", "strategies": ["grab", "steady", "never"], "initial": "s",
                              "stages": [{"name": "s", "allowed": ["grab", "steady"]}]})
-        self.spec = base.EnvSpec(name="two_move", sop=sop, max_turns=3, max_relevance=3)
+        self.spec = env_protocol.EnvSpec(name="two_move", sop=sop, max_turns=3, max_relevance=3)
 
     def reset(self, seed):
         self.t, self.grabbed, self.progress = 0, False, 0.0
         return self._obs("hi")
 
     def _obs(self, text):
-        return base.HostObs(context="ctx", customer=text, stage=0, allowed=self.spec.sop.allowed[0].copy(),
+        return env_protocol.HostObs(context="ctx", customer=text, stage=0, allowed=self.spec.sop.allowed[0].copy(),
                             done=self.t >= self.spec.max_turns)
 
     def realise(self, reply):
@@ -36,12 +37,12 @@ class TwoMoveWorld:
         self.grabbed |= k == 0
         self.progress += gain
         self.t += 1
-        sig = base.TurnSignals(gain=gain, cont=cont, rel=3.0 if k == 1 else 1.0, quality=1.0, realised=k,
+        sig = env_protocol.TurnSignals(gain=gain, cont=cont, rel=3.0 if k == 1 else 1.0, quality=1.0, realised=k,
                                aligned=float(k == strategy), sop_valid=1.0, done=self.t >= self.spec.max_turns)
         return self._obs("ok"), sig
 
     def outcome(self):
-        return base.EpisodeOutcome(outcome=float(self.progress >= 0.6), satisfaction=1.0, fcr=0.0)
+        return env_protocol.EpisodeOutcome(outcome=float(self.progress >= 0.6), satisfaction=1.0, fcr=0.0)
 
     def reference_turn(self):
         return 1, "steady now"
@@ -115,7 +116,7 @@ def test_jax_greedy_maximises_the_immediate_gain(shop):
 
 
 def test_jax_random_stays_inside_the_sop(shop):
-    out = jax.device_get(ss.rollout_scripted(shop, jax.random.split(jax.random.PRNGKey(0), 32),
+    out = jax.device_get(policies.rollout_scripted(shop, jax.random.split(jax.random.PRNGKey(0), 32),
                                              policies.jax_policy(shop, "random")))
     live = out["turn_mask"]
     chosen_allowed = np.take_along_axis(out["allowed"], out["strategy"][..., None], -1)[..., 0]
@@ -135,12 +136,14 @@ def test_evaluate_policy_reports_intervals(shop):
 def test_bad_names_are_clear_errors(shop):
     with pytest.raises(ValueError, match="unknown policy"):
         policies.evaluate_policy(shop, "oracle", 4)
-    with pytest.raises(ValueError, match="unknown environment 'nowhere'"):
+    with pytest.raises(ValueError, match="unknown env.name 'nowhere'"):
         registry.make_env("nowhere")
     with pytest.raises(ValueError, match="at least 2"):
         policies.evaluate_policy(TwoMoveWorld(), "reference", 1)
 
 
-def test_registry_is_lazy_and_complete():
-    assert set(registry.names()) >= {"synthetic_shop", "mgshop", "multiwoz", "tmallbrand"}
-    assert registry.constructor("synthetic_shop") is ss.make_env
+def test_registry_names_kinds_and_the_renamed_world():
+    assert registry.names() == ["synthetic_shop", "mg_shopdial", "multiwoz", "tmallbrand"]
+    assert [registry.is_pure_jax(n) for n in registry.names()] == [True, False, False, False]
+    with pytest.raises(ValueError, match="'mgshop' was renamed to 'mg_shopdial'"):
+        registry.entry("mgshop")

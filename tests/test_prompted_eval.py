@@ -7,7 +7,7 @@ import math
 import pytest
 
 from configs import mgshop, mgshop_real
-from gopo_jax.train.loop import train
+from gopo_jax.launch import train
 from test_serve import server  # noqa: F401  (the live server fixture)
 
 

@@ -1,7 +1,7 @@
 """The OpenAI-compatible server on a live loopback socket: routes, SOP-masked strategies, stage tracking,
 log-probs, `n`, seeds, errors; and the G-Eval endpoint judge scoring through it.
 
-The workdir is a tiny untrained run (Run built, initial state checkpointed with save_checkpoint): serving needs a
+The workdir is a tiny untrained run (components built, initial state checkpointed with save_checkpoint): serving needs a
 run's files, not a good model.
 """
 import json
@@ -21,17 +21,18 @@ from gopo_jax.serve import make_server
 def build_workdir(path):
     from configs import mgshop
     from gopo_jax.train import checkpoint
-    from gopo_jax.train.logging import save_config
-    from gopo_jax.train.loop import Run, model_fingerprint
+    from gopo_jax.train.build import build
+    from gopo_jax.train.metrics_log import save_config
     from gopo_jax.train.state import create_train_state
 
     c = mgshop.get_config()
     c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 32, 64, 1
-    run = Run(c, path)
-    state = create_train_state(run.init_params, run.tx, extras={"mu": jnp.float32(0.0)}, rng=jax.random.key(1))
+    components = build(c, path)
+    params = components.init_params(c.seed)
+    state = create_train_state(params, components.tx, extras={"mu": jnp.float32(0.0)}, rng=jax.random.key(1))
     save_config(path, c)
-    payload = run.checkpoint_target(state, run.init_params) | {"iteration": np.int64(3)}
-    checkpoint.save_checkpoint(path / "checkpoints", 3, payload, metadata=model_fingerprint(run.world))
+    payload = {"state": state, "ref": params, "iteration": np.int64(3)}
+    checkpoint.save_checkpoint(path / "checkpoints", 3, payload, metadata=components.fingerprint())
     return path
 
 

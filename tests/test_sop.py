@@ -1,6 +1,7 @@
 """Tests for gopo_jax/dialogue/sop.py: JSON loading, validation errors, and the pure-JAX automaton."""
 import copy
 import json
+import math
 
 import hypothesis.strategies as st
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from gopo_jax.dialogue.sop import UNRECOGNISED, SOPError, load_sop, sop_from_dict
+from gopo_jax.dialogue.sop import UNRECOGNISED, SOPError, load_sop, masked_strategy_log_softmax, sop_from_dict
 from gopo_jax.envs.synthetic_shop import SOP_PATH
 
 GOOD = {
@@ -59,6 +60,23 @@ def test_jax_automaton(jit):
     assert not bool(is_allowed(jnp.int32(1), jnp.int32(UNRECOGNISED)))
     batched = jax.vmap(j.advance)(jnp.array([0, 1, 1]), jnp.array([0, 1, 2]))
     np.testing.assert_array_equal(batched, [1, 1, 2])
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_masked_softmax_gives_zero_to_disallowed(jit):
+    fn = jax.jit(masked_strategy_log_softmax) if jit else masked_strategy_log_softmax
+    logits = jnp.array([[0.0, math.log(2.0), 5.0], [1.0, 2.0, 3.0]])
+    allowed = jnp.array([[True, True, False], [False, False, False]])
+    logp = fn(logits, allowed)
+    np.testing.assert_allclose(np.exp(logp[0]), [1 / 3, 2 / 3, 0.0], atol=1e-6)
+    assert float(jnp.exp(logp[0, 2])) == 0.0
+    np.testing.assert_array_equal(logp[1], 0.0)  # padded turn: no NaN
+
+
+def test_masked_softmax_follows_the_stage_mask():
+    j = sop_from_dict(GOOD).as_jax()
+    logp = masked_strategy_log_softmax(jnp.array([3.0, 0.0, 0.0]), j.mask(jnp.int32(1)))  # talk: ask or sell
+    np.testing.assert_allclose(np.exp(logp), [0.0, 0.5, 0.5], atol=1e-6)
 
 
 @pytest.mark.parametrize("data, message", [

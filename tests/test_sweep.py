@@ -1,11 +1,11 @@
 """Sweep grid expansion, override errors, and the sweep report from (stand-in) finished runs."""
-import json
 
 import ml_collections
 import pytest
 
 from experiments import sweep as sweep_lib
 from experiments.compare import ComparisonError
+from tests.helpers import fake_train
 
 
 def config(grid="gopo.beta_pref=0.2|1.0;train.group_size=2|4", seeds=2, fixed="train.steps=3"):
@@ -32,20 +32,6 @@ def test_grid_errors_name_the_problem():
     with pytest.raises(ComparisonError, match="appears twice"):
         sweep_lib.parse_grid("seed=1|2;seed=3")
     assert sweep_lib.parse_grid("a.b=1|x|False") == [("a.b", [1, "x", False])]
-
-
-def fake_train(cfg, workdir):
-    """Stands in for training: TSE = β_pref/10 + seed/100 (hand-checkable), two eval points."""
-    tse = cfg.gopo.beta_pref / 10 + cfg.seed / 100
-    block = {k: {"mean": tse, "lo": tse, "hi": tse, "n": 4} for k in ("tse", "gre", "esndcg", "alignment",
-                                                                        "sop_validity", "outcome", "turns")}
-    block["ntse"] = tse
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "summary.json").write_text(json.dumps({"env": "synthetic_shop", "method": "gopo",
-                                                      "eval_episodes": 4, "reference": block, "gopo": block}))
-    lines = [{"step": cfg.sft.steps + i, "eval/tse": tse * i} for i in (0, 1)]
-    (workdir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    return {}
 
 
 def test_sweep_report_and_sharding(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import transformers
 
+from gopo_jax.dialogue import env_protocol
 from gopo_jax.dialogue.sop import UNRECOGNISED
 from gopo_jax.envs import base, policies
 from gopo_jax.envs import synthetic_shop as ss
@@ -22,12 +23,12 @@ def env():
 
 @pytest.fixture(scope="module")
 def ref_rollout(env):
-    return jax.device_get(ss.rollout_scripted(env, jax.random.split(jax.random.PRNGKey(0), 64),
-                                              ss.reference_policy(env)))
+    return jax.device_get(policies.rollout_scripted(env, jax.random.split(jax.random.PRNGKey(0), 64),
+                                              policies.JaxReference(env)))
 
 
 def test_implements_the_protocol(env):
-    assert isinstance(env, base.JaxEnv)
+    assert isinstance(env, env_protocol.JaxEnv)
     assert env.spec.num_strategies >= 8 and env.spec.max_relevance == 3
     assert isinstance(env.tokenizer, transformers.PreTrainedTokenizerFast)
     for k in env.spec.strategies:
@@ -48,22 +49,24 @@ def test_corpus_covers_every_world_word(env):
     texts = ss.corpus(env.config)
     words = set(" ".join(texts).split())
     assert set(ss.world_words(env.config)) <= words
-    for name in env.catalogue.names:
-        assert tl.word_id(env.tokenizer, name) >= 0
+    # every product name is one token (word_id raises otherwise) that decodes back to it, and no two names share one
+    ids = [tl.word_id(env.tokenizer, name) for name in env.catalogue.names]
+    assert [env.tokenizer.decode([i]).strip() for i in ids] == list(env.catalogue.names)
+    assert len(set(ids)) == len(ids) and env.tokenizer.unk_token_id not in ids
 
 
 def test_rollout_is_deterministic_given_the_key(env, ref_rollout):
-    again = jax.device_get(ss.rollout_scripted(env, jax.random.split(jax.random.PRNGKey(0), 64),
-                                               ss.reference_policy(env)))
+    again = jax.device_get(policies.rollout_scripted(env, jax.random.split(jax.random.PRNGKey(0), 64),
+                                               policies.JaxReference(env)))
     chex.assert_trees_all_equal(again, ref_rollout)
-    other = jax.device_get(ss.rollout_scripted(env, jax.random.split(jax.random.PRNGKey(1), 64),
-                                               ss.reference_policy(env)))
+    other = jax.device_get(policies.rollout_scripted(env, jax.random.split(jax.random.PRNGKey(1), 64),
+                                               policies.JaxReference(env)))
     assert not np.array_equal(other["customer"], ref_rollout["customer"])
 
 
 def test_typed_keys_give_the_same_episodes(env, ref_rollout):
-    typed = jax.device_get(ss.rollout_scripted(env, jax.random.split(jax.random.key(0), 64),
-                                               ss.reference_policy(env)))
+    typed = jax.device_get(policies.rollout_scripted(env, jax.random.split(jax.random.key(0), 64),
+                                               policies.JaxReference(env)))
     chex.assert_trees_all_equal(typed, ref_rollout)
 
 
@@ -202,7 +205,7 @@ def test_config_errors_are_clear():
 
 
 def test_demonstrations_text_and_noise(env, tmp_path):
-    demos = ss.demonstrations(env, 3, jax.random.PRNGKey(0), noise=0.0)
+    demos = policies.demonstrations(env, 3, jax.random.PRNGKey(0), noise=0.0)
     assert len(demos) == 3
     first = demos[0].turns[0]
     assert first.strategy == "greet" and first.reply.startswith("hello") and first.customer
@@ -210,7 +213,7 @@ def test_demonstrations_text_and_noise(env, tmp_path):
     assert base.write_demonstrations_jsonl(demos, tmp_path / "d.jsonl") == 3
     rows = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
     assert rows[0]["turns"][0]["strategy"] == "greet"
-    noisy = jax.device_get(ss.demonstration_arrays(env, jax.random.split(jax.random.PRNGKey(0), 64), noise=1.0))
+    noisy = jax.device_get(policies.demonstration_arrays(env, jax.random.split(jax.random.PRNGKey(0), 64), noise=1.0))
     live = noisy["turn_mask"]
     chosen_allowed = np.take_along_axis(noisy["allowed"], noisy["strategy"][..., None], -1)[..., 0]
     assert chosen_allowed[live].all()  # noise draws SOP-allowed strategies only

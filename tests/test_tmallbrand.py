@@ -10,7 +10,7 @@ import pytest
 
 from gopo_jax.dialogue.sop import UNRECOGNISED
 from gopo_jax.envs import tmallbrand
-from gopo_jax.envs.base import HostEnv, write_demonstrations_jsonl
+from gopo_jax.envs.base import ENGAGEMENT, HostEnv, MissingEnvData, write_demonstrations_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_button_needs_facts_and_order(env):
     obs, sig = env.step(k("pull-up-account"), "Account has been pulled up for someone.")
     assert (sig.sop_valid, sig.gain, sig.rel) == (0, 0.0, 0) and obs.stage == stage
     obs, sig = env.step(k("ask_info"), env.scripted_reply(k("ask_info")))
-    assert sig.cont == tmallbrand.ENGAGEMENT["info"] and env._ep.facts["customer_name"] in obs.customer
+    assert sig.cont == ENGAGEMENT["info"] and env._ep.facts["customer_name"] in obs.customer
     assert obs.allowed[k("pull-up-account")]
     obs, sig = env.step(k("offer-refund"), env.scripted_reply(k("offer-refund")))  # out of order
     assert sig.sop_valid == 0
@@ -140,7 +140,7 @@ def _data_copy(shared_data, tmp_path, **overrides):
 
 
 def test_missing_data_dir_says_where_the_data_comes_from(tmp_path):
-    with pytest.raises(tmallbrand.TmallBrandError, match=r"README.md.*--config.env.data_dir"):
+    with pytest.raises(MissingEnvData, match=r"README.md.*--config.env.data_dir"):
         tmallbrand.load_data(tmp_path / "nowhere")
 
 

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from configs.mgshop import get_config
-from gopo_jax.train.loop import Run
+from gopo_jax.train.driver import train_run, train_seeds
 from gopo_jax.train.warm_start import warm_start_key
-from tests.conftest import tiny_run_config
+from tests.helpers import tiny_run_config
 
 
 def _changed(key: str, value):
@@ -33,7 +33,7 @@ def test_key_separates_what_changes_the_warm_start():
     base = warm_start_key(get_config(), use_expert=True)
     assert warm_start_key(get_config(), use_expert=False) != base  # demonstrations without a decision token
     for key, value in (("seed", 1), ("sft.steps", 7), ("sft.noise", 0.1), ("model.hidden_size", 16),
-                       ("train.clip_norm", 2.0), ("gopo.sop_mask", False), ("env.name", "mgshop"),
+                       ("train.clip_norm", 2.0), ("gopo.sop_mask", False), ("env.name", "mg_shopdial"),
                        ("tokenizer.vocab_size", 600), ("layout.reply_len", 8), ("mesh.fsdp", 2)):
         assert warm_start_key(_changed(key, value), use_expert=True) != base, key
 
@@ -59,14 +59,42 @@ def _sft_lines(workdir, sft_steps):
 @pytest.mark.slow
 def test_a_shared_warm_start_changes_nothing_but_time(tmp_path):
     cache = tmp_path / "warm_starts"
-    first = Run(_config("gopo", cache), tmp_path / "first").run()
+    first = train_run(_config("gopo", cache), tmp_path / "first")
     entries = list(cache.iterdir())
     assert len(entries) == 1 and (entries[0] / "checkpoints").is_dir()
     # The second GOPO run reads the warm start: same SFT metric lines, same final parameters, bit for bit.
-    second = Run(_config("gopo", cache), tmp_path / "second").run()
+    second = train_run(_config("gopo", cache), tmp_path / "second")
     assert second["final_params_sha256"] == first["final_params_sha256"]
     assert _sft_lines(tmp_path / "second", 4) == _sft_lines(tmp_path / "first", 4) != []
     # Another method with the Expert acting shares it too: its SFT evaluation is GOPO's.
-    sft = Run(_config("sft", cache), tmp_path / "sft").run()
+    sft = train_run(_config("sft", cache), tmp_path / "sft")
     assert sft["sft"] == first["sft"]
     assert len(list(cache.iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_a_seed_group_reads_and_writes_the_same_cache(tmp_path):
+    """The warm-start cache serves both drivers: a vmapped seed group reads what single runs of its seeds wrote (and
+    trains nothing in SFT), and single runs read what a group wrote."""
+    cache = tmp_path / "warm_starts"
+    configs = [_config("gopo", cache) for _ in range(2)]
+    for seed, c in enumerate(configs):
+        with c.unlocked():
+            c.seed = seed
+    for i, c in enumerate(configs):
+        train_run(c, tmp_path / f"single{i}")
+    assert len(list(cache.iterdir())) == 2
+    group_dirs = [tmp_path / f"group{i}" for i in range(2)]
+    train_seeds(configs, group_dirs, tmp_path / "group_ckpt")
+    for i in range(2):
+        # Bitwise the single run's lines: read from the cache (a group computing them would round differently).
+        assert _sft_lines(group_dirs[i], 4) == _sft_lines(tmp_path / f"single{i}", 4) != []
+    # A group that computes its warm starts writes them; a single run then reads its seed's entry.
+    other = tmp_path / "other_cache"
+    for c in configs:
+        with c.unlocked():
+            c.sft.cache_dir = str(other)
+    train_seeds(configs, [tmp_path / f"g{i}" for i in range(2)], tmp_path / "g_ckpt")
+    assert len(list(other.iterdir())) == 2
+    train_run(configs[1], tmp_path / "reader")
+    assert _sft_lines(tmp_path / "reader", 4) == _sft_lines(tmp_path / "g1", 4)

@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.grid = ("gopo.use_expert=True|False;gopo.use_esndcg=True|False;gopo.sop_mask=True|False;"
               "gopo.constraint=True|False")
     c.seeds = 3
-    # The seeds of a setting train together, vmapped in one process (gopo_jax.train.seed_parallel), where the world
+    # The seeds of a setting train together, vmapped in one process (gopo_jax.train.driver.train_seeds), where the world
     # is pure JAX; False, or a host world, trains them one after another.
     c.vmap_seeds = True
     c.lock()

@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.fixed = SHORT + ",method=gopo"
     c.grid = "gopo.beta_pref=0.2|1.0|5.0;train.group_size=2|4"
     c.seeds = 2
-    # The seeds of a setting train together, vmapped in one process (gopo_jax.train.seed_parallel), where the world
+    # The seeds of a setting train together, vmapped in one process (gopo_jax.train.driver.train_seeds), where the world
     # is pure JAX; False, or a host world, trains them one after another.
     c.vmap_seeds = True
     c.lock()

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 import chex
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -56,24 +57,33 @@ def dpo_group_loss(logp: Array, ref_logp: Array, rewards: Array, *, beta: float,
                   "margin": jnp.sum(jnp.where(pairs, gap, 0.0)) / denom}
 
 
+@flax.struct.dataclass
+class DPOBatch:
+    """Groups sampled from the reference, their rewards f32[B] (R_B) and the reference's reply log-probs f32[B]."""
+
+    traj: Trajectory
+    rewards: jax.Array
+    ref_seq_logp: jax.Array
+
+
 def make_dpo_loss(cs_graphdef: Any, hyper: DPOHyper):
-    """Batch: `traj` (sampled from the reference), `rewards` f32[B] (R_B), `ref_seq_logp` f32[B]."""
+    """The loss over a `DPOBatch`."""
     g = hyper.group_size
 
     def loss_fn(params, extras, batch, rng):
         del rng
-        traj: Trajectory = batch["traj"]
+        traj = batch.traj
         cs = nnx.merge(cs_graphdef, params["cs"])
         logp = sequence_log_prob(scoring.cs_token_log_probs(cs, traj)[0], traj.cs_mask)
         per_group, aux = jax.vmap(lambda l, r, s: dpo_group_loss(l, r, s, beta=hyper.beta, margin=hyper.margin))(
-            logp.reshape(-1, g), batch["ref_seq_logp"].reshape(-1, g), batch["rewards"].reshape(-1, g))
+            logp.reshape(-1, g), batch.ref_seq_logp.reshape(-1, g), batch.rewards.reshape(-1, g))
         has = aux["has_pairs"]
         n_groups = jnp.maximum(jnp.sum(has), 1.0)
         loss = jnp.sum(per_group * has) / n_groups
         metrics = {"dpo_groups_with_pairs": jnp.mean(has),
                    "dpo_accuracy": jnp.sum(aux["accuracy"] * has) / n_groups,
                    "dpo_margin": jnp.sum(aux["margin"] * has) / n_groups,
-                   "reward_mean": jnp.mean(batch["rewards"])}
+                   "reward_mean": jnp.mean(batch.rewards)}
         return loss, (metrics, extras)
 
     return loss_fn

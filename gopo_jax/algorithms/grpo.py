@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 import chex
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -44,19 +45,28 @@ def grpo_advantages(rewards: Array, group_size: int) -> Array:
     return jax.vmap(group_normalise)(rewards.reshape(-1, group_size)).reshape(-1)
 
 
+@flax.struct.dataclass
+class GRPOBatch:
+    """The rolled-out groups, their rewards f32[B] (R_B) and the reference's token log-probs f32[B, L] (β > 0)."""
+
+    traj: Trajectory
+    rewards: jax.Array
+    ref_cs_logp: jax.Array | None = None
+
+
 def make_grpo_loss(cs_graphdef: Any, hyper: GRPOHyper):
-    """Batch: `traj`, `rewards` f32[B] (R_B), and `ref_cs_logp` f32[B, L] when β > 0."""
+    """The loss over a `GRPOBatch`."""
     g = hyper.group_size
 
     def loss_fn(params, extras, batch, rng):
         del rng
-        traj: Trajectory = batch["traj"]
-        rewards = batch["rewards"]
+        traj = batch.traj
+        rewards = batch.rewards
         adv_tok = sequence_to_tokens(grpo_advantages(rewards, g), traj.cs_mask)
         cs = nnx.merge(cs_graphdef, params["cs"])
         logp, entropy = scoring.cs_token_log_probs(cs, traj)
         loss, metrics = gopo.cs_policy_loss(
-            logp, traj.cs_logprob, batch["ref_cs_logp"] if hyper.beta > 0 else None, adv_tok, traj.cs_mask,
+            logp, traj.cs_logprob, batch.ref_cs_logp if hyper.beta > 0 else None, adv_tok, traj.cs_mask,
             clip_eps=hyper.clip_eps, beta=hyper.beta, aggregation=hyper.aggregation, kl_clamp=hyper.kl_clamp)
         n = jnp.maximum(jnp.sum(traj.cs_mask), 1)
         metrics.update(cs_entropy=jnp.sum(jnp.where(traj.cs_mask, entropy, 0.0)) / n,

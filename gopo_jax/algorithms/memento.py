@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gopo_jax.algorithms.gopo import masked_strategy_log_softmax
 from gopo_jax.dialogue.layout import Layout, Trajectory
+from gopo_jax.dialogue.sop import masked_strategy_log_softmax
 
 Array = chex.Array
 BANK_KEYS = ("memento_emb", "memento_strategy", "memento_return", "memento_valid", "memento_ptr")
@@ -198,22 +198,32 @@ def q_loss(q_params: dict, bank: CaseBank, hyper: MementoHyper) -> tuple[Array, 
                                              "q_abs_error": jnp.sum(jnp.abs(err)) / count}
 
 
+@flax.struct.dataclass
+class MementoBatch:
+    """The cases of a rollout: state embeddings f32[B, T, D], the strategy taken int32[B, T], its soft-Q target
+    f32[B, T] (`soft_q_targets`) and the turns that happened bool[B, T]."""
+
+    emb: jax.Array
+    strategy: jax.Array
+    target: jax.Array
+    turn_mask: jax.Array
+
+
 def make_memento_loss(hyper: MementoHyper):
-    """Batch (from `prepare_batch`): `emb` f32[B, T, D], `strategy` int32[B, T], `target` f32[B, T] (soft returns),
-    `turn_mask` bool[B, T]. Writes the minibatch's cases into the bank (first epoch only: `memento_updates` counts
-    the train steps), then fits the Q-MLP on the whole bank."""
+    """The loss over a `MementoBatch`. Writes the minibatch's cases into the bank (first epoch only:
+    `memento_updates` counts the train steps), then fits the Q-MLP on the whole bank."""
 
     def loss_fn(params, extras, batch, rng):
         del rng
         count = extras["memento_updates"]
         write = (count % hyper.steps_per_iteration) < hyper.write_steps
-        d = batch["emb"].shape[-1]
-        bank = write_cases(CaseBank.from_extras(extras), batch["emb"].reshape(-1, d), batch["strategy"].reshape(-1),
-                           batch["target"].reshape(-1), batch["turn_mask"].reshape(-1) & write)
+        d = batch.emb.shape[-1]
+        bank = write_cases(CaseBank.from_extras(extras), batch.emb.reshape(-1, d), batch.strategy.reshape(-1),
+                           batch.target.reshape(-1), batch.turn_mask.reshape(-1) & write)
         loss, metrics = q_loss(params["q"], bank, hyper)
         metrics.update(bank_fill=jnp.mean(bank.valid.astype(jnp.float32)),
-                       target_mean=jnp.sum(jnp.where(batch["turn_mask"], batch["target"], 0.0)) / jnp.maximum(
-                           jnp.sum(batch["turn_mask"]), 1))
+                       target_mean=jnp.sum(jnp.where(batch.turn_mask, batch.target, 0.0)) / jnp.maximum(
+                           jnp.sum(batch.turn_mask), 1))
         return loss, (metrics, {**extras, **bank.to_extras(), "memento_updates": count + 1})
 
     return loss_fn

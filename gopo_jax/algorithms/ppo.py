@@ -20,6 +20,7 @@ import dataclasses
 from typing import Any
 
 import chex
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -158,25 +159,37 @@ def ppo_targets(old_values: Array, traj: Trajectory, final_rewards: Array, token
     return {"advantages": adv, "returns": returns, "old_values": jnp.where(mask, old_values, 0.0)}
 
 
+@flax.struct.dataclass
+class PPOBatch:
+    """The rolled-out dialogues, `ppo_targets`' token advantages, returns and old values f32[B, L], and the
+    reference's token log-probs f32[B, L] when β > 0."""
+
+    traj: Trajectory
+    advantages: jax.Array
+    returns: jax.Array
+    old_values: jax.Array
+    ref_cs_logp: jax.Array | None = None
+
+
 def make_ppo_loss(cs_graphdef: Any, value_graphdef: Any, hyper: PPOHyper):
-    """Batch: `traj`, `advantages`, `returns`, `old_values` f32[B, L] (`ppo_targets`), `ref_cs_logp` when β > 0."""
+    """The loss over a `PPOBatch`."""
 
     def loss_fn(params, extras, batch, rng):
         del rng
-        traj: Trajectory = batch["traj"]
+        traj = batch.traj
         mask = traj.cs_mask
         cs = nnx.merge(cs_graphdef, params["cs"])
         logp, entropy = scoring.cs_token_log_probs(cs, traj)
         loss_pg, metrics = gopo.cs_policy_loss(
-            logp, traj.cs_logprob, batch["ref_cs_logp"] if hyper.beta > 0 else None, batch["advantages"], mask,
+            logp, traj.cs_logprob, batch.ref_cs_logp if hyper.beta > 0 else None, batch.advantages, mask,
             clip_eps=hyper.clip_eps, beta=hyper.beta, aggregation=hyper.aggregation, kl_clamp=hyper.kl_clamp)
         values = trajectory_values(nnx.merge(value_graphdef, params["value"]), traj)
-        loss_v = clipped_value_loss(values, batch["old_values"], batch["returns"], mask, clip=hyper.value_clip)
+        loss_v = clipped_value_loss(values, batch.old_values, batch.returns, mask, clip=hyper.value_clip)
         n = jnp.maximum(jnp.sum(mask), 1)
         metrics.update(loss_pg=loss_pg, loss_value=loss_v,
                        cs_entropy=jnp.sum(jnp.where(mask, entropy, 0.0)) / n,
                        value_mean=jnp.sum(jnp.where(mask, values, 0.0)) / n,
-                       return_mean=jnp.sum(jnp.where(mask, batch["returns"], 0.0)) / n)
+                       return_mean=jnp.sum(jnp.where(mask, batch.returns, 0.0)) / n)
         return loss_pg + hyper.vf_coef * loss_v, (metrics, extras)
 
     return loss_fn

@@ -1,8 +1,11 @@
-"""Supervised fine-tuning loss: token-mean cross-entropy on the masked target tokens of a dialogue batch.
+"""Supervised fine-tuning losses.
 
-Used to warm-start the tiny default models (GOPO.md §6) and as the simplest client of the shared train step.
+* `sft_loss`: one model, token-mean cross-entropy on the masked target tokens of a token batch (the simplest client
+  of the shared train step; benchmarks and the multi-host test use it).
+* `make_warm_start_loss`: the dual-agent warm start of a run (GOPO.md §6), the Expert's masked-softmax NLL of the
+  demonstrated strategy plus the CS's cross-entropy on the demonstrated replies, over a `DemoBatch`.
 
-Batch (a mapping of arrays):
+`sft_loss` batch (a mapping of arrays):
     tokens     int32[B, L]
     valid      bool[B, L]   False at PAD slots, which may sit anywhere (fixed-size turn slots)
     loss_mask  bool[B, L]   target-aligned: True where token i is a target, predicted from the logits of the
@@ -17,10 +20,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import chex
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gopo_jax.dialogue import scoring
+from gopo_jax.dialogue.layout import Layout, Trajectory
 from gopo_jax.models.qwen3 import positions_from_valid, previous_valid_slot
 
 BATCH_KEYS = ("tokens", "valid", "loss_mask")
@@ -63,5 +69,60 @@ def make_sft_loss_fn(graphdef: nnx.GraphDef):
         del rng  # SFT is deterministic
         loss, metrics = sft_loss(graphdef, params, batch)
         return loss, (metrics, extras)
+
+    return loss_fn
+
+
+# --- the dual-agent warm start (GOPO.md §6): both agents imitate demonstrated dialogues ---
+
+def _masked_mean(x, mask):
+    return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+@flax.struct.dataclass
+class DemoBatch:
+    """The warm start's batch: demonstrated dialogues (scripted rollouts in the layout of the agents' rollouts)."""
+
+    traj: Trajectory
+
+
+def imitable_decisions(traj: Trajectory, *, sop_mask: bool) -> jax.Array:
+    """bool[B, T]: demonstrated turns the Expert can learn to reproduce. A logged agent sometimes takes a strategy
+    the SOP does not allow at that stage (real MG-ShopDial wizards: ~3% of turns) or one no strategy name covers;
+    under the SOP mask the Expert gives such a move probability 0, so its NLL is unbounded and carries no
+    gradient: it is left out of the loss (and counted in `sft_expert_skipped`) rather than swamping it."""
+    known = (traj.strategy >= 0) & traj.turn_mask
+    if not sop_mask:
+        return known
+    k = jnp.clip(traj.strategy, 0)[..., None]
+    return known & jnp.take_along_axis(traj.allowed, k, axis=-1)[..., 0]
+
+
+def make_warm_start_loss(expert_graphdef: Any, cs_graphdef: Any, layout: Layout, strategy_ids: tuple[int, ...], *,
+                         use_expert: bool = True, sop_mask: bool = True):
+    """SFT of both agents on demonstrations: EA on x_t -> k_t (masked-softmax NLL), CS on (x_t, k_t) -> y_t
+    (token cross-entropy on the reply slots). Batch: a `DemoBatch` of scripted rollouts."""
+
+    def loss_fn(params, extras, batch, rng):
+        del rng
+        traj = batch.traj
+        metrics = {}
+        loss = jnp.zeros((), jnp.float32)
+        if use_expert:
+            expert = nnx.merge(expert_graphdef, params["expert"])
+            logp_all = scoring.expert_strategy_log_probs(expert, traj, layout, strategy_ids, sop_mask=sop_mask)
+            imitable = imitable_decisions(traj, sop_mask=sop_mask)
+            logp = scoring.chosen(logp_all, traj.strategy, imitable)
+            loss_e = -_masked_mean(logp, imitable)
+            metrics["sft_expert_nll"] = loss_e
+            metrics["sft_expert_accuracy"] = _masked_mean(
+                (jnp.argmax(logp_all, -1) == traj.strategy).astype(jnp.float32), imitable)
+            metrics["sft_expert_skipped"] = 1.0 - _masked_mean(imitable.astype(jnp.float32), traj.turn_mask)
+            loss = loss + loss_e
+        cs = nnx.merge(cs_graphdef, params["cs"])
+        cs_logp, _ = scoring.cs_token_log_probs(cs, traj)
+        loss_c = -_masked_mean(cs_logp, traj.cs_mask)
+        metrics["sft_cs_nll"] = loss_c
+        return loss + loss_c, (metrics, extras)
 
     return loss_fn

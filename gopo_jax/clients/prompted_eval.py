@@ -1,7 +1,7 @@
 """The prompted-large-model baseline (GOPO.md §4): a chat model behind an OpenAI-compatible endpoint acts as the CS
 of a host world on the same held-out customers as the trained agents, scored by the same metrics.
 
-`config.method == "prompted"` routes `gopo_jax.train.loop.train` here, so the comparison driver runs it like any
+`config.method == "prompted"` routes `gopo_jax.launch.train` here, so the comparison driver runs it like any
 other method (`experiments/compare.py`, e.g. a variant "method=prompted,baselines.prompted.model=..."). Nothing is
 trained: the world is built (its tokenizer is saved in the workdir like a run's), the reference policy and the
 prompted agent each serve `eval.episodes` customers, and `summary.json` has a run's shape with a `prompted` block.
@@ -17,6 +17,10 @@ import jax
 
 from gopo_jax.clients.openai_chat import ChatClient, PromptedAgent
 from gopo_jax.dialogue.host_rollout import TextAgents
+from gopo_jax.metrics.episode import EpisodeMetricSettings, host_episode_metrics
+from gopo_jax.train.metrics_log import save_config, write_summary
+from gopo_jax.train.report import summary_block, write_judge_samples
+from gopo_jax.train.world import build_world
 
 
 def prompted_agents(settings, *, temperature: float | None = None) -> TextAgents:
@@ -37,29 +41,25 @@ def prompted_agents(settings, *, temperature: float | None = None) -> TextAgents
 
 def evaluate_prompted(config, workdir: str | pathlib.Path) -> dict:
     """Serves the held-out customers with the prompted model; writes and returns the run-format summary."""
-    from gopo_jax.train.logging import save_config, write_summary  # noqa: PLC0415  (import cycle via loop)
-    from gopo_jax.train.loop import (metric_settings, per_episode_metrics, summary_block,  # noqa: PLC0415
-                                     write_judge_samples)  # noqa: PLC0415
-    from gopo_jax.train.world import build_world  # noqa: PLC0415
-
     start = time.time()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     world = build_world(config, workdir)
     if world.kind != "host":
         raise ValueError(f"method=prompted needs a text (host) world: env.name={config.env.name!r} speaks token ids "
-                         "only; use mgshop, multiwoz or tmallbrand")
+                         "only; use mg_shopdial, multiwoz or tmallbrand")
     save_config(workdir, config)
     settings = config.baselines.prompted
     episodes = world.eval_episodes(config.eval.seed, config.eval.episodes)
     key = jax.random.key(config.seed)  # seeds the host loop's own draws; text agents and the reference use none
-    metric_kwargs = metric_settings(config, world)
+    metric_settings = EpisodeMetricSettings.from_config(config, spec_max_relevance=world.spec.max_relevance,
+                                                   t_max=world.spec.max_turns)
 
     def served(agents):
         return world.make_rollout(agents)({}, episodes, key)
 
     def metrics(traj):
-        return per_episode_metrics(traj, **metric_kwargs)
+        return host_episode_metrics(traj, metric_settings)
 
     reference = metrics(served(world.reference_agents()))
     traj = served(prompted_agents(settings))

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gopo_jax.dialogue.env_protocol import EpisodeOutcome, TurnSignals
 from gopo_jax.dialogue.layout import Layout
 from gopo_jax.dialogue.rollout import AgentVocab, TurnAction, TurnInput, assemble, make_header
 from gopo_jax.dialogue.sop import UNRECOGNISED
-from gopo_jax.envs.base import EpisodeOutcome, TurnSignals
 from gopo_jax.models.tokenizer import CONTEXT, CUSTOMER
 
 

@@ -26,10 +26,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gopo_jax import sampling
-from gopo_jax.algorithms.gopo import masked_strategy_log_softmax
 from gopo_jax.dialogue.layout import Layout, Trajectory
-from gopo_jax.dialogue.sop import UNRECOGNISED
-from gopo_jax.envs.base import JaxEnv, TurnSignals
+from gopo_jax.dialogue.sop import UNRECOGNISED, masked_strategy_log_softmax
+from gopo_jax.dialogue.env_protocol import JaxEnv, TurnSignals
 from gopo_jax.models import qwen3
 
 

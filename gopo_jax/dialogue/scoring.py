@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gopo_jax.algorithms.gopo import masked_strategy_log_softmax
 from gopo_jax.dialogue.layout import Layout, Trajectory
+from gopo_jax.dialogue.sop import masked_strategy_log_softmax
 from gopo_jax.models.qwen3 import positions_from_valid, previous_valid_slot
 
 

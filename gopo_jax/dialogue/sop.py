@@ -17,9 +17,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import chex
 import flax.struct
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -63,7 +66,7 @@ class SOP:
         except ValueError:
             raise SOPError(f"SOP {self.name!r}: unknown stage {name!r}; known: {list(self.stages)}") from None
 
-    def as_jax(self) -> "JaxSOP":
+    def as_jax(self) -> JaxSOP:
         return JaxSOP(
             allowed=jnp.asarray(self.allowed),
             transition=jnp.asarray(self.transition, jnp.int32),
@@ -101,6 +104,24 @@ class JaxSOP:
     def advance(self, stage: jnp.ndarray, realised: jnp.ndarray) -> jnp.ndarray:
         safe = jnp.clip(realised, 0, self.allowed.shape[1] - 1)
         return jnp.where(self.is_allowed(stage, realised), self.transition[stage, safe], stage)
+
+
+# A finite "minus infinity": exp() of it is exactly 0, yet 0 * _NEG stays finite (no NaN in masked sums).
+_NEG = -1e30
+
+
+def masked_strategy_log_softmax(logits: jnp.ndarray, allowed: jnp.ndarray) -> jnp.ndarray:
+    """log π_E(· | x) = log softmax(z + log M): f32[..., n_k]; disallowed strategies get exactly zero probability.
+
+    `allowed` is the SOP stage mask (`JaxSOP.mask`). A row with no allowed strategy (a padded turn) returns zeros
+    instead of NaN; callers mask such turns out.
+    """
+    chex.assert_equal_shape([logits, allowed])
+    chex.assert_type(allowed, bool)
+    masked = jnp.where(allowed, logits.astype(jnp.float32), _NEG)
+    logp = jax.nn.log_softmax(masked, axis=-1)
+    any_allowed = jnp.any(allowed, axis=-1, keepdims=True)
+    return jnp.where(allowed & any_allowed, logp, jnp.where(any_allowed, _NEG, 0.0))
 
 
 def sop_from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> SOP:

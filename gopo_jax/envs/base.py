@@ -1,157 +1,149 @@
-"""The environment protocol: what every dialogue world provides to rollouts, metrics and training.
+"""What the host (text) worlds share: the `HostEnv` base class, one way to find and read their data files with errors
+that name the file, the record and the fix, and the per-turn signals every host world computes the same way.
 
-Two kinds of environment share one spec and one set of per-turn signals (GOPO.md §1):
-
-* `JaxEnv` — state as arrays; `reset(key)` and `step(state, ...)` are pure, jittable and vmappable, so the whole
-  multi-turn rollout of a batch of dialogues runs inside one `lax.scan` over turns. Customer utterances are token
-  ids of fixed length (padded, with a validity mask), built by appending ids, never by re-tokenising text.
-* `HostEnv` — a Python object per episode (databases, retrieval, external services). Text in, text out; the
-  rollout driver runs the turn loop in Python around jitted generation and tokenises customer text.
-
-Both expose the strategy set and SOP, a deterministic customer simulator, the realisation check R, a reference
-(scripted or logged) policy, and demonstrations for the SFT warm start.
+The protocol types themselves (`EnvSpec`, `TurnSignals`, `HostObs`, ...) live in gopo_jax/dialogue/env_protocol.py,
+below the rollout drivers that consume them.
 """
 from __future__ import annotations
 
+import abc
+import copy
 import dataclasses
-from typing import Any, Iterable, Protocol, runtime_checkable
+import json
+import pathlib
+from typing import Any, Iterable
 
-import flax.struct
-import jax
 import numpy as np
 
-from gopo_jax.dialogue.sop import SOP
+from gopo_jax.dialogue.env_protocol import Demonstration, DemoTurn, EnvSpec, EpisodeOutcome, HostObs, TurnSignals
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+class EnvDataError(ValueError):
+    """Malformed or inconsistent world data; the message names the file, the record and the fix."""
+
+
+class MissingEnvData(EnvDataError, FileNotFoundError):
+    """A world's data folder or file is not there; the message says where the data comes from and how to point the
+    config key `env.data_dir` at it."""
 
 
 @dataclasses.dataclass(frozen=True)
-class EnvSpec:
-    """Static description of a world; hashable so it can be a static argument of jitted functions."""
+class DataSource:
+    """Where a file-backed world's data lives and how problems with it read (one per world)."""
 
-    name: str
-    sop: SOP = dataclasses.field(hash=False, compare=False)
-    max_turns: int  # T_max: agent turns per episode
-    max_relevance: int  # R: the top relevance grade rel_t can take
-    strategy_descriptions: tuple[str, ...] = ()  # one line per strategy, for prompts and prompted baselines
+    world: str  # the world's name as people know it ("MultiWOZ")
+    folder: str  # its folder under shared/data
+    files: str  # what the world reads there, for the not-found message
+    error: type[EnvDataError] = EnvDataError  # the world's error for malformed content
 
-    @property
-    def strategies(self) -> tuple[str, ...]:
-        return self.sop.strategies
+    def missing(self, path: pathlib.Path) -> MissingEnvData:
+        return MissingEnvData(
+            f"{path}: not found. The {self.world} world reads {self.files} from the shared data folder "
+            f"(shared/data/{self.folder}, described in its README.md). Set the config key env.data_dir to that "
+            f"folder: --config.env.data_dir=/path/to/shared/data/{self.folder}")
 
-    @property
-    def num_strategies(self) -> int:
-        return self.sop.num_strategies
+    def resolve(self, data_dir: str | pathlib.Path | None) -> pathlib.Path:
+        """The data folder: `data_dir` (a config's env.data_dir; empty or None: shared/data/<folder>)."""
+        path = pathlib.Path(data_dir) if data_dir else SHARED_DATA / self.folder
+        if not path.is_dir():
+            raise self.missing(path)
+        return path
 
-
-@flax.struct.dataclass
-class TurnSignals:
-    """Per-turn signals (GOPO.md §1) for one agent turn; batched/stacked over turns by the caller."""
-
-    gain: Any  # g_t in [0,1]: task-progress increment on this turn
-    cont: Any  # c_t in [0,1]: probability the customer stays engaged after this turn
-    rel: Any  # rel_t in {0..R}: graded relevance of the chosen strategy (0 for an SOP violation)
-    quality: Any  # q_t: per-turn reply quality from the environment (0 if it has none)
-    realised: Any  # k̂_t = R(y_t): strategy the reply carries out (sop.UNRECOGNISED if none)
-    aligned: Any  # a_t = [k̂_t == k_t]
-    sop_valid: Any  # v_t = M[σ_t][k̂_t]
-    done: Any  # episode ended after this turn (completion or abandonment)
-
-
-@flax.struct.dataclass
-class EpisodeOutcome:
-    outcome: Any  # o in {0,1}: purchase / resolution
-    satisfaction: Any  # sat in [0,1]
-    fcr: Any  # first-contact resolution in {0,1}
+    def read_json(self, path: pathlib.Path) -> Any:
+        """The parsed JSON file; a missing, truncated or non-UTF-8 file is one error naming it."""
+        path = pathlib.Path(path)
+        if not path.exists():
+            raise self.missing(path)
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise self.error(f"{path}: not valid JSON ({e}); the file may be truncated: restore it from the source "
+                             f"named in {path.parent / 'README.md'} or re-fetch it") from None
+        except UnicodeDecodeError as e:
+            raise self.error(f"{path}: not UTF-8 text ({e}); re-fetch the file") from None
 
 
-@flax.struct.dataclass
-class JaxObs:
-    """What the agents see at the start of an agent turn (after the customer spoke)."""
+class HostEnv(abc.ABC):
+    """A text world: one Python object plays one episode at a time (`reset(seed)` then `step` until `obs.done`).
 
-    customer: Any  # int32[Lc] customer utterance ids (role/eot tokens included), padded
-    customer_valid: Any  # bool[Lc]
-    stage: Any  # int32[] current SOP stage σ_t
-    allowed: Any  # bool[n_k] = M[σ_t]
-    done: Any  # bool[] episode already over (further turns are padding)
+    Subclasses keep their loaded data immutable and shared, and the current episode in `self._ep`, so a deep copy
+    (one per rollout episode, one per greedy lookahead) copies only the episode.
+    """
 
-
-@runtime_checkable
-class JaxEnv(Protocol):
     spec: EnvSpec
-    customer_len: int  # Lc
-    reply_len: int  # Lr
-    context_len: int  # length of the business-context prefix
+    _ep: Any = None
 
-    def reset(self, key: jax.Array) -> tuple[Any, Any, Any, JaxObs]:
-        """-> (state, context_ids int32[context_len], context_valid bool[context_len], first observation)."""
+    def __deepcopy__(self, memo):
+        other = copy.copy(self)
+        other._ep = copy.deepcopy(self._ep, memo)
+        return other
 
-    def step(self, state: Any, strategy: jax.Array, reply: jax.Array, reply_valid: jax.Array
-             ) -> tuple[Any, JaxObs, TurnSignals]:
-        """One agent turn: realise the reply, react as the customer, emit signals. Pure; no-op once done."""
+    def _episode(self) -> Any:
+        if self._ep is None:
+            raise RuntimeError(f"{type(self).__name__}: call reset(seed) before step/outcome/reference_turn")
+        return self._ep
 
-    def outcome(self, state: Any) -> EpisodeOutcome:
-        """End-of-episode outcome of a finished (or truncated) episode."""
-
-    def reference_turn(self, state: Any, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The scripted expert: -> (strategy int32[], reply int32[Lr], reply_valid bool[Lr])."""
-
-    def scripted_reply(self, state: Any, strategy: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """A template reply that realises `strategy` with the best content for this state (used by the scripted
-        random/greedy policies and by demonstrations): -> (reply int32[Lr], reply_valid bool[Lr])."""
-
-
-@dataclasses.dataclass
-class HostObs:
-    context: str  # business context / scenario shown to the agents
-    customer: str  # the customer's latest utterance
-    stage: int
-    allowed: np.ndarray  # bool[n_k]
-    done: bool
-
-
-@dataclasses.dataclass
-class DemoTurn:
-    """One demonstrated agent turn for SFT: the strategy and the reply a reference agent gave after `customer`."""
-
-    customer: str
-    strategy: str
-    reply: str
-    stage: int
-
-
-@dataclasses.dataclass
-class Demonstration:
-    context: str
-    turns: list[DemoTurn]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"context": self.context, "turns": [dataclasses.asdict(t) for t in self.turns]}
-
-
-@runtime_checkable
-class HostEnv(Protocol):
-    spec: EnvSpec
-
+    @abc.abstractmethod
     def reset(self, seed: int) -> HostObs: ...
 
+    @abc.abstractmethod
     def step(self, strategy: int, reply: str) -> tuple[HostObs, TurnSignals]:
         """TurnSignals fields are Python/numpy scalars here. `strategy` is the Expert's choice, or UNRECOGNISED
         (-1) when no Expert acts: then the realised strategy counts as chosen (`host_turn_signals`)."""
 
+    @abc.abstractmethod
     def outcome(self) -> EpisodeOutcome: ...
 
+    @abc.abstractmethod
     def realise(self, reply: str) -> int:
         """The realisation check R (deterministic): the strategy index the reply carries out, or UNRECOGNISED."""
 
+    @abc.abstractmethod
     def reference_turn(self) -> tuple[int, str]:
         """The reference policy's (strategy, reply) for the current state (deterministic given the reset seed)."""
 
+    @abc.abstractmethod
     def scripted_reply(self, strategy: int) -> str:
         """A reply that realises `strategy` in the current state (for scripted random/greedy policies)."""
 
-    def demonstrations(self, num_episodes: int, seed: int) -> list[Demonstration]: ...
-
+    @abc.abstractmethod
     def corpus(self) -> Iterable[str]:
         """Texts of this world (for training the embedded tokenizer)."""
+
+    def stage_names(self) -> tuple[str, ...]:
+        """The stage tokens of the agent header: one per SOP stage."""
+        return tuple(self.spec.sop.stages)
+
+    def demonstrations(self, num_episodes: int, seed: int) -> list[Demonstration]:
+        """Reference-policy dialogues from reset seeds seed, seed+1, ... (played on a copy: this env is untouched)."""
+        env = copy.deepcopy(self)
+        demos = []
+        for i in range(num_episodes):
+            obs = env.reset(seed + i)
+            turns = []
+            while not obs.done:
+                k, reply = env.reference_turn()
+                turns.append(DemoTurn(customer=obs.customer, strategy=env.spec.strategies[k], reply=reply,
+                                      stage=int(obs.stage)))
+                obs, _ = env.step(k, reply)
+            demos.append(Demonstration(context=obs.context, turns=turns))
+        return demos
+
+
+# c_t of the scripted-user worlds (MultiWOZ, TmallBrand): set, not fitted, as neither dataset labels engagement.
+ENGAGEMENT = dict(progress=0.98, info=0.95, idle=0.85, violation=0.6)
+
+
+def scripted_user_engagement(*, valid: bool, progress: bool, changed: bool) -> float:
+    """c_t after a turn: an SOP violation or unrecognised reply, goal progress, a change of the dialogue state (the
+    user told or was offered something), or an idle valid turn."""
+    if not valid:
+        return ENGAGEMENT["violation"]
+    if progress:
+        return ENGAGEMENT["progress"]
+    return ENGAGEMENT["info"] if changed else ENGAGEMENT["idle"]
 
 
 def graded_relevance(chosen: int, reference: int, allowed: np.ndarray, valid: bool) -> int:
@@ -176,12 +168,9 @@ def host_turn_signals(*, strategy: int, realised: int, reference: int, allowed: 
 
 def write_demonstrations_jsonl(demos: Iterable[Demonstration], path) -> int:
     """The demonstration exporter: one JSON object per dialogue; returns the count written."""
-    import json
-
     n = 0
     with open(path, "w") as f:
         for d in demos:
             f.write(json.dumps(d.to_json()) + "\n")
             n += 1
     return n
-

@@ -1,4 +1,5 @@
-"""Mgshop: a host environment built from the 64 real MG-ShopDial shopping conversations (Bernard & Balog, SIGIR 2023).
+"""MG-ShopDial (env.name "mg_shopdial"): a host environment built from the 64 real MG-ShopDial shopping
+conversations (Bernard & Balog, SIGIR 2023).
 
 The data (../shared/data/mgshopdial/MGShopDial.json, see that folder's README.md) holds Client/Wizard (shop
 assistant) conversations in four product categories, every utterance annotated with intents and vote counts. This
@@ -7,8 +8,8 @@ conversations and printed by `describe()` (the values quoted are those of the de
 
 Scenario. One real conversation (category, client scenario `desc`, type, constraint). `reset(seed)` draws one of
 the split's conversations from the seed. Splits are BY CONVERSATION: within each category the conversations sorted
-by id go 3 to "train", every 4th to "test" (50/14 conversations); "all" uses all 64. Agents see the category and their role, not the
-client's hidden `desc`.
+by id go 3 to "train", every 4th to "test" (50/14 conversations); "all" uses all 64. Agents see the category
+and their role, not the client's hidden `desc`.
 
 Agent turn = one Wizard utterance. The customer utterance before it is the Client text since the previous Wizard
 utterance (it may be empty: wizards often send two messages in a row).
@@ -93,7 +94,6 @@ Fitted numbers with the default options (split train/test by conversation, from 
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -102,374 +102,17 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from gopo_jax.dialogue.sop import SOP, UNRECOGNISED, load_sop, sop_from_dict
-from gopo_jax.envs.base import DemoTurn, Demonstration, EnvSpec, EpisodeOutcome, HostObs, TurnSignals
+from gopo_jax.dialogue.env_protocol import DemoTurn, Demonstration, EnvSpec, EpisodeOutcome, HostObs, TurnSignals
+from gopo_jax.dialogue.sop import UNRECOGNISED, load_sop, sop_from_dict
+from gopo_jax.envs.base import HostEnv
+from gopo_jax.envs.mgshop_data import (CHECKLIST, QUESTION_INTENTS, SOP_PATH, STAGES, STRATEGIES,
+                                       STRATEGY_DESCRIPTIONS, Conversation, MgshopDataError, derive_sop,
+                                       load_conversations, logged_stages, resolve_data_path, split_indices,
+                                       top_client_intent)
+from gopo_jax.envs.mgshop_stats import (StrategyClassifier, fit_statistics, nearest_centroid_predict,
+                                        relevance_grades, strategy_probabilities)
 
-DATA_FOLDER = "mgshopdial"
-DATA_FILE = "MGShopDial.json"
-SOP_PATH = pathlib.Path(__file__).resolve().parent / "sops" / "mgshop.json"
-
-INTENTS = ("answer", "clarify", "explain", "interaction", "o_question", "pf", "greeting", "recommend", "disclose",
-           "elicit", "other", "nf")
-STRATEGIES = ("greeting", "elicit", "clarify", "recommend", "answer", "explain", "interaction", "pf")
-STRATEGY_DESCRIPTIONS = (
-    "greeting: greet the customer, or say goodbye once a recommendation has been made",
-    "elicit: ask about the customer's need or preferences",
-    "clarify: ask or confirm what exactly the customer means",
-    "recommend: recommend one or more products",
-    "answer: answer the customer's question",
-    "explain: describe or explain a product or an option",
-    "interaction: manage the conversation (please wait, adding to basket, ...)",
-    "pf: positive feedback, affirm the customer's choice",
-)
-_LABEL_PRIORITY = ("recommend", "answer", "elicit", "clarify", "explain", "greeting", "pf", "interaction")
-_FALLBACK = {"o_question": "elicit", "disclose": "explain", "nf": "answer"}
-# Priority among all 12 intents for the "top client intent" of a customer text (ties in votes).
-_CLIENT_PRIORITY = ("nf", "pf", "o_question", "clarify", "elicit", "disclose", "answer", "recommend", "explain",
-                    "greeting", "interaction", "other")
-QUESTION_INTENTS = frozenset({"o_question", "clarify", "elicit"})
-CHECKLIST = ("greetings", "need", "clarify", "preferences", "first-recommend", "qa", "search", "second-recommend",
-             "end")
-STAGES = ("opening", "discovery", "recommendation", "closing")
-# Stage order of the wizard checklist; derive_sop keeps the transitions whose strategy the data allows.
-_SKELETON = {
-    "opening": {**{k: "discovery" for k in STRATEGIES if k != "recommend"}, "recommend": "recommendation"},
-    "discovery": {"recommend": "recommendation"},
-    "recommendation": {"greeting": "closing"},
-    "closing": {},
-}
-_SPLIT_EVERY = 4  # every 4th conversation of a category (sorted by id) is held out
 _BONUS_CONV, _BONUS_SCENARIO, _BONUS_CATEGORY, _BONUS_STAGE = 0.2, 0.1, 0.05, 0.1
-_C_PRIOR, _REL_PRIOR = 4.0, 2.0
-
-
-class MgshopDataError(ValueError):
-    """Malformed, truncated or inconsistent MG-ShopDial input; the message names the file and the record."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading and validation
-
-
-@dataclasses.dataclass(frozen=True)
-class Turn:
-    """One logged wizard utterance (= one agent turn) with the Client text around it."""
-
-    text: str
-    label: int | None  # strategy index from the annotation, None if unlabelled
-    customer_before: str  # Client text since the previous wizard utterance ('' if none)
-    intents_before: dict  # intent -> votes summed over that Client text
-    response: str  # Client text after this utterance, up to the next wizard utterance
-    response_intents: dict
-    final: bool  # the response is the end of the conversation
-
-
-@dataclasses.dataclass(frozen=True)
-class Conversation:
-    id: str
-    category: str
-    scenario: str  # category + metadata id: conversations with the same client instructions
-    type: str
-    constraint: str
-    desc: str
-    turns: tuple[Turn, ...]
-
-
-def strategy_label(intents: Sequence[Sequence[Any]]) -> int | None:
-    """The strategy index of a wizard utterance from its [intent, votes] annotation (rules in the module doc)."""
-    votes = {name: float(n) for name, n in intents}
-    for pool in (STRATEGIES, tuple(_FALLBACK)):
-        present = {k: v for k, v in votes.items() if k in pool}
-        if present:
-            best = max(present.values())
-            order = _LABEL_PRIORITY if pool is STRATEGIES else tuple(_FALLBACK)
-            name = next(k for k in order if present.get(k) == best)
-            return STRATEGIES.index(_FALLBACK.get(name, name))
-    return None
-
-
-def top_client_intent(intents: dict) -> str:
-    """The most-voted intent of a Client text ('none' for an empty or unannotated one)."""
-    if not intents:
-        return "none"
-    best = max(intents.values())
-    return next(k for k in _CLIENT_PRIORITY if intents.get(k) == best)
-
-
-def _merge_intents(utterances: list[dict]) -> dict:
-    out: dict[str, float] = {}
-    for u in utterances:
-        for name, n in u["intents"]:
-            out[name] = out.get(name, 0.0) + float(n)
-    return out
-
-
-def _validate_record(conv: Any, i: int, fail) -> None:
-    if not isinstance(conv, dict):
-        raise fail(f"conversation #{i} is a {type(conv).__name__}, expected an object")
-    cid = conv.get("id", f"#{i}")
-    for key in ("id", "metadata", "utterances"):
-        if key not in conv:
-            raise fail(f"conversation #{i} (id {cid!r}) lacks key {key!r}")
-    if not isinstance(conv["id"], str) or conv["id"].count(":") < 1:
-        raise fail(f"conversation #{i}: id {conv['id']!r} is not of the form 'Category:...'")
-    meta = conv["metadata"]
-    if not isinstance(meta, dict):
-        raise fail(f"conversation {cid!r}: metadata is not an object")
-    for key in ("type", "constraint", "desc", "id"):
-        if not isinstance(meta.get(key), str):
-            raise fail(f"conversation {cid!r}: metadata.{key} missing or not a string")
-    utts = conv["utterances"]
-    if not isinstance(utts, list) or not utts:
-        raise fail(f"conversation {cid!r}: 'utterances' must be a non-empty list")
-    for j, u in enumerate(utts):
-        where = f"conversation {cid!r}, utterance #{j}"
-        if not isinstance(u, dict):
-            raise fail(f"{where} is not an object")
-        if u.get("participant") not in ("Wizard", "Client"):
-            raise fail(f"{where}: participant {u.get('participant')!r} is not 'Wizard' or 'Client'")
-        if not isinstance(u.get("utterance"), str):
-            raise fail(f"{where}: 'utterance' missing or not a string")
-        ints = u.get("intents")
-        if not isinstance(ints, list):
-            raise fail(f"{where}: 'intents' missing or not a list")
-        for pair in ints:
-            if (not isinstance(pair, list) or len(pair) != 2 or pair[0] not in INTENTS
-                    or isinstance(pair[1], bool) or not isinstance(pair[1], (int, float)) or not pair[1] > 0):
-                raise fail(f"{where}: intent entry {pair!r} is not [one of {list(INTENTS)}, positive votes]")
-    if not any(u["participant"] == "Wizard" for u in utts):
-        raise fail(f"conversation {cid!r} has no Wizard utterance (nothing for the agent to do)")
-
-
-def _conversation(conv: dict) -> Conversation:
-    utts = conv["utterances"]
-    turns = []
-    pending: list[dict] = []  # Client utterances since the last wizard utterance
-    wizard_positions = [j for j, u in enumerate(utts) if u["participant"] == "Wizard"]
-    for n, j in enumerate(wizard_positions):
-        end = wizard_positions[n + 1] if n + 1 < len(wizard_positions) else len(utts)
-        before_start = wizard_positions[n - 1] + 1 if n else 0
-        pending = [u for u in utts[before_start:j] if u["participant"] == "Client"]
-        after = [u for u in utts[j + 1:end] if u["participant"] == "Client"]
-        u = utts[j]
-        turns.append(Turn(
-            text=u["utterance"].strip(), label=strategy_label(u["intents"]),
-            customer_before=" ".join(x["utterance"].strip() for x in pending).strip(),
-            intents_before=_merge_intents(pending),
-            response=" ".join(x["utterance"].strip() for x in after).strip(),
-            response_intents=_merge_intents(after), final=n + 1 == len(wizard_positions)))
-    meta = conv["metadata"]
-    category = conv["id"].split(":")[0]
-    return Conversation(id=conv["id"], category=category, scenario=f"{category}:{meta['id']}", type=meta["type"],
-                        constraint=meta["constraint"], desc=meta["desc"], turns=tuple(turns))
-
-
-def load_conversations(path: str | pathlib.Path) -> list[Conversation]:
-    """Reads and validates MGShopDial.json; any problem is one MgshopDataError naming the file and the record."""
-    path = pathlib.Path(path)
-
-    def fail(msg: str) -> MgshopDataError:
-        return MgshopDataError(f"{path}: {msg}")
-
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise fail(f"not valid JSON ({e}); the file may be truncated — restore it from the source named in "
-                   f"{path.parent / 'README.md'}") from None
-    except UnicodeDecodeError as e:
-        raise fail(f"not UTF-8 text ({e})") from None
-    if not isinstance(data, list) or not data:
-        raise fail("expected a non-empty JSON list of conversations")
-    seen = set()
-    for i, conv in enumerate(data):
-        _validate_record(conv, i, fail)
-        if conv["id"] in seen:
-            raise fail(f"conversation #{i}: duplicate id {conv['id']!r}")
-        seen.add(conv["id"])
-    return [_conversation(c) for c in data]
-
-
-def resolve_data_path(data_dir: str | pathlib.Path | None) -> pathlib.Path:
-    """The MGShopDial.json to read; a missing one is an error that says where the data comes from."""
-    default = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / DATA_FOLDER
-    folder = pathlib.Path(data_dir) if data_dir is not None else default
-    path = folder / DATA_FILE if folder.is_dir() or folder.suffix != ".json" else folder
-    if not path.exists():
-        raise FileNotFoundError(
-            f"Mgshop data not found at {path}. The environment reads MG-ShopDial's MGShopDial.json (64 conversations "
-            f"from github.com/iai-group/MG-ShopDial, described in shared/data/{DATA_FOLDER}/README.md). Put it in "
-            f"a folder and point the config at it with --config.env.data_dir=/path/to/{DATA_FOLDER}")
-    return path
-
-
-def split_indices(conversations: Sequence[Conversation], split: str) -> list[int]:
-    """Conversation indices of a split, by conversation and stratified by category (see the module doc)."""
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"Mgshop split must be 'train', 'test' or 'all', got {split!r}")
-    if split == "all":
-        return list(range(len(conversations)))
-    held_out = set()
-    for cat in sorted({c.category for c in conversations}):
-        ids = sorted((c.id, i) for i, c in enumerate(conversations) if c.category == cat)
-        held_out.update(i for r, (_, i) in enumerate(ids) if r % _SPLIT_EVERY == _SPLIT_EVERY - 1)
-    return [i for i in range(len(conversations)) if (i in held_out) == (split == "test")]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# SOP and statistics fitted from the logged wizard turns
-
-
-def _skeleton_sop() -> SOP:
-    return sop_from_dict({"name": "mgshop-skeleton", "strategies": list(STRATEGIES), "initial": "opening",
-                          "stages": [{"name": s, "allowed": list(STRATEGIES) if s != "closing" else [],
-                                      "next": _SKELETON[s], "terminal": s == "closing"} for s in STAGES]})
-
-
-def logged_stages(sop: SOP, conv: Conversation, labels: Sequence[int | None]) -> list[int]:
-    """The SOP stage before each logged wizard turn when the automaton is driven by the logged strategies."""
-    stage, out = sop.initial, []
-    for k in labels:
-        out.append(stage)
-        if k is not None and sop.allowed[stage, k]:
-            stage = int(sop.transition[stage, k])
-    return out
-
-
-def derive_sop(conversations: Sequence[Conversation], *, min_count: int = 3, min_share: float = 0.02) -> dict:
-    """The SOP in JSON form: the checklist-ordered skeleton with allowed masks from observed wizard strategies."""
-    skeleton = _skeleton_sop()
-    counts = np.zeros((len(STAGES), len(STRATEGIES)), np.int64)
-    for conv in conversations:
-        labels = [t.label for t in conv.turns]
-        for s, k in zip(logged_stages(skeleton, conv, labels), labels):
-            if k is not None and not skeleton.terminal[s]:
-                counts[s, k] += 1
-    stages = []
-    for s, name in enumerate(STAGES):
-        total = max(int(counts[s].sum()), 1)
-        keep = [STRATEGIES[k] for k in range(len(STRATEGIES))
-                if counts[s, k] >= min_count and counts[s, k] / total >= min_share]
-        if name == "closing":
-            keep = []
-        stages.append({"name": name, "allowed": keep,
-                       "next": {k: v for k, v in _SKELETON[name].items() if k in keep},
-                       "terminal": name == "closing", "observed_counts": counts[s].tolist()})
-    return {"name": "mgshop", "strategies": list(STRATEGIES), "initial": "opening", "stages": stages,
-            "derived_from": f"MG-ShopDial training conversations (split by conversation), min_count={min_count}, "
-                            f"min_share={min_share}; observed_counts are per strategy in this order"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Statistics:
-    """Engagement and relevance tables fitted from logged wizard turns (see the module doc)."""
-
-    cont: np.ndarray  # f32[n_stages, n_k]: P(no nf next | stage, strategy)
-    cont_violation: float
-    cont_unrecognised: float
-    cont_global: float
-    next_strategy: dict  # (stage, client intent) -> f64[n_k] smoothed p(k | stage, intent), zero where disallowed
-    stage_prior: np.ndarray  # f64[n_stages, n_k] p(k | stage) over allowed strategies
-
-
-def _beta_mean(pos: float, n: float, prior_mean: float, strength: float) -> float:
-    return (pos + strength * prior_mean) / (n + strength)
-
-
-def fit_statistics(conversations: Sequence[Conversation], sop: SOP, labels: dict[int, list[int | None]]) -> Statistics:
-    """c_t and rel_t tables from the logged turns of `conversations` (labels[i] = strategy per turn of conv i)."""
-    n_s, n_k = sop.num_stages, sop.num_strategies
-    pos = np.zeros((n_s, n_k)); tot = np.zeros((n_s, n_k))
-    viol_pos = viol_tot = unrec_pos = unrec_tot = 0.0
-    ctx_counts: dict[tuple[int, str], np.ndarray] = {}
-    for i, conv in enumerate(conversations):
-        ks = labels[i]
-        for s, k, turn in zip(logged_stages(sop, conv, ks), ks, conv.turns):
-            engaged = float("nf" not in turn.response_intents)
-            if k is None:
-                unrec_pos += engaged; unrec_tot += 1
-            elif not sop.allowed[s, k]:
-                viol_pos += engaged; viol_tot += 1
-            else:
-                pos[s, k] += engaged; tot[s, k] += 1
-                key = (s, top_client_intent(turn.intents_before))
-                ctx_counts.setdefault(key, np.zeros(n_k))[k] += 1
-    glob = _beta_mean(pos.sum(), tot.sum(), 0.5, 2.0)
-    per_k = [_beta_mean(pos[:, k].sum(), tot[:, k].sum(), glob, _C_PRIOR) for k in range(n_k)]
-    cont = np.array([[_beta_mean(pos[s, k], tot[s, k], per_k[k], _C_PRIOR) for k in range(n_k)]
-                     for s in range(n_s)], np.float32)
-    allowed = sop.allowed.astype(np.float64)
-    stage_prior = (tot + 0.5) * allowed
-    stage_prior /= np.maximum(stage_prior.sum(1, keepdims=True), 1e-12)
-    next_strategy = {key: (c + _REL_PRIOR * stage_prior[key[0]]) * allowed[key[0]] / (c.sum() + _REL_PRIOR)
-                     for key, c in ctx_counts.items()}
-    return Statistics(cont=cont, cont_violation=_beta_mean(viol_pos, viol_tot, glob, _C_PRIOR),
-                      cont_unrecognised=_beta_mean(unrec_pos, unrec_tot, glob, _C_PRIOR), cont_global=glob,
-                      next_strategy=next_strategy, stage_prior=stage_prior)
-
-
-def strategy_probabilities(stats: Statistics, stage: int, client_intent: str) -> np.ndarray:
-    return stats.next_strategy.get((stage, client_intent), stats.stage_prior[stage])
-
-
-def relevance_grades(probs: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """rel per strategy: 3 for the most likely allowed strategy, 2 for the next two, 1 for other allowed, 0 else."""
-    order = [k for k in np.argsort(-probs, kind="stable") if allowed[k]]
-    grades = np.zeros(len(probs), np.int32)
-    for r, k in enumerate(order):
-        grades[k] = 3 if r == 0 else 2 if r < 3 else 1
-    return grades
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Realisation check
-
-
-@dataclasses.dataclass(frozen=True)
-class StrategyClassifier:
-    """Multinomial logistic regression on sentence embeddings; `predict_proba(X[N,D]) -> P[N,n_k]`."""
-
-    weights: np.ndarray  # f64[D+1, n_k] (last row: bias)
-
-    @classmethod
-    def fit(cls, x: np.ndarray, y: np.ndarray, num_classes: int, *, l2: float = 1e-3, steps: int = 500,
-            lr: float = 2.0, balanced: bool = True) -> "StrategyClassifier":
-        """Full-batch gradient descent from zeros: deterministic, convex, no randomness to seed.
-
-        `balanced` weighs each class equally; without it the rare strategies (pf: 4% of the labels) are never
-        predicted, so no reply could realise them.
-        """
-        xb = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1)
-        onehot = np.eye(num_classes)[y]
-        counts = np.bincount(y, minlength=num_classes).astype(np.float64)
-        sample_w = (len(y) / (num_classes * np.maximum(counts, 1.0)))[y] if balanced else np.ones(len(y))
-        w = np.zeros((xb.shape[1], num_classes))
-        for _ in range(steps):
-            p = _softmax(xb @ w)
-            grad = xb.T @ ((p - onehot) * sample_w[:, None]) / len(x) + l2 * np.concatenate(
-                [w[:-1], np.zeros((1, num_classes))])
-            w -= lr * grad
-        return cls(weights=w)
-
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        return _softmax(np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1) @ self.weights)
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def nearest_centroid_predict(x_train: np.ndarray, y_train: np.ndarray, x: np.ndarray, num_classes: int) -> np.ndarray:
-    """The simpler baseline classifier reported next to the logistic regression."""
-    centroids = np.stack([x_train[y_train == k].mean(0) if np.any(y_train == k) else np.zeros(x.shape[1])
-                          for k in range(num_classes)])
-    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    return np.argmax(x @ centroids.T, axis=1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The world (immutable, shared by every env copy) and the environment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -569,6 +212,12 @@ def _world(path: str, opts: _Options) -> _World:
     return _World(pathlib.Path(path), opts)
 
 
+def _context_text(category: str) -> str:
+    """What the agents are told about a scenario: the shop category and their role (never the client's `desc`)."""
+    return (f"MG-ShopDial online shop, category: {category}. You are the shop assistant: help the customer find and "
+            "choose products.")
+
+
 @dataclasses.dataclass
 class _Episode:
     conv: int = 0
@@ -586,32 +235,24 @@ class _Episode:
     started: bool = False
 
 
-class MgshopEnv:
+class MgshopEnv(HostEnv):
     """HostEnv over MG-ShopDial (see the module doc). One episode at a time; deepcopy copies only the episode."""
 
     def __init__(self, world: _World):
         self._w = world
-        self.spec = EnvSpec(name="mgshop", sop=world.sop, max_turns=world.opts.max_turns, max_relevance=3,
+        self.spec = EnvSpec(name="mg_shopdial", sop=world.sop, max_turns=world.opts.max_turns, max_relevance=3,
                             strategy_descriptions=STRATEGY_DESCRIPTIONS)
         self._ep = _Episode()
-
-    def __deepcopy__(self, memo):
-        new = copy.copy(self)
-        new._ep = copy.deepcopy(self._ep, memo)
-        return new
 
     # -- episode ---------------------------------------------------------------------------------------------
     @property
     def conversation(self) -> Conversation:
         return self._w.conversations[self._ep.conv]
 
-    def _context(self) -> str:
-        return (f"MG-ShopDial online shop, category: {self.conversation.category}. You are the shop assistant: "
-                "help the customer find and choose products.")
-
     def _obs(self) -> HostObs:
-        return HostObs(context=self._context(), customer=self._ep.customer, stage=self._ep.stage,
-                       allowed=self._w.sop.allowed[self._ep.stage].copy(), done=self._ep.done)
+        ep = self._ep
+        return HostObs(context=_context_text(self.conversation.category), customer=ep.customer, stage=ep.stage,
+                       allowed=self._w.sop.allowed[ep.stage].copy(), done=ep.done)
 
     def start(self, conv: int) -> HostObs:
         """Starts the episode of conversation `conv` (an index into the loaded file)."""
@@ -750,9 +391,7 @@ class MgshopEnv:
         for n in range(num_episodes):
             conv = self._w.conversations[order[n % len(order)]]
             stages = logged_stages(self._w.sop, conv, self._w.replay_labels[order[n % len(order)]])
-            demos.append(Demonstration(context=(
-                f"MG-ShopDial online shop, category: {conv.category}. You are the shop assistant: help the "
-                "customer find and choose products."), turns=[
+            demos.append(Demonstration(context=_context_text(conv.category), turns=[
                 DemoTurn(customer=t.customer_before, strategy=STRATEGIES[k], reply=t.text, stage=int(s))
                 for t, k, s in zip(conv.turns, self._w.replay_labels[order[n % len(order)]], stages)]))
         return demos
@@ -760,9 +399,8 @@ class MgshopEnv:
     def corpus(self) -> Iterable[str]:
         seen = set()
         for c in self._w.conversations:
-            for t in (f"MG-ShopDial online shop, category: {c.category}. You are the shop assistant: help the "
-                      "customer find and choose products.", *(x for turn in c.turns
-                                                             for x in (turn.customer_before, turn.text, turn.response))):
+            for t in (_context_text(c.category),
+                      *(x for turn in c.turns for x in (turn.customer_before, turn.text, turn.response))):
                 if t and t not in seen:
                     seen.add(t)
                     yield t

@@ -45,7 +45,6 @@ evaluator input format `{"response", "state", "active_domains"}`.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import pathlib
@@ -55,20 +54,18 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from gopo_jax.dialogue.env_protocol import EnvSpec, EpisodeOutcome, HostObs, TurnSignals
 from gopo_jax.dialogue.sop import SOP, UNRECOGNISED, load_sop
-from gopo_jax.envs.base import (DemoTurn, Demonstration, EnvSpec, EpisodeOutcome, HostObs, TurnSignals,
-                                host_turn_signals)
+from gopo_jax.envs.base import DataSource, EnvDataError, HostEnv, host_turn_signals, scripted_user_engagement
 from gopo_jax.metrics import multiwoz_eval
 
 SOP_PATH = pathlib.Path(__file__).parent / "sops" / "multiwoz.json"
-DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "multiwoz"
 SPLIT_FILES = {"test": "test.json.zip", "val": "val.json.zip"}
 DOMAINS = ("restaurant", "hotel", "attraction", "train", "taxi", "hospital", "police")
 VENUE_DOMAINS = ("restaurant", "hotel", "attraction", "train")
 BOOKABLE = ("restaurant", "hotel", "train", "taxi")
 MAX_TURNS = 20
 MAX_RELEVANCE = 2
-ENGAGEMENT = dict(progress=0.98, info=0.95, idle=0.85, violation=0.6)
 PATIENCE = (4, 5, 6)
 
 STRATEGY_DESCRIPTIONS = (
@@ -139,8 +136,12 @@ _ACT_RULES = (
 _PLACEHOLDER_RE = re.compile(r"\[value_(\w+)\]")
 
 
-class MultiWOZEnvError(ValueError):
-    """Missing or malformed MultiWOZ environment data; the message names the file/record and the fix."""
+class MultiWOZEnvError(EnvDataError):
+    """Malformed MultiWOZ environment data; the message names the file/record and the fix."""
+
+
+SOURCE = DataSource(world="MultiWOZ", folder="multiwoz", error=MultiWOZEnvError,
+                    files="mwz21_convlab3/{test,val}.json.zip, db/, schema.json and mwzeval/")
 
 
 # ------------------------------------------------------------------------------------------------ data loading
@@ -174,25 +175,9 @@ class MultiWOZData:
     texts: tuple  # logged utterances (for the tokenizer corpus)
 
 
-def _missing(path: pathlib.Path) -> MultiWOZEnvError:
-    return MultiWOZEnvError(
-        f"{path}: not found. The MultiWOZ files come from the shared data folder (shared/data/multiwoz, described "
-        "in its README.md: mwz21_convlab3/{test,val}.json.zip, db/, schema.json, mwzeval/); point the config at "
-        "that folder with --config.env.data_dir=/path/to/shared/data/multiwoz")
-
-
-def _read_json(path: pathlib.Path) -> Any:
-    if not path.exists():
-        raise _missing(path)
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MultiWOZEnvError(f"{path}: not valid JSON ({e}); re-fetch the file") from None
-
-
 def _read_dialogues(path: pathlib.Path) -> dict:
     if not path.exists():
-        raise _missing(path)
+        raise SOURCE.missing(path)
     try:
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith(".json")]
@@ -309,26 +294,20 @@ def _book_slots(schema: Any, path: pathlib.Path) -> dict:
 
 def load_data(data_dir: str | pathlib.Path | None = None, split: str = "test") -> MultiWOZData:
     """Reads and validates goals, schema and databases; every problem is one MultiWOZEnvError naming the file."""
-    if data_dir is None:
-        if not DEFAULT_DATA_DIR.exists():
-            raise _missing(DEFAULT_DATA_DIR)
-        data_dir = DEFAULT_DATA_DIR
-    data_dir = pathlib.Path(data_dir)
-    if not data_dir.is_dir():
-        raise _missing(data_dir)
+    data_dir = SOURCE.resolve(data_dir)
     if split not in SPLIT_FILES:
         raise MultiWOZEnvError(f"unknown MultiWOZ split {split!r}; use one of {sorted(SPLIT_FILES)} (the training "
                                "dialogues are not in the shared data)")
-    book_slots = _book_slots(_read_json(data_dir / "schema.json"), data_dir / "schema.json")
+    book_slots = _book_slots(SOURCE.read_json(data_dir / "schema.json"), data_dir / "schema.json")
     for name in ("restaurant", "hotel", "train", "hospital", "police"):
         if not (data_dir / "db" / f"{name}_db.json").exists():
-            raise _missing(data_dir / "db" / f"{name}_db.json")
+            raise SOURCE.missing(data_dir / "db" / f"{name}_db.json")
     try:
         database = multiwoz_eval.VenueDatabase(data_dir)
     except multiwoz_eval.MultiWOZDataError as e:
         raise MultiWOZEnvError(str(e)) from None
-    hospital = _read_json(data_dir / "db" / "hospital_db.json")
-    police = _read_json(data_dir / "db" / "police_db.json")
+    hospital = SOURCE.read_json(data_dir / "db" / "hospital_db.json")
+    police = SOURCE.read_json(data_dir / "db" / "police_db.json")
     for path, rows in ((data_dir / "db" / "hospital_db.json", hospital), (data_dir / "db" / "police_db.json", police)):
         if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
             raise MultiWOZEnvError(f"{path}: expected a non-empty list of venue objects")
@@ -389,8 +368,8 @@ class _Episode:
     booked_turns: list = dataclasses.field(default_factory=list)  # per turn: domains booked on that turn
 
 
-class MultiWOZEnv:
-    """One MultiWOZ episode at a time (HostEnv protocol); see the module docstring for the world's rules."""
+class MultiWOZEnv(HostEnv):
+    """One MultiWOZ episode at a time; see the module docstring for the world's rules."""
 
     def __init__(self, data: MultiWOZData, sop: SOP, *, max_turns: int = MAX_TURNS):
         self.data = data
@@ -398,13 +377,6 @@ class MultiWOZEnv:
                             strategy_descriptions=STRATEGY_DESCRIPTIONS)
         self._k = {name: i for i, name in enumerate(sop.strategies)}
         self._ep: _Episode | None = None
-
-    def __deepcopy__(self, memo):
-        # The data (goals, databases) is immutable and shared; only the episode is copied.
-        other = object.__new__(MultiWOZEnv)
-        other.data, other.spec, other._k = self.data, self.spec, self._k
-        other._ep = copy.deepcopy(self._ep, memo)
-        return other
 
     @property
     def num_goals(self) -> int:
@@ -423,11 +395,6 @@ class MultiWOZEnv:
         self._ep = ep
         ep.customer = self._open_domain()
         return self._obs()
-
-    def _check_episode(self) -> _Episode:
-        if self._ep is None:
-            raise RuntimeError("MultiWOZEnv: call reset(seed) before step/outcome/reference_turn")
-        return self._ep
 
     @property
     def _goal(self) -> DomainGoal:
@@ -682,7 +649,7 @@ class MultiWOZEnv:
     # ------------------------------------------------------------------------------------------------- step
 
     def step(self, strategy: int, reply: str) -> tuple[HostObs, TurnSignals]:
-        ep = self._check_episode()
+        ep = self._episode()
         if ep.done:
             raise RuntimeError("MultiWOZEnv.step: the episode is over; call reset(seed)")
         allowed = self._allowed()
@@ -716,14 +683,7 @@ class MultiWOZEnv:
         total = len(self._all_units())
         gain = len(gained) / total
         changed = changed or bool(gained) or state_before != ep.informed
-        if not valid:
-            cont = ENGAGEMENT["violation"]
-        elif gained:
-            cont = ENGAGEMENT["progress"]
-        elif changed:
-            cont = ENGAGEMENT["info"]
-        else:
-            cont = ENGAGEMENT["idle"]
+        cont = scripted_user_engagement(valid=valid, progress=bool(gained), changed=changed)
         ep.survival *= cont
         ep.idle = 0 if changed else ep.idle + 1
         ep.turn += 1
@@ -738,7 +698,7 @@ class MultiWOZEnv:
         return self._obs(), signals
 
     def outcome(self) -> EpisodeOutcome:
-        ep = self._check_episode()
+        ep = self._episode()
         units = self._all_units()
         frac = sum(u in ep.units for u in units) / len(units)
         o = float(frac == 1.0)
@@ -789,7 +749,7 @@ class MultiWOZEnv:
         return [s for s in _ASK_ORDER[g.domain] if s not in known]
 
     def reference_turn(self) -> tuple[int, str]:
-        self._check_episode()
+        self._episode()
         k = self._reference_strategy()
         return k, self.scripted_reply(k)
 
@@ -797,7 +757,7 @@ class MultiWOZEnv:
 
     def scripted_reply(self, strategy: int) -> str:
         """A delexicalised template reply realising `strategy` with the best content for the current state."""
-        ep = self._check_episode()
+        ep = self._episode()
         g = self._goal
         act = self.spec.strategies[strategy]
         venue = "[value_trainid]" if g.domain == "train" else "[value_name]"
@@ -849,12 +809,12 @@ class MultiWOZEnv:
 
     def evaluator_turns(self) -> tuple[str, list[dict]]:
         """(dialogue id, this episode's turns in the standard evaluator input format)."""
-        ep = self._check_episode()
+        ep = self._episode()
         return ep.goal.dialogue_id, [dict(r) for r in ep.records]
 
     def inform_success(self) -> dict:
         """Inform / Success of this episode with the metrics module's scorer (booked domains from this episode)."""
-        ep = self._check_episode()
+        ep = self._episode()
         goals = _evaluator_goals(self.data)
         responses = [multiwoz_eval.normalise_response(r["response"]) for r in ep.records]
         states = [multiwoz_eval.normalise_state(r["state"]) for r in ep.records]
@@ -862,21 +822,6 @@ class MultiWOZEnv:
         inform, success = multiwoz_eval.dialogue_inform_success(goals[ep.goal.dialogue_id], ep.booked_turns,
                                                                 responses, states, domains, self.data.database)
         return dict(inform=bool(inform["total"]), success=bool(success.get("total", False)))
-
-    def demonstrations(self, num_episodes: int, seed: int) -> list[Demonstration]:
-        """Reference-policy dialogues on goals seed, seed+1, ... (a copy of the env; this one is untouched)."""
-        env = copy.deepcopy(self)
-        demos = []
-        for i in range(num_episodes):
-            obs = env.reset(seed + i)
-            turns = []
-            while not obs.done:
-                k, reply = env.reference_turn()
-                turns.append(DemoTurn(customer=obs.customer, strategy=self.spec.strategies[k], reply=reply,
-                                      stage=int(obs.stage)))
-                obs, _ = env.step(k, reply)
-            demos.append(Demonstration(context=env._context(), turns=turns))
-        return demos
 
     def corpus(self) -> Iterable[str]:
         """The logged utterances of the split, the strategy descriptions and every reply template."""

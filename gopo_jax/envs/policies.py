@@ -7,6 +7,9 @@
   deep-copied once per allowed strategy. The lookahead sees the customer's very next reaction (including its
   noise), so greedy is the strongest myopic policy: whatever separates it from the reference is the long horizon.
 
+`rollout_scripted` plays any of the pure-JAX policies (and `JaxDemonstrator`, the SFT demonstrator) on a batch of
+episodes in one jit(vmap(lax.scan)) and returns padded per-turn arrays; `demonstrations` decodes them to text.
+
 `evaluate_policy` runs a policy for N episodes and reports per-episode TSE, nTSE (against the reference policy on
 the same seeds/customers), ESNDCG, R_B and GRE (the mean R_B), each with a bootstrap 95% interval.
 """
@@ -15,15 +18,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import types
 from typing import Any, Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gopo_jax.envs.base import HostEnv, HostObs, JaxEnv, JaxObs
-from gopo_jax.envs.synthetic_shop import rollout_scripted
-from gopo_jax.metrics import BusinessWeights, business_reward, esndcg, ntse, reporting, tse
+from gopo_jax.dialogue.env_protocol import Demonstration, DemoTurn, HostObs, JaxEnv, JaxObs
+from gopo_jax.envs.base import HostEnv
+from gopo_jax.metrics import ntse, reporting
+from gopo_jax.metrics.episode import EpisodeMetricSettings, host_episode_metrics
 
 POLICIES = ("reference", "random", "greedy")
 
@@ -75,6 +81,17 @@ class JaxGreedy:
         return strategies[best], replies[best], valid[best]
 
 
+@dataclasses.dataclass(frozen=True)
+class JaxDemonstrator:
+    """The SFT demonstrator: the reference with a share `noise` of its turns deviating (`demonstration_turn`)."""
+
+    env: Any
+    noise: float
+
+    def __call__(self, state, obs: JaxObs, key):
+        return self.env.demonstration_turn(state, key, noise=self.noise)
+
+
 def jax_policy(env, name: str) -> Callable:
     classes = {"reference": JaxReference, "random": JaxRandom, "greedy": JaxGreedy}
     if name not in classes:
@@ -111,6 +128,89 @@ HOST_POLICIES = {"reference": host_reference, "random": host_random, "greedy": h
 
 
 # -------------------------------------------------------------------- episodes as padded arrays
+PolicyFn = Callable[[Any, JaxObs, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def _episode(env, policy_fn: PolicyFn, key: jax.Array) -> dict[str, jax.Array]:
+    k_reset, k_policy = jax.random.split(key)
+    state, ctx, ctx_valid, obs = env.reset(k_reset)
+    pad_id = env.tokenizer.pad_token_id
+
+    def turn(carry, k):
+        state, obs = carry
+        strategy, reply, reply_valid = policy_fn(state, obs, k)
+        live = ~obs.done
+        new_state, new_obs, sig = env.step(state, strategy, reply, reply_valid)
+        # After the last live turn every id array is pure padding (valid False, ids PAD).
+        def pad(ids, valid):
+            return jnp.where(valid & live, ids, pad_id)
+
+        out = dict(strategy=strategy.astype(jnp.int32), reply=pad(reply, reply_valid), reply_valid=reply_valid & live,
+                   customer=pad(obs.customer, obs.customer_valid), customer_valid=obs.customer_valid & live,
+                   reaction=pad(new_obs.customer, new_obs.customer_valid),
+                   reaction_valid=new_obs.customer_valid & live, stage=obs.stage,
+                   allowed=obs.allowed, turn_mask=live, gain=sig.gain, cont=sig.cont, rel=sig.rel,
+                   quality=sig.quality, realised=sig.realised, aligned=sig.aligned, sop_valid=sig.sop_valid,
+                   done=sig.done)
+        return (new_state, new_obs), out
+
+    (final, _), traj = jax.lax.scan(turn, (state, obs), jax.random.split(k_policy, env.spec.max_turns))
+    result = env.outcome(final)
+    return dict(traj, context=ctx, context_valid=ctx_valid, outcome=result.outcome,
+                satisfaction=result.satisfaction, fcr=result.fcr)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _rollout(env, policy_fn, keys):
+    return jax.vmap(functools.partial(_episode, env, policy_fn))(keys)
+
+
+def rollout_scripted(env, keys: jax.Array, policy_fn: PolicyFn) -> dict[str, jax.Array]:
+    """Runs `policy_fn(state, obs, key) -> (strategy, reply, reply_valid)` on a batch of episodes (one per key) in
+    one jit(vmap(lax.scan)); works for any JaxEnv that holds a `tokenizer` with a pad token.
+
+    Returns arrays with leading axes [B] or [B, T]: strategy, reply/reply_valid [B,T,Lr], customer/customer_valid
+    [B,T,Lc] (the utterance before each agent turn), reaction/reaction_valid [B,T,Lc] (the customer's answer to
+    each turn: customer[t+1] for all but the last turn), stage, allowed [B,T,n_k], turn_mask, the TurnSignals
+    fields, context/context_valid [B,context_len], outcome, satisfaction, fcr. Past the last live turn every id
+    array is PAD with valid False and every signal 0.
+
+    `policy_fn` is a static argument: pass equal objects to reuse the compiled rollout (the policies here are
+    frozen dataclasses that compare equal per env).
+    """
+    typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    chex.assert_rank(keys, 1 if typed else 2)  # a batch of typed keys, or of raw uint32[2] keys
+    return _rollout(env, policy_fn, keys)
+
+
+def demonstration_arrays(env, keys: jax.Array, noise: float) -> dict[str, jax.Array]:
+    """Array form of noisy reference demonstrations (see `rollout_scripted` for the fields), for SFT."""
+    return rollout_scripted(env, keys, JaxDemonstrator(env, float(noise)))
+
+
+def demonstrations(env, num_episodes: int, key: jax.Array, noise: float = 0.0) -> list[Demonstration]:
+    """Text form of `demonstration_arrays` (decoded with the env's tokenizer), for the JSONL exporter in base.py."""
+    arrays = jax.device_get(demonstration_arrays(env, jax.random.split(key, num_episodes), noise))
+    tok, names = env.tokenizer, env.spec.strategies
+
+    def text(ids, valid):
+        return tok.decode(np.asarray(ids)[np.asarray(valid)], skip_special_tokens=True).strip()
+
+    demos = []
+    for b in range(num_episodes):
+        turns = [DemoTurn(customer=text(arrays["customer"][b, t], arrays["customer_valid"][b, t]),
+                          strategy=names[int(arrays["strategy"][b, t])],
+                          reply=text(arrays["reply"][b, t], arrays["reply_valid"][b, t]),
+                          stage=int(arrays["stage"][b, t]))
+                 for t in range(env.spec.max_turns) if arrays["turn_mask"][b, t]]
+        demos.append(Demonstration(context=text(arrays["context"][b], arrays["context_valid"][b]), turns=turns))
+    return demos
+
+
+def _as_f32(x):
+    return jnp.asarray(x, jnp.float32)
+
+
 def _jax_episodes(env, policy: str, episodes: int, seed: int) -> dict[str, np.ndarray]:
     keys = jax.random.split(jax.random.PRNGKey(seed), episodes)
     return jax.device_get(rollout_scripted(env, keys, jax_policy(env, policy)))
@@ -177,18 +277,16 @@ def _jax_transcripts(env, arrays, count: int) -> list[dict]:
     return transcripts
 
 
-@functools.partial(jax.jit, static_argnames=("t_max", "max_rel", "p"))
-def episode_metrics(gain, cont, rel, sop_valid, mask, outcome, sat, fcr, ref_gain, ref_cont, ref_mask, *,
-                    t_max: int, max_rel: float, p: float = 0.8) -> dict[str, jax.Array]:
-    """Per-episode TSE, nTSE, ESNDCG and R_B of a batch ([N, T] turn arrays, [N] outcomes)."""
-    weights = BusinessWeights()
-    return dict(
-        tse=jax.vmap(tse)(gain, cont, mask),
-        ntse=jax.vmap(ntse)(gain, cont, mask, ref_gain, ref_cont, ref_mask),
-        esndcg=jax.vmap(functools.partial(esndcg, p=p, max_rel=max_rel))(rel, mask),
-        r_b=jax.vmap(functools.partial(business_reward, t_max=t_max, weights=weights))(
-            outcome, sat, fcr, sop_valid, mask),
-    )
+def _policy_metrics(arrays, ref, settings: EpisodeMetricSettings) -> dict[str, np.ndarray]:
+    """The run's per-episode metrics (`gopo_jax.metrics.episode`) of a policy's episode arrays, plus each dialogue's
+    TSE over the reference's on the same customer (nTSE per dialogue; NaN where the reference scored 0)."""
+    turn_fields = ("gain", "cont", "rel", "aligned", "sop_valid", "outcome", "satisfaction", "fcr")
+    batch = types.SimpleNamespace(turn_mask=jnp.asarray(arrays["turn_mask"]),
+                                  **{f: _as_f32(arrays[f]) for f in turn_fields})
+    per = host_episode_metrics(batch, settings)
+    per["ntse"] = np.asarray(jax.vmap(ntse)(batch.gain, batch.cont, batch.turn_mask, _as_f32(ref["gain"]),
+                                            _as_f32(ref["cont"]), jnp.asarray(ref["turn_mask"])))
+    return per
 
 
 def evaluate_policy(env, policy: str, episodes: int, seed: int = 0, *, data_dir=None, p: float = 0.8,
@@ -199,7 +297,7 @@ def evaluate_policy(env, policy: str, episodes: int, seed: int = 0, *, data_dir=
       env: an environment object or a registry name (see gopo_jax.envs.registry).
       policy: "reference", "random" or "greedy".
       data_dir: passed to the registry for environments built from files.
-      transcripts: how many dialogues to return as text (for `inspect --show`).
+      transcripts: how many dialogues to return as text (for `policy_report --show`).
     Returns:
       dict with mean_ci dicts (mean, lo, hi, n) for tse, ntse, esndcg, gre (the mean R_B), purchase, turns; the
       per-episode arrays under "per_episode"; "transcripts" (list of dialogues); and "env", "policy", "episodes".
@@ -215,15 +313,10 @@ def evaluate_policy(env, policy: str, episodes: int, seed: int = 0, *, data_dir=
     run = _jax_episodes if is_jax else _host_episodes
     arrays = run(env, policy, episodes, seed)
     ref = arrays if policy == "reference" else run(env, "reference", episodes, seed)
-    as_f32 = lambda x: jnp.asarray(x, jnp.float32)
-    per = jax.device_get(episode_metrics(
-        as_f32(arrays["gain"]), as_f32(arrays["cont"]), as_f32(arrays["rel"]), as_f32(arrays["sop_valid"]),
-        jnp.asarray(arrays["turn_mask"]), as_f32(arrays["outcome"]), as_f32(arrays["satisfaction"]),
-        as_f32(arrays["fcr"]), as_f32(ref["gain"]), as_f32(ref["cont"]), jnp.asarray(ref["turn_mask"]),
-        t_max=env.spec.max_turns, max_rel=float(env.spec.max_relevance), p=p))
-    per = {k: np.asarray(v) for k, v in per.items()}
-    per["purchase"] = np.asarray(arrays["outcome"], np.float32)
-    per["turns"] = np.asarray(arrays["turn_mask"]).sum(-1).astype(np.float32)
+    settings = EpisodeMetricSettings(max_relevance=float(env.spec.max_relevance), t_max=env.spec.max_turns,
+                                     esndcg_p=p)
+    per = _policy_metrics(arrays, ref, settings)
+    per["purchase"] = per["outcome"]
     ntse_defined = per["ntse"][np.isfinite(per["ntse"])]
     result = {
         "env": env.spec.name, "policy": policy, "episodes": episodes,
@@ -231,7 +324,7 @@ def evaluate_policy(env, policy: str, episodes: int, seed: int = 0, *, data_dir=
         "ntse": reporting.mean_ci(ntse_defined) if ntse_defined.size else dict(mean=float("nan"), lo=float("nan"),
                                                                                   hi=float("nan"), n=0),
         "esndcg": reporting.mean_ci(per["esndcg"]),
-        "gre": reporting.mean_ci(per["r_b"]),
+        "gre": reporting.mean_ci(per["gre"]),
         "purchase": reporting.mean_ci(per["purchase"]),
         "turns": reporting.mean_ci(per["turns"]),
         "per_episode": per,

@@ -1,35 +1,85 @@
-"""Name -> environment constructor, imported lazily so that looking at one world never loads another's data or code.
+"""The one table of worlds: env.name -> the world's kind and how to build it.
 
-Every entry is "module:function"; the function builds the environment and accepts keyword arguments (the
-synthetic shop takes `config`/`tokenizer`; the file-backed worlds take `data_dir`).
+A world's kind decides how it is played: "jax" worlds keep their state in arrays and a whole batch of dialogues
+runs in one jitted `lax.scan` (dialogue/rollout.py); "host" worlds are Python objects that speak text, played by a
+Python turn loop around the jitted agents (dialogue/host_rollout.py). Builders import their module lazily, so that
+looking at one world never loads another's data or code. Every builder takes the run's config (None: the world's
+defaults, as `python -m gopo_jax.envs.policy_report` builds it), a data folder and a tokenizer.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
-ENVIRONMENTS = {
-    "synthetic_shop": "gopo_jax.envs.synthetic_shop:make_env",
-    "mgshop": "gopo_jax.envs.mgshop:make_env",
-    "multiwoz": "gopo_jax.envs.multiwoz:make_env",
-    "tmallbrand": "gopo_jax.envs.tmallbrand:make_env",
+@dataclasses.dataclass(frozen=True)
+class WorldEntry:
+    kind: str  # "jax" | "host"
+    build: Callable[..., Any]  # build(config | None, data_dir, tokenizer) -> environment
+
+
+def _max_turns(config) -> dict:
+    """env.max_turns > 0 overrides the world's own T_max; -1 keeps it."""
+    return {"max_turns": config.env.max_turns} if config is not None and config.env.max_turns > 0 else {}
+
+
+def _synthetic_shop(config, data_dir, tokenizer):
+    from gopo_jax.envs import synthetic_shop
+
+    shop = synthetic_shop.SyntheticShopConfig()
+    if config is not None:
+        shop = dataclasses.replace(shop, vocab_size=config.tokenizer.vocab_size, **_max_turns(config))
+    return synthetic_shop.make_env(shop, tokenizer=tokenizer)
+
+
+def _mg_shopdial(config, data_dir, tokenizer):
+    from gopo_jax.envs import mgshop
+
+    return mgshop.make_env(data_dir, **_max_turns(config))
+
+
+def _multiwoz(config, data_dir, tokenizer):
+    from gopo_jax.envs import multiwoz
+
+    return multiwoz.make_env(data_dir, **_max_turns(config))
+
+
+def _tmallbrand(config, data_dir, tokenizer):
+    from gopo_jax.envs import tmallbrand
+
+    return tmallbrand.make_env(data_dir, **_max_turns(config))
+
+
+WORLDS = {
+    "synthetic_shop": WorldEntry("jax", _synthetic_shop),
+    "mg_shopdial": WorldEntry("host", _mg_shopdial),
+    "multiwoz": WorldEntry("host", _multiwoz),
+    "tmallbrand": WorldEntry("host", _tmallbrand),
 }
+# Old names a config may still say; they are errors that name the new one.
+RENAMED = {"mgshop": "mg_shopdial"}
 
 
 def names() -> list[str]:
-    return list(ENVIRONMENTS)
+    return list(WORLDS)
 
 
-def constructor(name: str):
-    if name not in ENVIRONMENTS:
-        raise ValueError(f"unknown environment {name!r}; known: {names()} (add new ones to "
+def entry(name: str) -> WorldEntry:
+    if name in RENAMED:
+        raise ValueError(f"env.name={name!r} was renamed to {RENAMED[name]!r} (the MG-ShopDial world); set "
+                         f"--config.env.name={RENAMED[name]}")
+    if name not in WORLDS:
+        raise ValueError(f"unknown env.name {name!r}; known worlds: {names()} (new ones go in "
                          "gopo_jax/envs/registry.py)")
-    module, _, fn = ENVIRONMENTS[name].partition(":")
-    return getattr(importlib.import_module(module), fn)
+    return WORLDS[name]
 
 
-def make_env(name: str, *, data_dir=None, **kwargs: Any):
-    """Builds environment `name`; `data_dir` is passed only when given (the synthetic shop needs no files)."""
-    if data_dir is not None:
-        kwargs["data_dir"] = data_dir
-    return constructor(name)(**kwargs)
+def is_pure_jax(name: str) -> bool:
+    """Whether world `name` runs entirely in traced JAX (one jit per rollout, vmappable over seeds)."""
+    return entry(name).kind == "jax"
+
+
+def make_env(name: str, *, config=None, data_dir=None, tokenizer=None):
+    """Builds world `name` from a run's config (its env.data_dir, env.max_turns, tokenizer.vocab_size) or, without
+    one, with the world's defaults; an explicit `data_dir` wins over the config's."""
+    data_dir = data_dir or (config.env.data_dir if config is not None else None) or None
+    return entry(name).build(config, data_dir, tokenizer)

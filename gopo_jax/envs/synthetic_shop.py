@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-from typing import Any, Callable
+from typing import Any
 
 import chex
 import flax.struct
@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gopo_jax.dialogue.env_protocol import EnvSpec, EpisodeOutcome, JaxObs, TurnSignals
 from gopo_jax.dialogue.sop import SOP, UNRECOGNISED, load_sop
-from gopo_jax.envs.base import DemoTurn, Demonstration, EnvSpec, EpisodeOutcome, JaxObs, TurnSignals
 from gopo_jax.models import tokenizer as tokenizer_lib
 
 SOP_PATH = pathlib.Path(__file__).parent / "sops" / "shop.json"
@@ -661,7 +661,8 @@ class SyntheticShop:
                           done=new.purchased | abandoned | (turn >= self.config.max_turns))
         signals = TurnSignals(
             gain=gain, cont=cont, rel=self.relevance(state, strategy), quality=quality, realised=realised,
-            aligned=((realised == strategy) & (realised >= 0)).astype(jnp.float32), sop_valid=sop_valid.astype(jnp.float32),
+            aligned=((realised == strategy) & (realised >= 0)).astype(jnp.float32),
+            sop_valid=sop_valid.astype(jnp.float32),
             done=new.done)
         obs = self._obs(new, template, named)
         # No-op once done: state unchanged, padding observation and zero signals.
@@ -688,103 +689,3 @@ def make_env(config: SyntheticShopConfig | None = None, tokenizer=None, *, sop_p
                                                   special_tokens=special_tokens(sop),
                                                   added_words=world_words(config))
     return SyntheticShop(config, tokenizer, sop)
-
-
-# -------------------------------------------------------------------- batched scripted rollouts
-PolicyFn = Callable[[Any, JaxObs, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
-
-
-def _episode(env, policy_fn: PolicyFn, key: jax.Array) -> dict[str, jax.Array]:
-    k_reset, k_policy = jax.random.split(key)
-    state, ctx, ctx_valid, obs = env.reset(k_reset)
-    pad_id = env.tokenizer.pad_token_id
-
-    def turn(carry, k):
-        state, obs = carry
-        strategy, reply, reply_valid = policy_fn(state, obs, k)
-        live = ~obs.done
-        new_state, new_obs, sig = env.step(state, strategy, reply, reply_valid)
-        # After the last live turn every id array is pure padding (valid False, ids PAD).
-        pad = lambda ids, valid: jnp.where(valid & live, ids, pad_id)
-        out = dict(strategy=strategy.astype(jnp.int32), reply=pad(reply, reply_valid), reply_valid=reply_valid & live,
-                   customer=pad(obs.customer, obs.customer_valid), customer_valid=obs.customer_valid & live,
-                   reaction=pad(new_obs.customer, new_obs.customer_valid),
-                   reaction_valid=new_obs.customer_valid & live, stage=obs.stage,
-                   allowed=obs.allowed, turn_mask=live, gain=sig.gain, cont=sig.cont, rel=sig.rel,
-                   quality=sig.quality, realised=sig.realised, aligned=sig.aligned, sop_valid=sig.sop_valid,
-                   done=sig.done)
-        return (new_state, new_obs), out
-
-    (final, _), traj = jax.lax.scan(turn, (state, obs), jax.random.split(k_policy, env.spec.max_turns))
-    result = env.outcome(final)
-    return dict(traj, context=ctx, context_valid=ctx_valid, outcome=result.outcome,
-                satisfaction=result.satisfaction, fcr=result.fcr)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _rollout(env, policy_fn, keys):
-    return jax.vmap(functools.partial(_episode, env, policy_fn))(keys)
-
-
-def rollout_scripted(env, keys: jax.Array, policy_fn: PolicyFn) -> dict[str, jax.Array]:
-    """Runs `policy_fn(state, obs, key) -> (strategy, reply, reply_valid)` on a batch of episodes (one per key) in
-    one jit(vmap(lax.scan)); works for any JaxEnv that holds a `tokenizer` with a pad token.
-
-    Returns arrays with leading axes [B] or [B, T]: strategy, reply/reply_valid [B,T,Lr], customer/customer_valid
-    [B,T,Lc] (the utterance before each agent turn), reaction/reaction_valid [B,T,Lc] (the customer's answer to
-    each turn: customer[t+1] for all but the last turn), stage, allowed [B,T,n_k], turn_mask, the TurnSignals
-    fields, context/context_valid [B,context_len], outcome, satisfaction, fcr. Past the last live turn every id
-    array is PAD with valid False and every signal 0.
-
-    `policy_fn` is a static argument: pass equal objects to reuse the compiled rollout (`reference_policy(env)` and
-    the policies in gopo_jax.envs.policies are frozen dataclasses that compare equal per env).
-    """
-    typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
-    chex.assert_rank(keys, 1 if typed else 2)  # a batch of typed keys, or of raw uint32[2] keys
-    return _rollout(env, policy_fn, keys)
-
-
-def reference_policy(env: SyntheticShop) -> PolicyFn:
-    return _ReferencePolicy(env)
-
-
-@dataclasses.dataclass(frozen=True)
-class _ReferencePolicy:
-    env: SyntheticShop
-
-    def __call__(self, state, obs, key):
-        return self.env.reference_turn(state, key)
-
-
-@dataclasses.dataclass(frozen=True)
-class _DemoPolicy:
-    env: SyntheticShop
-    noise: float
-
-    def __call__(self, state, obs, key):
-        return self.env.demonstration_turn(state, key, noise=self.noise)
-
-
-def demonstration_arrays(env: SyntheticShop, keys: jax.Array, noise: float) -> dict[str, jax.Array]:
-    """Array form of noisy reference demonstrations (see `rollout_scripted` for the fields), for SFT."""
-    return rollout_scripted(env, keys, _DemoPolicy(env, float(noise)))
-
-
-def demonstrations(env: SyntheticShop, num_episodes: int, key: jax.Array, noise: float = 0.0
-                   ) -> list[Demonstration]:
-    """Text form of `demonstration_arrays` (decoded with the env's tokenizer), for the JSONL exporter in base.py."""
-    arrays = jax.device_get(demonstration_arrays(env, jax.random.split(key, num_episodes), noise))
-    tok, names = env.tokenizer, env.spec.strategies
-
-    def text(ids, valid):
-        return tok.decode(np.asarray(ids)[np.asarray(valid)], skip_special_tokens=True).strip()
-
-    demos = []
-    for b in range(num_episodes):
-        turns = [DemoTurn(customer=text(arrays["customer"][b, t], arrays["customer_valid"][b, t]),
-                          strategy=names[int(arrays["strategy"][b, t])],
-                          reply=text(arrays["reply"][b, t], arrays["reply_valid"][b, t]),
-                          stage=int(arrays["stage"][b, t]))
-                 for t in range(env.spec.max_turns) if arrays["turn_mask"][b, t]]
-        demos.append(Demonstration(context=text(arrays["context"][b], arrays["context_valid"][b]), turns=turns))
-    return demos

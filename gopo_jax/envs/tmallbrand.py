@@ -38,23 +38,19 @@ Per-turn signals and outcome (ABCD has no engagement labels; the numbers are set
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
 import pathlib
 import re
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 
+from gopo_jax.dialogue.env_protocol import EnvSpec, EpisodeOutcome, HostObs, TurnSignals
 from gopo_jax.dialogue.sop import SOP, UNRECOGNISED, SOPError, sop_from_dict
-from gopo_jax.envs.base import (DemoTurn, Demonstration, EnvSpec, EpisodeOutcome, HostObs, TurnSignals,
-                                host_turn_signals)
+from gopo_jax.envs.base import DataSource, EnvDataError, HostEnv, host_turn_signals, scripted_user_engagement
 
-DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "abcd"
 MAX_TURNS = 16
 MAX_RELEVANCE = 2
-ENGAGEMENT = dict(progress=0.98, info=0.95, idle=0.85, violation=0.6)
 PATIENCE = (3, 4, 5)
 FAQ_TOPICS = ("boots", "shirt", "jeans", "jacket", "pricing", "membership", "timing", "policy")
 
@@ -145,8 +141,12 @@ STRATEGY_DESCRIPTIONS = (
 ) + tuple(f"{b}: click the [{b}] button (ABCD agent action)" for b in BUTTONS)
 
 
-class TmallBrandError(ValueError):
-    """Missing or malformed ABCD data; the message names the file/record and the fix."""
+class TmallBrandError(EnvDataError):
+    """Malformed ABCD data; the message names the file/record and the fix."""
+
+
+SOURCE = DataSource(world="TmallBrand", folder="abcd", error=TmallBrandError,
+                    files="ABCD's guidelines.json, kb.json and ontology.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,22 +165,6 @@ class ABCDData:
     sops: dict  # subflow -> SOP
     values: dict  # ontology enumerable values
     texts: tuple  # guideline texts and sample utterances (tokenizer corpus)
-
-
-def _missing(path: pathlib.Path) -> TmallBrandError:
-    return TmallBrandError(
-        f"{path}: not found. The TmallBrand stand-in is built on ABCD's guidelines.json, kb.json and ontology.json "
-        "from the shared data folder (shared/data/abcd, described in its README.md); point the config at that "
-        "folder with --config.env.data_dir=/path/to/shared/data/abcd")
-
-
-def _read_json(path: pathlib.Path) -> Any:
-    if not path.exists():
-        raise _missing(path)
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TmallBrandError(f"{path}: not valid JSON ({e}); re-fetch the file") from None
 
 
 def _strategy_of(button: str) -> tuple[str, str]:
@@ -205,15 +189,9 @@ def subflow_sop(subflow: str, actions: tuple, *, source: str = "kb.json") -> SOP
 
 def load_data(data_dir: str | pathlib.Path | None = None) -> ABCDData:
     """Reads and cross-checks kb.json, ontology.json and guidelines.json; one TmallBrandError per problem."""
-    if data_dir is None:
-        if not DEFAULT_DATA_DIR.exists():
-            raise _missing(DEFAULT_DATA_DIR)
-        data_dir = DEFAULT_DATA_DIR
-    data_dir = pathlib.Path(data_dir)
-    if not data_dir.is_dir():
-        raise _missing(data_dir)
+    data_dir = SOURCE.resolve(data_dir)
     kb_path, onto_path, guide_path = data_dir / "kb.json", data_dir / "ontology.json", data_dir / "guidelines.json"
-    kb, onto, guide = _read_json(kb_path), _read_json(onto_path), _read_json(guide_path)
+    kb, onto, guide = (SOURCE.read_json(p) for p in (kb_path, onto_path, guide_path))
     try:
         flows = onto["intents"]["flows"]
         subflows = onto["intents"]["subflows"]
@@ -278,7 +256,7 @@ def load_data(data_dir: str | pathlib.Path | None = None) -> ABCDData:
         raise TmallBrandError(f"{kb_path}: subflows {extra} are not in {onto_path.name}; the files disagree")
     sample = data_dir / "abcd_sample.json"
     if sample.exists():
-        convos = _read_json(sample)
+        convos = SOURCE.read_json(sample)
         if not isinstance(convos, list):
             raise TmallBrandError(f"{sample}: expected a list of conversations")
         for i, c in enumerate(convos):
@@ -304,8 +282,8 @@ class _Episode:
     customer: str = ""
 
 
-class TmallBrandEnv:
-    """One after-sales episode at a time (HostEnv protocol); see the module docstring for the world's rules."""
+class TmallBrandEnv(HostEnv):
+    """One after-sales episode at a time; see the module docstring for the world's rules."""
 
     def __init__(self, data: ABCDData, *, max_turns: int = MAX_TURNS):
         self.data = data
@@ -313,12 +291,6 @@ class TmallBrandEnv:
         self.spec = self._spec(data.scenarios[0].subflow)
         self._k = {name: i for i, name in enumerate(STRATEGIES)}
         self._ep: _Episode | None = None
-
-    def __deepcopy__(self, memo):
-        other = object.__new__(TmallBrandEnv)
-        other.data, other.max_turns, other.spec, other._k = self.data, self.max_turns, self.spec, self._k
-        other._ep = copy.deepcopy(self._ep, memo)
-        return other
 
     def _spec(self, subflow: str) -> EnvSpec:
         return EnvSpec(name="tmallbrand", sop=self.data.sops[subflow], max_turns=self.max_turns,
@@ -328,10 +300,10 @@ class TmallBrandEnv:
     def sop(self) -> SOP:
         return self.spec.sop
 
-    @property
-    def max_stages(self) -> int:
-        """Stage indices are per subflow; agents get positional stage tokens `<stage:#i>` for i < max_stages."""
-        return max(sop.num_stages for sop in self.data.sops.values())
+    def stage_names(self) -> tuple[str, ...]:
+        """Stage indices are per subflow (one automaton each), so agents get positional stage tokens `<stage:#i>`
+        covering the longest subflow."""
+        return tuple(f"#{i}" for i in range(max(sop.num_stages for sop in self.data.sops.values())))
 
     def _facts(self, seed: int) -> dict:
         rng = np.random.default_rng(seed)
@@ -356,11 +328,6 @@ class TmallBrandEnv:
                             patience=PATIENCE[(seed // len(self.data.scenarios)) % len(PATIENCE)])
         self._ep.customer = "Hi! " + scenario.issue
         return self._obs()
-
-    def _check_episode(self) -> _Episode:
-        if self._ep is None:
-            raise RuntimeError("TmallBrandEnv: call reset(seed) before step/outcome/reference_turn")
-        return self._ep
 
     def _next_action(self) -> str | None:
         ep = self._ep
@@ -405,7 +372,7 @@ class TmallBrandEnv:
     # ------------------------------------------------------------------------------------------------ step
 
     def step(self, strategy: int, reply: str) -> tuple[HostObs, TurnSignals]:
-        ep = self._check_episode()
+        ep = self._episode()
         if ep.done:
             raise RuntimeError("TmallBrandEnv.step: the episode is over; call reset(seed)")
         allowed = self._allowed()
@@ -436,14 +403,7 @@ class TmallBrandEnv:
                 ep.progress += 1
                 gain = 1.0 / n
                 utterance = "Great, that solves it, thank you!" if ep.progress == n else "Okay, thanks."
-        if not valid:
-            cont = ENGAGEMENT["violation"]
-        elif gain > 0:
-            cont = ENGAGEMENT["progress"]
-        elif new_facts:
-            cont = ENGAGEMENT["info"]
-        else:
-            cont = ENGAGEMENT["idle"]
+        cont = scripted_user_engagement(valid=valid, progress=gain > 0, changed=new_facts)
         ep.survival *= cont
         ep.idle = 0 if (gain > 0 or new_facts) else ep.idle + 1
         ep.turn += 1
@@ -458,7 +418,7 @@ class TmallBrandEnv:
         return self._obs(), signals
 
     def outcome(self) -> EpisodeOutcome:
-        ep = self._check_episode()
+        ep = self._episode()
         n = len(ep.scenario.actions)
         o = float(ep.progress == n)
         handoff = "notify-team" in ep.scenario.actions
@@ -478,12 +438,12 @@ class TmallBrandEnv:
         return self._k["ask_info"] if self._missing_facts(action) else self._k[action]
 
     def reference_turn(self) -> tuple[int, str]:
-        self._check_episode()
+        self._episode()
         k = self._reference_strategy()
         return k, self.scripted_reply(k)
 
     def scripted_reply(self, strategy: int) -> str:
-        ep = self._check_episode()
+        ep = self._episode()
         act = STRATEGIES[strategy]
         if act == "greet":
             return "Hi, thanks for contacting the brand store. How can I help you today?"
@@ -498,20 +458,6 @@ class TmallBrandEnv:
         return ACTION_TEXTS[act].format(topic=topic, **ep.facts)
 
     # -------------------------------------------------------------------------------------------- exports
-
-    def demonstrations(self, num_episodes: int, seed: int) -> list[Demonstration]:
-        env = copy.deepcopy(self)
-        demos = []
-        for i in range(num_episodes):
-            obs = env.reset(seed + i)
-            turns = []
-            while not obs.done:
-                k, reply = env.reference_turn()
-                turns.append(DemoTurn(customer=obs.customer, strategy=STRATEGIES[k], reply=reply,
-                                      stage=int(obs.stage)))
-                obs, _ = env.step(k, reply)
-            demos.append(Demonstration(context=env._context(), turns=turns))
-        return demos
 
     def corpus(self) -> Iterable[str]:
         """Guideline texts, the ABCD sample conversations, strategy descriptions and reference dialogues."""

@@ -8,7 +8,7 @@ sharded model never passes through a single device. `save_pretrained` writes a f
 `transformers.Qwen3ForCausalLM.from_pretrained` loads.
 
 Every problem a person can cause (wrong folder, other architecture, a shape or name mismatch, a tokenizer with
-more ids than the model) raises one `CheckpointError` naming the file/tensor and what to do.
+more ids than the model) raises one `HFModelError` naming the file/tensor and what to do.
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ INDEX_FILE = "model.safetensors.index.json"
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or tokenizer folder that cannot be used as asked; the message says why and what to do."""
+class HFModelError(ValueError):
+    """A Hugging Face model or tokenizer folder that cannot be used as asked; the message says why and what to do.
+    (Not `gopo_jax.train.checkpoint.CheckpointError`, which is about the trainer's own orbax checkpoints.)"""
 
 
 def _same(x):
@@ -81,7 +82,7 @@ def ours_to_hf(path: str):
     """(HF tensor name, transform) for our dotted parameter path."""
     hf, transform = _map_name(_OURS_TO_HF, path)
     if hf is None:
-        raise CheckpointError(f"parameter {path!r} has no Hugging Face name in hf_io._OURS_TO_HF")
+        raise HFModelError(f"parameter {path!r} has no Hugging Face name in hf_io._OURS_TO_HF")
     return hf, transform
 
 
@@ -91,19 +92,19 @@ def _dotted(path) -> str:
 
 def _read_config(folder: pathlib.Path) -> dict:
     if not folder.is_dir():
-        raise CheckpointError(
+        raise HFModelError(
             f"checkpoint folder {folder} does not exist; pass a local Hugging Face model folder containing "
             f"config.json and {SINGLE_FILE} (or {INDEX_FILE} with its shards)")
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise CheckpointError(f"{config_file} not found; a Hugging Face model folder needs its config.json")
+        raise HFModelError(f"{config_file} not found; a Hugging Face model folder needs its config.json")
     try:
         hf = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file} is not valid JSON ({e})") from None
+        raise HFModelError(f"{config_file} is not valid JSON ({e})") from None
     arch = hf.get("architectures") or []
     if hf.get("model_type") != "qwen3" or (arch and "Qwen3ForCausalLM" not in arch):
-        raise CheckpointError(
+        raise HFModelError(
             f"{config_file} describes model_type={hf.get('model_type')!r}, architectures={arch}; only "
             f"Qwen3ForCausalLM (model_type 'qwen3') checkpoints can be loaded")
     return hf
@@ -116,16 +117,16 @@ def _weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a safetensors index with a 'weight_map' ({e!r})") from None
+            raise HFModelError(f"{index} is not a safetensors index with a 'weight_map' ({e!r})") from None
         files = {name: folder / file for name, file in weight_map.items()}
         absent = sorted({str(f) for f in files.values() if not f.is_file()})
         if absent:
-            raise CheckpointError(f"{index} lists shard file(s) that are missing: {absent}")
+            raise HFModelError(f"{index} lists shard file(s) that are missing: {absent}")
         return files
     if single.is_file():
         with safe_open(single, framework="np") as f:
             return {name: single for name in f.keys()}
-    raise CheckpointError(
+    raise HFModelError(
         f"no weights in {folder}: looked for {SINGLE_FILE} and {INDEX_FILE} (.bin PyTorch pickles are not read: "
         f"re-save them with safetensors)")
 
@@ -145,9 +146,9 @@ def from_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, dtype: str |
     try:
         config = Qwen3Config.from_hf_dict(hf, dtype=dtype or param_dtype, param_dtype=param_dtype)
     except ValueError as e:
-        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+        raise HFModelError(f"{folder / 'config.json'}: {e}") from None
     if mesh is not None and not set(MESH_AXES) <= set(mesh.axis_names):
-        raise CheckpointError(f"mesh axes {mesh.axis_names} must include {MESH_AXES} (see gopo_jax.parallel)")
+        raise HFModelError(f"mesh axes {mesh.axis_names} must include {MESH_AXES} (see gopo_jax.parallel)")
     files = _weight_files(folder)
 
     def build():
@@ -175,7 +176,7 @@ def from_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, dtype: str |
             plan[ours] = (name, transform)
     missing = sorted(ours_to_hf(p)[0] for p in targets if p not in plan)
     if missing or unexpected:
-        raise CheckpointError(
+        raise HFModelError(
             f"{folder} does not match its config.json ({config.num_layers} layers, tie_word_embeddings="
             f"{config.tie_word_embeddings}): missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
             f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
@@ -187,7 +188,7 @@ def from_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, dtype: str |
         with safe_open(files[name], framework="np") as f:
             got = tuple(f.get_slice(name).get_shape())
         if got != want:
-            raise CheckpointError(
+            raise HFModelError(
                 f"tensor {name} in {files[name]} has shape {got} but config.json implies {want} (our {ours} is "
                 f"{tuple(var.shape)}); the weights and config.json come from different models")
 
@@ -250,20 +251,20 @@ def load_tokenizer(path):
 
     folder = pathlib.Path(path)
     if not (folder / "tokenizer.json").is_file():
-        raise CheckpointError(
+        raise HFModelError(
             f"{folder / 'tokenizer.json'} not found; the tokenizer folder needs tokenizer.json and "
             f"tokenizer_config.json (as written by PreTrainedTokenizerFast.save_pretrained)")
     try:
         return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load the tokenizer in {folder}: {e}") from None
+        raise HFModelError(f"cannot load the tokenizer in {folder}: {e}") from None
 
 
 def check_vocab(tokenizer, config: Qwen3Config) -> None:
-    """Raises CheckpointError when some tokenizer id has no embedding row in the model."""
+    """Raises HFModelError when some tokenizer id has no embedding row in the model."""
     max_id = max(max(tokenizer.get_vocab().values()), len(tokenizer) - 1)
     if max_id >= config.vocab_size:
-        raise CheckpointError(
+        raise HFModelError(
             f"tokenizer ids go up to {max_id} but the model's vocab_size is {config.vocab_size}: ids >= "
             f"{config.vocab_size} have no embedding row. Use the tokenizer saved with this checkpoint, or build "
             f"the model with vocab_size >= {max_id + 1}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -46,12 +46,23 @@ def _half_widths(cis: Sequence[Mapping]) -> np.ndarray:
     return np.maximum(np.array([lo, hi]), 0.0)
 
 
-def figure1(table: Mapping[str, Mapping[str, Mapping[str, Mapping]]], path: str | os.PathLike, *,
-            geval: Mapping[str, Mapping[str, Mapping]] | None = None, geval_reason: str = "",
-            highlight: str = "gopo") -> str:
+def _save(fig, path: str | os.PathLike) -> str:
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), dpi=110)
+    return os.fspath(path)
+
+
+def figure1(table: Mapping[str, Mapping[str, Mapping[str, Mapping]]], path: str | os.PathLike, **kwargs) -> str:
+    """Draws `draw_figure1(table, **kwargs)` into the PNG `path`; returns the path."""
+    return _save(draw_figure1(table, **kwargs), path)
+
+
+def draw_figure1(table: Mapping[str, Mapping[str, Mapping[str, Mapping]]], *,
+                 geval: Mapping[str, Mapping[str, Mapping]] | None = None, geval_reason: str = "",
+                 highlight: str = "gopo"):
     """`table[env][method][metric]` = mean_ci dict. One row of panels per environment: TSE, GRE, G-Eval.
     `geval[env][method]` (a mean_ci dict of the G-Eval score) draws the third panel; without it the panel says
-    why G-Eval is absent instead of showing a number. The `highlight` method's bars are red."""
+    why G-Eval is absent instead of showing a number. The `highlight` method's bars are red. Returns the Figure."""
     envs = list(table)
     fig = _canvas(13.0, 3.6 * max(1, len(envs)))
     panels = (("tse", "TSE"), ("gre", "GRE"), ("geval", "G-Eval"))
@@ -77,15 +88,19 @@ def figure1(table: Mapping[str, Mapping[str, Mapping[str, Mapping]]], path: str 
             ax.set_xticks(x, names, rotation=40, ha="right", fontsize=8)
             ax.set_title(f"{env}: {title}")
             ax.axhline(0.0, color="black", linewidth=0.5)
-    fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=110)
-    return os.fspath(path)
+    return fig
 
 
-def figure3(curves: Mapping[str, Sequence[tuple[Sequence[int], Sequence[float]]]], path: str | os.PathLike, *,
-            ylabel: str = "held-out TSE", title: str = "GOPO convergence") -> str:
+def figure3(curves: Mapping[str, Sequence[tuple[Sequence[int], Sequence[float]]]], path: str | os.PathLike,
+            **kwargs) -> str:
+    """Draws `draw_figure3(curves, **kwargs)` into the PNG `path`; returns the path."""
+    return _save(draw_figure3(curves, **kwargs), path)
+
+
+def draw_figure3(curves: Mapping[str, Sequence[tuple[Sequence[int], Sequence[float]]]], *,
+                 ylabel: str = "held-out TSE", title: str = "GOPO convergence"):
     """`curves[setting]` = one (iterations, values) series per seed. The mean is taken over the seeds at the
-    iterations all of them logged."""
+    iterations all of them logged. Returns the Figure."""
     fig = _canvas(7.0, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     colours = [f"C{i}" for i in range(10)]
@@ -103,6 +118,4 @@ def figure3(curves: Mapping[str, Sequence[tuple[Sequence[int], Sequence[float]]]
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=110)
-    return os.fspath(path)
+    return fig

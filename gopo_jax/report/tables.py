@@ -1,7 +1,7 @@
 """Results tables of a comparison: seeds -> mean ± 95% CI per metric, and GOPO's relative difference per method.
 
 Input is one record per finished run: `(environment, method label, seed, summary)` with `summary` the run's
-`summary.json` (gopo_jax.train.loop). A run's number for a metric is its mean over evaluation episodes; the seeds
+`summary.json` (gopo_jax.train.driver). A run's number for a metric is its mean over evaluation episodes; the seeds
 are the units of the interval (`mean_ci_over_seeds`), as GOPO.md §4 asks. The relative difference of GOPO against
 method M is `paired_difference(GOPO, M)` over the seeds both finished (same seed = same evaluation customers), i.e.
 `100 · mean(GOPO − M) / mean(M)` with a bootstrap interval from the same resamples — the form in which the paper

@@ -40,7 +40,7 @@ def _constrain(tree, shardings):
 
 def pure_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
     """The update of `make_train_step` as a plain function `step(state, batch) -> (new_state, metrics)`: no jit, no
-    layout constraints, so callers can vmap it (one update per seed, `gopo_jax.train.seed_parallel`) or scan it."""
+    layout constraints, so callers can vmap it (one update per seed, `gopo_jax.train.phases`) or scan it."""
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         rng, loss_rng = jax.random.split(state.rng)

@@ -1,4 +1,4 @@
-"""Look at a world: `python -m gopo_jax.envs.inspect --env NAME --policy reference|random|greedy --episodes N
+"""Look at a world: `python -m gopo_jax.envs.policy_report --env NAME --policy reference|random|greedy --episodes N
 [--show 2] [--seed 0] [--data DIR]`.
 
 Prints TSE, nTSE (against the reference policy on the same seeds), ESNDCG and GRE with bootstrap 95% intervals,
@@ -36,7 +36,7 @@ def format_dialogue(transcript: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gopo_jax.envs.inspect", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m gopo_jax.envs.policy_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", required=True, choices=registry.names())
     parser.add_argument("--policy", default="reference", choices=policies.POLICIES)
     parser.add_argument("--episodes", type=int, default=100)

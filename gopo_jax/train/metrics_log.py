@@ -334,7 +334,7 @@ def save_config(workdir: os.PathLike | str, config: ml_collections.ConfigDict | 
     json_path = os.path.join(os.fspath(workdir), "config.json")
     _write_atomic(json_path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     source = (
-        '"""Resolved config of this run, written by gopo_jax.train.logging.save_config."""\n'
+        '"""Resolved config of this run, written by gopo_jax.train.metrics_log.save_config."""\n'
         "import ml_collections\n\n\n"
         "def get_config():\n"
         "  return ml_collections.ConfigDict(\n"

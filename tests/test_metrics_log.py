@@ -1,4 +1,4 @@
-"""Tests for gopo_jax/train/logging.py: metrics.jsonl, resume truncation, TensorBoard events, console line,
+"""Tests for gopo_jax/train/metrics_log.py: metrics.jsonl, resume truncation, TensorBoard events, console line,
 summary.json, PNG curves, saved config."""
 
 import json
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from gopo_jax.train import logging as gl
+from gopo_jax.train import metrics_log as gl
 
 
 def _lines(workdir):
@@ -151,6 +151,29 @@ def test_plot_curves_writes_valid_pngs(tmp_path):
         assert width > 100 and height > 100
     series = gl._series(_lines(tmp_path), "tse")
     assert set(series) == {"train/tse", "eval/tse"} and series["eval/tse"][0] == [2, 4]
+
+
+def test_plot_curves_draws_one_panel_per_metric_and_one_line_per_prefix(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    drawn = []  # the figures as they are saved, to read back through matplotlib's object API
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: drawn.append((fig, os.path.basename(path))))
+    with gl.MetricsLogger(tmp_path, total_steps=4, console=False, tensorboard=False) as logger:
+        for step in range(1, 5):
+            logger.log(step, {"tse": 0.1 * step, "kl": 0.01})
+            if step % 2 == 0:
+                logger.log(step, {"tse": 0.15 * step}, prefix="eval")
+    gl.plot_curves(tmp_path, ["tse", "kl"])
+    ((fig, name),) = drawn
+    assert name == "curves.png"
+    tse, kl = fig.axes
+    assert (tse.get_title(), kl.get_title(), tse.get_xlabel()) == ("tse", "kl", "step")
+    lines = {line.get_label(): line for line in tse.lines}
+    assert set(lines) == {"train", "eval"}
+    np.testing.assert_array_equal(lines["eval"].get_xdata(), [2, 4])
+    np.testing.assert_allclose(lines["eval"].get_ydata(), [0.3, 0.6])
+    np.testing.assert_allclose(lines["train"].get_ydata(), [0.1, 0.2, 0.3, 0.4])
+    assert [line.get_label() for line in kl.lines] == ["train"]
 
 
 def test_plot_curves_without_log_is_a_clear_error(tmp_path):

@@ -1,0 +1,181 @@
+"""`build(config, workdir)`: everything a run is made of, built once and frozen.
+
+The world (environment, tokenizer, layout, agent vocabulary), the device mesh, the agents' graph definitions, the
+method's bundle of pure functions, the optimizers, the rollouts and the metric settings. Nothing here trains and
+nothing holds state: the drivers (`gopo_jax.train.driver`) and the server read these components, and the pure
+phase functions (`gopo_jax.train.phases`) are built from them. Initial parameters are a function of the seed
+(`init_params`), so the seeds of a vmapped group share one `Components`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import optax
+from flax import nnx
+
+from gopo_jax import parallel
+from gopo_jax.algorithms.gopo import GOPOHyper
+from gopo_jax.algorithms.sft import make_warm_start_loss
+from gopo_jax.dialogue.rollout import SamplingConfig
+from gopo_jax.metrics.episode import EpisodeMetricSettings
+from gopo_jax.models import qwen3
+from gopo_jax.train import schedule
+from gopo_jax.train.methods import Method, MethodContext, make_method
+from gopo_jax.train.schedule import Schedule
+from gopo_jax.train.step import LossFn, make_optimizer
+from gopo_jax.train.world import World, build_world
+
+_AGENTS = ("expert", "cs")  # the parameters the warm start trains
+
+
+def hyper_from_config(config) -> GOPOHyper:
+    g = config.gopo
+    return GOPOHyper(group_size=config.train.group_size, expert_loss=g.expert_loss, beta_pref=g.beta_pref,
+                     pref_margin=g.pref_margin, expert_reference=g.expert_reference, beta_expert=g.beta_expert,
+                     clip_eps=g.clip_eps, lambda_b=g.lambda_b, lambda_s=g.lambda_s, alpha=g.alpha, beta_cs=g.beta_cs,
+                     kl_clamp=g.kl_clamp, aggregation=g.aggregation, constraint=g.constraint, mu_lr=g.mu_lr,
+                     delta=g.delta, use_esndcg=g.use_esndcg, esndcg_p=g.esndcg_p, sop_mask=g.sop_mask,
+                     use_expert=g.use_expert)
+
+
+def demo_split(config) -> tuple[int, int]:
+    """(train, held-out) numbers of demonstrations: the first `sft.heldout_fraction` of the episodes are held out."""
+    n_held = max(1, round(config.sft.episodes * config.sft.heldout_fraction))
+    return config.sft.episodes - n_held, n_held
+
+
+def validate_config(config) -> None:
+    """Bad values fail before anything is built, each with the key and the fix."""
+    t = config.train
+    checks = [
+        (t.steps >= 0, "train.steps must be >= 0"),
+        (t.groups >= 1 and t.group_size >= 2, "train.groups >= 1 and train.group_size >= 2 (a group needs pairs)"),
+        ((t.groups * t.group_size) % t.minibatches == 0 and t.groups % t.minibatches == 0,
+         "train.groups must be a multiple of train.minibatches (minibatches hold whole groups)"),
+        (t.epochs >= 1, "train.epochs must be >= 1"),
+        (t.eval_every >= 1 and t.checkpoint_every >= 1, "train.eval_every and train.checkpoint_every must be >= 1"),
+        # The key schedule folds 10_000 + iteration·100 + epoch for the minibatch shuffles (kept as it is so that
+        # existing runs resume bitwise); beyond these bounds two draws would share a key.
+        (t.epochs <= 100 and t.steps < 5_000,
+         "train.epochs must be <= 100 and train.steps < 5000 (the key schedule of gopo_jax.train.schedule gives "
+         "every shuffle its own key up to there)"),
+        (config.sft.steps >= 0 and config.sft.batch_size >= 1, "sft.steps >= 0 and sft.batch_size >= 1"),
+        (0.0 <= config.sft.noise <= 1.0, "sft.noise must be in [0, 1]"),
+        (0.0 < config.sft.heldout_fraction < 1.0, "sft.heldout_fraction must be in (0, 1)"),
+        (config.sft.steps == 0 or (config.sft.episodes >= 1 and demo_split(config)[0] >= 1),
+         "sft.episodes and sft.heldout_fraction leave no demonstration to train on; raise sft.episodes or lower "
+         "sft.heldout_fraction"),
+        (config.gopo.expert_loss in ("preference", "clipped_pg"), "gopo.expert_loss: 'preference' or 'clipped_pg'"),
+        (config.gopo.aggregation in ("token-mean", "seq-mean-token-mean"),
+         "gopo.aggregation: 'token-mean' or 'seq-mean-token-mean'"),
+        (0.0 < config.gopo.esndcg_p <= 1.0, "gopo.esndcg_p must be in (0, 1]"),
+        (config.eval.episodes >= 1, "eval.episodes must be >= 1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(f"bad config: {msg}")
+
+
+def model_fingerprint(world: World) -> dict:
+    """What a checkpoint must agree with to be restored into a run of this world."""
+    return {"model_config": dataclasses.asdict(world.model_config), "env": world.spec.name,
+            "layout": dataclasses.asdict(world.layout), "strategies": list(world.spec.strategies)}
+
+
+def agent_graphdefs(model_config: qwen3.Qwen3Config) -> tuple[Any, Any]:
+    """(Expert, CS) graph definitions; independent of the initialisation, so taken from an abstract model."""
+    gd = nnx.split(nnx.eval_shape(lambda: qwen3.Qwen3(model_config, rngs=nnx.Rngs(0))), nnx.Param)[0]
+    return gd, gd
+
+
+def init_agent_params(model_config: qwen3.Qwen3Config, seed: int) -> dict:
+    """{"expert", "cs"}: two independently initialised models (seeds `seed` and `seed + 1`)."""
+    return {name: nnx.split(qwen3.Qwen3(model_config, rngs=nnx.Rngs(seed + i)), nnx.Param)[1]
+            for i, name in enumerate(_AGENTS)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """What a run is made of (see the module docstring). `rollout`, `eval_rollout`, `demo_rollout` and
+    `reference_rollout` are `(params, episodes, agent_key) -> Trajectory`: pure (traceable) on a pure-JAX world,
+    a Python turn loop around the jitted agents on a host world."""
+
+    config: Any
+    world: World
+    mesh: Any
+    hyper: GOPOHyper
+    metric_settings: EpisodeMetricSettings
+    method: Method
+    schedule: Schedule
+    expert_gd: Any
+    cs_gd: Any
+    tx: optax.GradientTransformation  # the method's optimizer
+    sft_tx: optax.GradientTransformation  # the warm start's: moves the two agents only
+    warm_start_loss: LossFn
+    rollout: Any
+    eval_rollout: Any
+    demo_rollout: Any
+    reference_rollout: Any
+
+    @property
+    def pure_world(self) -> bool:
+        """The whole rollout is traced JAX (one jit, vmappable over seeds)."""
+        return self.world.kind == "jax"
+
+    def init_params(self, seed: int) -> dict:
+        """The agents and the method's extra parameters at initialisation, for `seed`."""
+        params = init_agent_params(self.world.model_config, seed)
+        params.update(self.method.init_extra_params(schedule.extra_params_key(seed)))
+        return params
+
+    def eval_episodes(self):
+        return self.world.eval_episodes(self.config.eval.seed, self.config.eval.episodes)
+
+    def sft_batch_size(self, n_train: int) -> int:
+        """sft.batch_size, at most the demonstrations, rounded down to a multiple of the mesh (even shards)."""
+        bs = min(self.config.sft.batch_size, n_train)
+        return bs - (bs % max(1, self.mesh.size) if bs >= self.mesh.size else 0)
+
+    def fingerprint(self) -> dict:
+        return model_fingerprint(self.world)
+
+
+def build(config, workdir: str | pathlib.Path | None) -> Components:
+    """Validates `config` and builds the run's components; the tokenizer is kept in `workdir/tokenizer`."""
+    validate_config(config)
+    world = build_world(config, workdir)
+    hyper = hyper_from_config(config)
+    settings = EpisodeMetricSettings.from_config(config, spec_max_relevance=world.spec.max_relevance,
+                                                 t_max=world.spec.max_turns)
+    expert_gd, cs_gd = agent_graphdefs(world.model_config)
+    method = make_method(config.method, MethodContext(config=config, world=world, expert_gd=expert_gd, cs_gd=cs_gd,
+                                                      hyper=hyper, metric_settings=settings))
+    train_sampling = SamplingConfig(temperature=config.sampling.temperature, top_k=config.sampling.top_k,
+                                    top_p=config.sampling.top_p, sop_mask=hyper.sop_mask,
+                                    use_expert=method.use_expert)
+    eval_sampling = dataclasses.replace(train_sampling, temperature=0.0, expert_greedy=True)
+    lrs = dict(method.learning_rates)
+    # The warm start trains the two agents only (a method's extra parameters keep their initial values), so it is
+    # the same for every method and can be shared (`gopo_jax.train.warm_start`).
+    sft_lrs = {k: (config.sft.learning_rate if k in _AGENTS else 0.0) for k in lrs}
+    return Components(
+        config=config, world=world, mesh=parallel.make_mesh(config.mesh), hyper=hyper, metric_settings=settings,
+        method=method, schedule=Schedule.from_config(config, trains=method.trains),
+        expert_gd=expert_gd, cs_gd=cs_gd,
+        tx=make_optimizer(lrs, clip_norm=config.train.clip_norm),
+        sft_tx=make_optimizer(sft_lrs, clip_norm=config.train.clip_norm),
+        warm_start_loss=make_warm_start_loss(expert_gd, cs_gd, world.layout, world.vocab.strategy_ids,
+                                             use_expert=method.use_expert, sop_mask=hyper.sop_mask),
+        rollout=world.make_rollout(method.make_agents(train_sampling)),
+        eval_rollout=world.make_rollout(method.make_agents(eval_sampling)),
+        demo_rollout=world.make_rollout(world.demo_agents(config.sft.noise, emit_decision=method.use_expert,
+                                                          kind=config.sft.noise_kind)),
+        reference_rollout=world.make_rollout(world.reference_agents()),
+    )
+
+
+def agent_params(params: dict) -> dict:
+    """The two agents of a params dict (what the warm start trains and its cache stores)."""
+    return {k: params[k] for k in _AGENTS}

@@ -1,0 +1,384 @@
+"""The trainer: warm start (SFT) → method iterations → held-out evaluation → report, for one seed or for several
+seeds of one config vmapped in one process (purejaxrl's `jax.vmap(train)(keys)`).
+
+One loop (`Trainer.run`) drives both; what differs is how the pure phase functions of `gopo_jax.train.phases` are
+executed:
+* `_OneSeed`: jitted with the mesh's layouts; the state has no seed axis. On a host world (a Python turn loop per
+  dialogue) the rollouts run on the host and the jitted `update` follows.
+* `_VmappedSeeds`: `jax.jit(jax.vmap(f))` over a leading seed axis; pure-JAX worlds only.
+
+Exact resumption: every random draw is a function of (seed, phase, index) (`gopo_jax.train.schedule`), the
+tokenizer is saved in the workdir, and a checkpoint holds the train state (agents, optimizer, extras, step, rng),
+the reference parameters and the step. Rerunning the same command restores the newest checkpoint and continues;
+the result is bitwise that of an uninterrupted run on CPU. SIGTERM saves at the next block or iteration boundary.
+
+Each seed's workdir receives `config.json`/`config.py`, `tokenizer/`, `metrics.jsonl` (+ TensorBoard),
+`summary.json`, `curves.png`, `samples.md` and `judge_samples.jsonl`; a single run keeps its checkpoints in
+`workdir/checkpoints`, a seed group in `group_dir/checkpoints`. With `sft.cache_dir` the warm start of each seed is
+read from / written to the shared warm-start cache (`gopo_jax.train.warm_start`) by both executors.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from gopo_jax import parallel
+from gopo_jax.envs.registry import is_pure_jax
+from gopo_jax.models.tokenizer import save_tokenizer
+from gopo_jax.train import checkpoint, report, schedule
+from gopo_jax.train.build import Components, agent_params, build, demo_split
+from gopo_jax.train.metrics_log import MetricsLogger, plot_curves, save_config, write_summary
+from gopo_jax.train.phases import Phases
+from gopo_jax.train.warm_start import WarmStartCache, tokenizer_digest, warm_start_key
+
+_log = logging.getLogger(__name__)
+
+
+def _copy(tree):
+    # The updates donate the train state's buffers; the reference parameters must survive them.
+    return jax.tree.map(jnp.copy, tree)
+
+
+def _row(metrics: dict, i: int) -> dict:
+    """Seed i's per-episode metrics from host metrics with a leading seed axis."""
+    return {k: v[i] for k, v in metrics.items()}
+
+
+def _to_host(tree) -> dict:
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(tree))
+
+
+class _Executor:
+    """How the phases run: subclasses set the compiled phase functions and `seed` (what they take for the seed);
+    the driver calls only these methods, the same for one seed and for many."""
+
+    seed: object
+
+    def demonstrations(self):
+        return self._demonstrations(self.seed)
+
+    def sft_block(self, state, train_demo, steps, batch_size):
+        return self._sft_block(state, train_demo, self.seed, steps, batch_size)
+
+    def sft_heldout(self, params, held_demo):
+        return self._sft_heldout(params, held_demo)
+
+    def reference_eval(self):
+        return self._reference_eval(self.seed)
+
+    def evaluate(self, params, extras):
+        return self._evaluate(params, extras, self.seed)
+
+    def iteration(self, state, ref_params, it: int):
+        return self._iteration(state, ref_params, self.seed, jnp.int32(it))
+
+
+class _OneSeed(_Executor):
+    """One seed, jitted on the run's mesh. Host-side results get a leading seed axis of 1, as `_VmappedSeeds`'."""
+
+    def __init__(self, c: Components, seed: int):
+        self.c, self.seed = c, seed
+        p = self.phases = Phases(c, mesh=c.mesh)
+        self._sft_block = jax.jit(p.sft_block, static_argnums=4, donate_argnums=0)
+        self._sft_heldout = jax.jit(p.sft_heldout)
+        self._update = jax.jit(p.update, donate_argnums=0)
+        self._iteration = jax.jit(p.iteration, donate_argnums=0) if c.pure_world else self._host_iteration
+        # On a host world these roll out in Python (the agents' turns are jitted inside the world's rollout).
+        jit_if_pure = jax.jit if c.pure_world else (lambda f: f)
+        self._evaluate = jit_if_pure(p.evaluate)
+        self._reference_eval = jit_if_pure(p.reference_eval)
+        self._demonstrations = jit_if_pure(p.demonstrations)
+
+    def _host_iteration(self, state, ref_params, seed, it):
+        acting, episodes, agents_key = self.phases.rollout_inputs(state, ref_params, seed, it)
+        return self._update(state, ref_params, self.c.rollout(acting, episodes, agents_key), seed, it)
+
+    def stack(self, trees: list):
+        (tree,) = trees
+        return tree
+
+    def seed_slice(self, tree, i: int):
+        del i
+        return tree
+
+    def host(self, tree) -> dict:
+        return jax.tree.map(lambda x: x[None], _to_host(tree))
+
+    def sft_state(self, params, extras):
+        return parallel.shard_params(self.phases.sft_state(params, extras, self.seed), self.c.mesh)
+
+    def method_state(self, params, extras):
+        return parallel.shard_params(self.phases.method_state(params, extras, self.seed), self.c.mesh)
+
+
+class _VmappedSeeds(_Executor):
+    """Several seeds, each phase one `jax.jit(jax.vmap(...))` over a leading seed axis."""
+
+    def __init__(self, c: Components, seeds: Sequence[int]):
+        if not c.pure_world:
+            raise ValueError(f"seed-parallel training needs a pure-JAX world; env.name={c.config.env.name} is a "
+                             "host world (a Python turn loop per dialogue) and runs one seed at a time")
+        self.c = c
+        self.seed = jnp.asarray(seeds, jnp.int32)
+        p = Phases(c)
+        self._sft_state = jax.jit(jax.vmap(p.sft_state))
+        self._method_state = jax.jit(jax.vmap(p.method_state))
+        self._demonstrations = jax.jit(jax.vmap(p.demonstrations))
+        self._sft_block = jax.jit(jax.vmap(p.sft_block, in_axes=(0, 0, 0, None, None)), static_argnums=4,
+                                  donate_argnums=0)
+        self._sft_heldout = jax.jit(jax.vmap(p.sft_heldout))
+        self._reference_eval = jax.jit(jax.vmap(p.reference_eval))
+        self._evaluate = jax.jit(jax.vmap(p.evaluate))
+        self._iteration = jax.jit(jax.vmap(p.iteration, in_axes=(0, 0, 0, None)), donate_argnums=0)
+
+    def stack(self, trees: list):
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+    def seed_slice(self, tree, i: int):
+        return jax.tree.map(lambda x: x[i], tree)
+
+    def host(self, tree) -> dict:
+        return _to_host(tree)
+
+    def sft_state(self, params, extras):
+        return self._sft_state(params, extras, self.seed)
+
+    def method_state(self, params, extras):
+        return self._method_state(params, extras, self.seed)
+
+
+class Trainer:
+    """Trains the seeds `seeds` of the components' config; `workdirs[i]` receives seed i's files and `ckpt_dir`
+    the (stacked) checkpoints. `configs[i]` is seed i's config (they differ in `seed` only)."""
+
+    def __init__(self, c: Components, configs: Sequence[ml_collections.ConfigDict],
+                 workdirs: Sequence[pathlib.Path], ckpt_dir: pathlib.Path, *, vmapped: bool):
+        self.c, self.configs, self.workdirs, self.ckpt_dir = c, list(configs), list(workdirs), ckpt_dir
+        self.seeds = [int(cfg.seed) for cfg in configs]
+        self.ex = _VmappedSeeds(c, self.seeds) if vmapped else _OneSeed(c, self.seeds[0])
+        self.fingerprint = c.fingerprint() | ({"seeds": self.seeds} if vmapped else {})
+
+    def _save(self, step: int, state, ref_params) -> None:
+        payload = {"state": state, "ref": ref_params, "iteration": np.int64(step)}
+        checkpoint.save_checkpoint(self.ckpt_dir, step, payload, metadata=self.fingerprint,
+                                   keep=self.c.config.train.keep_checkpoints)
+
+    def _warm_start_caches(self) -> list[WarmStartCache] | None:
+        cfg = self.c.config
+        if not cfg.sft.cache_dir or cfg.sft.steps == 0:
+            return None
+        fingerprint = self.c.fingerprint() | {"tokenizer": tokenizer_digest(self.c.world.tokenizer)}
+        return [WarmStartCache(cfg.sft.cache_dir, warm_start_key(seed_cfg, use_expert=self.c.method.use_expert),
+                               fingerprint) for seed_cfg in self.configs]
+
+    def _log_eval(self, loggers, step: int, ep: dict, reference: dict) -> None:
+        for i, logger in enumerate(loggers):
+            logger.log(step, report.eval_record(_row(ep, i), _row(reference, i)), prefix="eval")
+
+    def run(self) -> list[dict]:
+        """Each seed's summary; `{"stopped": True, "iteration": step}` for each seed when SIGTERM stopped it."""
+        c, ex, sched, method = self.c, self.ex, self.c.schedule, self.c.method
+        t_start = time.time()
+        for cfg, d in zip(self.configs, self.workdirs):
+            save_config(d, cfg)
+            if not (d / "tokenizer" / "tokenizer.json").exists():
+                save_tokenizer(c.world.tokenizer, d / "tokenizer")
+        # One console progress line (the first seed's); every seed's metrics go to its own metrics.jsonl.
+        loggers = [MetricsLogger(d, total_steps=sched.total, console=i == 0) for i, d in enumerate(self.workdirs)]
+        init_params = ex.stack([c.init_params(s) for s in self.seeds])
+
+        def init_extras():  # fresh arrays each time: the updates donate the state's
+            return ex.stack([method.init_extras() for _ in self.seeds])
+
+        state = ex.sft_state(_copy(init_params), init_extras())
+        ref_params, step = init_params, 0
+        restored = checkpoint.restore_checkpoint(self.ckpt_dir, {"state": state, "ref": ref_params,
+                                                                 "iteration": np.int64(0)},
+                                                 expected_metadata=self.fingerprint)
+        if restored is not None:
+            payload, _ = restored
+            state, ref_params, step = payload["state"], payload["ref"], int(payload["iteration"])
+            for logger in loggers:
+                logger.truncate_after(step)
+            _log.info("resumed from %s at step %d", self.ckpt_dir, step)
+
+        reference = ex.host(ex.reference_eval())
+        train_demo, held_demo = ex.demonstrations()
+        batch_size = c.sft_batch_size(demo_split(c.config)[0])
+        caches = self._warm_start_caches()
+        with checkpoint.install_sigterm_handler() as should_stop:
+            # ---- warm start ----
+            if step == 0 and caches is not None:
+                hits = [cache.load(agent_params(ex.seed_slice(state.params, i))) for i, cache in enumerate(caches)]
+                if all(hit is not None for hit in hits):
+                    for logger, (_, records) in zip(loggers, hits):
+                        for record in records:
+                            logger.log(record["step"], {k: v for k, v in record.items()
+                                                        if k not in ("step", "time") and v is not None}, prefix="")
+                    ref_params = {**state.params, **ex.stack([agents for agents, _ in hits])}
+                    state = ex.method_state(_copy(ref_params), init_extras())
+                    step = sched.sft_steps
+                    self._save(step, state, ref_params)
+            while step < sched.sft_steps:
+                end = sched.sft_block_end(step)
+                state, sft_metrics = ex.sft_block(state, train_demo, jnp.arange(step, end, dtype=jnp.int32),
+                                                  batch_size)
+                held, sft_metrics = ex.host(ex.sft_heldout(state.params, held_demo)), ex.host(sft_metrics)
+                for k, s in enumerate(range(step + 1, end + 1)):
+                    for i, logger in enumerate(loggers):
+                        if s == end:
+                            logger.log(s, {n: float(v[i]) for n, v in held.items()}, prefix="sft_heldout")
+                        logger.log(s, {n: float(v[i, k]) for n, v in sft_metrics.items()}, prefix="sft")
+                step = end
+                if step == sched.sft_steps:
+                    # The SFT agents become the reference policy; the method starts with a fresh optimizer.
+                    ref_params = _copy(state.params)
+                    state = ex.method_state(_copy(ref_params), init_extras())
+                    self._save(step, state, ref_params)
+                    for i, cache in enumerate(caches or []):
+                        cache.store(step, agent_params(ex.seed_slice(ref_params, i)), loggers[i].records(step))
+                elif should_stop():
+                    self._save(step, state, ref_params)
+                    return self._stopped(loggers, step)
+            if sched.sft_steps == 0 and step == 0:
+                ref_params = _copy(state.params)
+
+            sft_eval, sft_head = ex.evaluate(ref_params, init_extras())
+            sft_eval = ex.host(sft_eval)
+            self._log_eval(loggers, sched.sft_steps, sft_eval, reference)
+            # ---- method iterations ----
+            while step < sched.total:
+                state, stats, rollout = ex.iteration(state, ref_params, step - sched.sft_steps)
+                stats, rollout = ex.host(stats), ex.host(rollout)
+                step += 1
+                for i, logger in enumerate(loggers):
+                    metrics = {k: float(v[i].mean()) for k, v in stats.items()}
+                    metrics.update({f"rollout_{k}": float(v[i].mean()) for k, v in rollout.items()})
+                    logger.log(step, metrics, prefix="train")
+                if sched.evaluates_after(step):
+                    self._log_eval(loggers, step, ex.host(ex.evaluate(state.params, state.extras)[0]), reference)
+                if sched.saves_after(step) or should_stop():
+                    self._save(step, state, ref_params)
+                if should_stop() and step < sched.total:
+                    return self._stopped(loggers, step)
+
+        final, final_head = ex.evaluate(state.params, state.extras)
+        return self._finish(loggers, state, sft_eval, ex.host(final), reference, sft_head, final_head,
+                            time.time() - t_start)
+
+    def _finish(self, loggers, state, sft_eval, final, reference, sft_head, final_head, wall) -> list[dict]:
+        c, ex, method = self.c, self.ex, self.c.method
+        curves = [*report.CURVES, *(report.TRAINING_CURVES if method.trains else ())]
+        summaries = []
+        for i, (d, logger) in enumerate(zip(self.workdirs, loggers)):
+            summary = report.run_summary(env=c.world.spec.name, method=method.name,
+                                         eval_episodes=c.config.eval.episodes, sft=_row(sft_eval, i),
+                                         final=_row(final, i), reference=_row(reference, i), wall=wall,
+                                         params=ex.seed_slice(state.params, i))
+            if len(self.seeds) > 1:
+                summary["seed_parallel"] = {"seeds": self.seeds, "group_dir": str(self.ckpt_dir.parent)}
+            write_summary(d, summary)
+            logger.close()
+            plot_curves(d, curves)
+            final_traj = jax.device_get(ex.seed_slice(final_head, i))
+            num = min(schedule.SAMPLE_DIALOGUES, c.config.eval.episodes)
+            report.write_samples(d, c.world, [("sft", jax.device_get(ex.seed_slice(sft_head, i))),
+                                              (method.name, final_traj)], num)
+            report.write_judge_samples(d, c.world, final_traj, c.config.eval.judge_dialogues)
+            summaries.append(summary)
+        return summaries
+
+    def _stopped(self, loggers, step: int) -> list[dict]:
+        for logger in loggers:
+            logger.close()
+        return [{"stopped": True, "iteration": step} for _ in self.seeds]
+
+
+def check_supported(config: ml_collections.ConfigDict) -> None:
+    """Raises one ValueError naming the key when `config`'s seeds cannot train vmapped in one process."""
+    if not is_pure_jax(config.env.name):
+        raise ValueError(f"seed-parallel training needs a pure-JAX world; env.name={config.env.name} is a host "
+                         "world (a Python turn loop per dialogue) and runs one seed at a time")
+    if config.method == "prompted":
+        raise ValueError("seed-parallel training is not available for method='prompted' (config.method): a "
+                         "prompted chat model is evaluated, not trained")
+
+
+def train_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Trains one run (resuming from `workdir/checkpoints`) and returns its summary."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    c = build(config, workdir)
+    return Trainer(c, [config], [workdir], workdir / "checkpoints", vmapped=False).run()[0]
+
+
+def _without_seed(config: ml_collections.ConfigDict) -> dict:
+    flat = {}
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(json.loads(config.to_json_best_effort()))
+    flat.pop("seed")
+    return flat
+
+
+def train_seeds(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | pathlib.Path],
+                group_dir: str | pathlib.Path | None = None) -> list[dict]:
+    """The seeds of one config (equal but for `seed`) trained vmapped in one process; each seed's summary, in
+    order. A group whose seeds all have `summary.json` is read, not retrained; `group_dir` (default: beside the
+    first workdir) holds the group's checkpoints, and rerunning the same group resumes there."""
+    paths = [pathlib.Path(d) / "summary.json" for d in workdirs]
+    if paths and all(p.exists() for p in paths):
+        return [json.loads(p.read_text()) for p in paths]
+    if not configs or len(configs) != len(workdirs):
+        raise ValueError(f"train_seeds: give one workdir per config ({len(configs)} configs, {len(workdirs)} "
+                         "workdirs)")
+    check_supported(configs[0])
+    seeds = [int(c.seed) for c in configs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"train_seeds: the configs' seeds {seeds} repeat; give each seed once")
+    first = _without_seed(configs[0])
+    for cfg in configs[1:]:
+        other = _without_seed(cfg)
+        if other != first:
+            diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+            raise ValueError(f"train_seeds: the configs differ in more than `seed` ({diff[:6]}); a seed group is one "
+                             "setting trained for several seeds")
+    workdirs = [pathlib.Path(d) for d in workdirs]
+    for d in workdirs:
+        d.mkdir(parents=True, exist_ok=True)
+    group_dir = (pathlib.Path(group_dir) if group_dir is not None
+                 else workdirs[0].parent / ("seeds" + "-".join(map(str, seeds))))
+    # The components do not depend on the seed (it enters through the initial parameters and the keys).
+    c = build(configs[0], workdirs[0])
+    return Trainer(c, configs, workdirs, group_dir / "checkpoints", vmapped=True).run()
+
+
+def restore_agents(workdir: str | pathlib.Path, config: ml_collections.ConfigDict):
+    """(components, acting parameters, step) of the newest checkpoint of a single run's workdir, for serving or
+    export; None when the run has no checkpoint yet. Nothing is trained or compiled."""
+    workdir = pathlib.Path(workdir)
+    c = build(config, workdir)
+    params = c.init_params(int(config.seed))
+    state = Phases(c).method_state(params, c.method.init_extras(), int(config.seed))
+    restored = checkpoint.restore_checkpoint(workdir / "checkpoints",
+                                             {"state": state, "ref": params, "iteration": np.int64(0)},
+                                             expected_metadata=c.fingerprint())
+    if restored is None:
+        return None
+    payload, _ = restored
+    state = payload["state"]
+    return c, c.method.acting_params(state.params, state.extras), int(payload["iteration"])

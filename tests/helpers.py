@@ -1,0 +1,39 @@
+"""Helpers shared by several test files. They live here rather than in conftest.py (which pytest loads itself and
+test files should not import) or in one test file (importing it would collect its tests' module twice over)."""
+import json
+
+
+def tiny_run_config():
+    """The embedded-default config shrunk to a 1-layer, 32-wide model: what every pipeline test builds on."""
+    from configs.mgshop import get_config
+
+    c = get_config()
+    c.unlock()
+    c.model.hidden_size = 32
+    c.model.num_layers = 1
+    c.model.intermediate_size = 64
+    c.lock()
+    return c
+
+
+def fake_train(cfg, workdir):
+    """Stands in for training a sweep run: TSE = β_pref/10 + seed/100 (hand-checkable), two eval points."""
+    tse = cfg.gopo.beta_pref / 10 + cfg.seed / 100
+    block = {k: {"mean": tse, "lo": tse, "hi": tse, "n": 4} for k in ("tse", "gre", "esndcg", "alignment",
+                                                                        "sop_validity", "outcome", "turns")}
+    block["ntse"] = tse
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "summary.json").write_text(json.dumps({"env": "synthetic_shop", "method": "gopo",
+                                                      "eval_episodes": 4, "reference": block, "gopo": block}))
+    lines = [{"step": cfg.sft.steps + i, "eval/tse": tse * i} for i in (0, 1)]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return {}
+
+
+def world_and_agents(config, workdir):
+    """(world, expert graphdef, cs graphdef, seed-0 agent params) of `config`, built the way a run builds them."""
+    from gopo_jax.train.build import agent_graphdefs, init_agent_params  # noqa: PLC0415
+    from gopo_jax.train.world import build_world  # noqa: PLC0415
+
+    world = build_world(config, workdir)
+    return (world, *agent_graphdefs(world.model_config), init_agent_params(world.model_config, 0))
