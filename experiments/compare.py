@@ -18,6 +18,7 @@ or a local Hugging Face causal LM), every finished run's held-out turns (`judge_
 from __future__ import annotations
 
 import ast
+import collections
 import importlib.util
 import json
 import logging
@@ -335,9 +336,7 @@ def main(argv) -> None:
     except ComparisonError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    counts = {}
-    for r in results["runs"]:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    counts = dict(collections.Counter(r["status"] for r in results["runs"]))
     print(f"{FLAGS.workdir}: runs {counts}; results.md, results.json, figures written; "
           f"{results['wall_seconds']:.0f} s")
 

@@ -20,6 +20,7 @@ of a failing group). Writes `sweep.json`, `sweep.md` (mean [95% CI] over seeds p
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -207,9 +208,7 @@ def main(argv) -> None:
     except ComparisonError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    counts = {}
-    for r in results["runs"]:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    counts = dict(collections.Counter(r["status"] for r in results["runs"]))
     print(f"{FLAGS.workdir}: runs {counts}; sweep.md written; {results['wall_seconds']:.0f} s")
 
 

@@ -122,6 +122,12 @@ def test_jax_random_stays_inside_the_sop(shop):
     chosen_allowed = np.take_along_axis(out["allowed"], out["strategy"][..., None], -1)[..., 0]
     assert chosen_allowed[live].all() and (out["sop_valid"][live] == 1).all()
     assert len(np.unique(out["strategy"][live])) >= 5
+    # The per-turn arrays are cut from the training driver's Trajectory: the stage read back from each agent header
+    # gives the SOP row the policy was offered, and each reaction is the next turn's customer utterance.
+    masks = np.asarray(shop.spec.sop.allowed)[out["stage"]]
+    np.testing.assert_array_equal(masks[live], out["allowed"][live])
+    np.testing.assert_array_equal(out["reaction"][:, :-1], out["customer"][:, 1:])
+    assert not out["reaction_valid"][:, -1].any()
 
 
 def test_evaluate_policy_reports_intervals(shop):

@@ -183,9 +183,16 @@ class ModelAgents:
 
 @dataclasses.dataclass(frozen=True)
 class ScriptedAgents:
-    """A scripted policy of a pure-JAX environment (reference / noisy demonstrator) in the rollout interface."""
+    """A scripted policy of a pure-JAX environment in the rollout interface: the reference, the noisy SFT
+    demonstrator and the report's random/greedy policies (`gopo_jax.envs.policies`) all play through these drivers.
 
-    turn_fn: Callable  # (env_state, key) -> (strategy int32[], reply int32[Lr], reply_valid bool[Lr])
+    `policy(env_state, inp, key) -> (strategy int32[], reply int32[Lr], reply_valid bool[Lr])` is called per
+    dialogue (vmapped over the batch), where `inp` is that dialogue's `TurnInput`: a policy reads `inp.allowed`
+    (M[σ_t]) and, if it must, `inp.customer`/`inp.active`; everything else it needs is in the env state. Each dialogue
+    draws from its own split of the turn's key.
+    """
+
+    policy: Callable
     vocab: AgentVocab
     emit_decision: bool = True  # False: demonstrations for a single agent (no strategy token in the buffer)
 
@@ -194,12 +201,18 @@ class ScriptedAgents:
 
     def act(self, params, carry, inp: TurnInput, key):
         b = inp.active.shape[0]
-        strategy, reply, reply_valid = jax.vmap(self.turn_fn)(inp.env_state, jax.random.split(key, b))
+        strategy, reply, reply_valid = jax.vmap(self.policy)(inp.env_state, inp, jax.random.split(key, b))
         reply_valid = reply_valid & inp.active[:, None]
         return carry, TurnAction(strategy=strategy.astype(jnp.int32), strategy_logp=jnp.zeros((b,), jnp.float32),
                                  decision_valid=inp.active & self.emit_decision,
                                  reply=jnp.where(reply_valid, reply, self.vocab.pad), reply_valid=reply_valid,
                                  reply_logp=jnp.zeros(reply.shape, jnp.float32))
+
+
+def jax_env_layout(env: JaxEnv) -> Layout:
+    """The buffer layout of a pure-JAX environment: its own slot sizes and every turn up to T_max."""
+    return Layout(context_len=env.context_len, customer_len=env.customer_len, header_len=HEADER_LEN,
+                  reply_len=env.reply_len, max_turns=env.spec.max_turns)
 
 
 def make_header(vocab: AgentVocab, stage: jax.Array, active: jax.Array) -> tuple[jax.Array, jax.Array]:

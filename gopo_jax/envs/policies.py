@@ -7,8 +7,10 @@
   deep-copied once per allowed strategy. The lookahead sees the customer's very next reaction (including its
   noise), so greedy is the strongest myopic policy: whatever separates it from the reference is the long horizon.
 
-`rollout_scripted` plays any of the pure-JAX policies (and `JaxDemonstrator`, the SFT demonstrator) on a batch of
-episodes in one jit(vmap(lax.scan)) and returns padded per-turn arrays; `demonstrations` decodes them to text.
+The pure-JAX policies (and `JaxDemonstrator`, the SFT demonstrator) are the `policy` of
+`dialogue.rollout.ScriptedAgents`, so training and this report play them through the one rollout driver;
+`rollout_scripted` cuts its `Trajectory` into padded per-turn arrays and `demonstrations` decodes them to text.
+Host environments (text, no tokenizer here) keep a Python turn loop of their own (`_host_episodes`).
 
 `evaluate_policy` runs a policy for N episodes and reports per-episode TSE, nTSE (against the reference policy on
 the same seeds/customers), ESNDCG, R_B and GRE (the mean R_B), each with a bootstrap 95% interval.
@@ -26,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gopo_jax.dialogue.env_protocol import Demonstration, DemoTurn, HostObs, JaxEnv, JaxObs
+from gopo_jax.dialogue.env_protocol import Demonstration, DemoTurn, HostObs, JaxEnv
+from gopo_jax.dialogue.layout import Layout, Trajectory
+from gopo_jax.dialogue.rollout import AgentVocab, ScriptedAgents, jax_env_layout, make_rollout
 from gopo_jax.envs.base import HostEnv
 from gopo_jax.metrics import ntse, reporting
 from gopo_jax.metrics.episode import EpisodeMetricSettings, host_episode_metrics
@@ -46,12 +50,13 @@ def _lexicographic_best(gain, cont, rel, ok):
 
 
 # -------------------------------------------------------------------- JaxEnv policies: (state, obs, key) -> turn
-# Frozen dataclasses, hashable through the env (identity), so rollout_scripted reuses compiled rollouts.
+# The `policy` of `dialogue.rollout.ScriptedAgents`: `obs` is the dialogue's `TurnInput` (they read `obs.allowed`,
+# which a `JaxObs` has too). Frozen dataclasses, hashable through the env (identity), so rollouts compile once.
 @dataclasses.dataclass(frozen=True)
 class JaxReference:
     env: Any
 
-    def __call__(self, state, obs: JaxObs, key):
+    def __call__(self, state, obs, key):
         return self.env.reference_turn(state, key)
 
 
@@ -59,7 +64,7 @@ class JaxReference:
 class JaxRandom:
     env: Any
 
-    def __call__(self, state, obs: JaxObs, key):
+    def __call__(self, state, obs, key):
         k_pick, k_reply = jax.random.split(key)
         allowed = obs.allowed.astype(jnp.float32)
         strategy = jax.random.choice(k_pick, allowed.shape[0], p=allowed / allowed.sum()).astype(jnp.int32)
@@ -71,7 +76,7 @@ class JaxRandom:
 class JaxGreedy:
     env: Any
 
-    def __call__(self, state, obs: JaxObs, key):
+    def __call__(self, state, obs, key):
         n_k = self.env.spec.num_strategies
         strategies = jnp.arange(n_k, dtype=jnp.int32)
         # The same reply key for every candidate: the lookahead compares strategies, not template variants.
@@ -83,13 +88,15 @@ class JaxGreedy:
 
 @dataclasses.dataclass(frozen=True)
 class JaxDemonstrator:
-    """The SFT demonstrator: the reference with a share `noise` of its turns deviating (`demonstration_turn`)."""
+    """The SFT demonstrator: the reference with a share `noise` of its turns deviating (`demonstration_turn`: a
+    random allowed strategy, or the myopic habit with `kind="habit"`)."""
 
     env: Any
     noise: float
+    kind: str = "random"
 
-    def __call__(self, state, obs: JaxObs, key):
-        return self.env.demonstration_turn(state, key, noise=self.noise)
+    def __call__(self, state, obs, key):
+        return self.env.demonstration_turn(state, key, noise=self.noise, kind=self.kind)
 
 
 def jax_policy(env, name: str) -> Callable:
@@ -128,59 +135,60 @@ HOST_POLICIES = {"reference": host_reference, "random": host_random, "greedy": h
 
 
 # -------------------------------------------------------------------- episodes as padded arrays
-PolicyFn = Callable[[Any, JaxObs, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
+PolicyFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
 
-def _episode(env, policy_fn: PolicyFn, key: jax.Array) -> dict[str, jax.Array]:
-    k_reset, k_policy = jax.random.split(key)
-    state, ctx, ctx_valid, obs = env.reset(k_reset)
-    pad_id = env.tokenizer.pad_token_id
-
-    def turn(carry, k):
-        state, obs = carry
-        strategy, reply, reply_valid = policy_fn(state, obs, k)
-        live = ~obs.done
-        new_state, new_obs, sig = env.step(state, strategy, reply, reply_valid)
-        # After the last live turn every id array is pure padding (valid False, ids PAD).
-        def pad(ids, valid):
-            return jnp.where(valid & live, ids, pad_id)
-
-        out = dict(strategy=strategy.astype(jnp.int32), reply=pad(reply, reply_valid), reply_valid=reply_valid & live,
-                   customer=pad(obs.customer, obs.customer_valid), customer_valid=obs.customer_valid & live,
-                   reaction=pad(new_obs.customer, new_obs.customer_valid),
-                   reaction_valid=new_obs.customer_valid & live, stage=obs.stage,
-                   allowed=obs.allowed, turn_mask=live, gain=sig.gain, cont=sig.cont, rel=sig.rel,
-                   quality=sig.quality, realised=sig.realised, aligned=sig.aligned, sop_valid=sig.sop_valid,
-                   done=sig.done)
-        return (new_state, new_obs), out
-
-    (final, _), traj = jax.lax.scan(turn, (state, obs), jax.random.split(k_policy, env.spec.max_turns))
-    result = env.outcome(final)
-    return dict(traj, context=ctx, context_valid=ctx_valid, outcome=result.outcome,
-                satisfaction=result.satisfaction, fcr=result.fcr)
+@functools.lru_cache(maxsize=32)
+def _compiled_rollout(env, policy_fn: PolicyFn):
+    """The one rollout driver (`dialogue.rollout.make_rollout`) with `policy_fn` as scripted agents, compiled once
+    per (env, policy) pair; the policies here are frozen dataclasses that compare equal per env."""
+    vocab = AgentVocab.from_tokenizer(env.tokenizer, env.spec.sop)
+    layout = jax_env_layout(env)
+    return layout, vocab, make_rollout(env, layout, vocab, ScriptedAgents(policy_fn, vocab))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _rollout(env, policy_fn, keys):
-    return jax.vmap(functools.partial(_episode, env, policy_fn))(keys)
+def _turn_slots(tokens, layout: Layout, start, width: int):
+    """[B, L] -> [B, T, width]: the slot of `width` positions at `start(t)` of every turn."""
+    return jnp.stack([tokens[:, start(t):start(t) + width] for t in range(layout.max_turns)], axis=1)
+
+
+def _episode_arrays(traj: Trajectory, layout: Layout, vocab: AgentVocab) -> dict[str, jax.Array]:
+    lc, lr = layout.customer_len, layout.reply_len
+    customer, customer_valid = (_turn_slots(x, layout, layout.turn_start, lc) for x in (traj.tokens, traj.valid))
+    reply, reply_valid = (_turn_slots(x, layout, layout.reply_start, lr) for x in (traj.tokens, traj.valid))
+    stage_tok = jnp.stack([traj.tokens[:, layout.header_start(t) + 1] for t in range(layout.max_turns)], axis=1)
+    stage = jnp.argmax(stage_tok[..., None] == jnp.asarray(vocab.stage_ids), axis=-1).astype(jnp.int32)
+    # The customer's answer to turn t is the utterance that opens turn t+1; the answer to the last turn never
+    # reaches an agent, so the buffer does not hold it (empty).
+    reaction = jnp.concatenate([customer[:, 1:], jnp.full_like(customer[:, :1], vocab.pad)], axis=1)
+    reaction_valid = jnp.concatenate([customer_valid[:, 1:], jnp.zeros_like(customer_valid[:, :1])], axis=1)
+    return dict(strategy=traj.strategy, reply=reply, reply_valid=reply_valid, customer=customer,
+                customer_valid=customer_valid, reaction=reaction, reaction_valid=reaction_valid, stage=stage,
+                allowed=traj.allowed, turn_mask=traj.turn_mask, gain=traj.gain, cont=traj.cont, rel=traj.rel,
+                quality=traj.quality, realised=traj.realised, aligned=traj.aligned, sop_valid=traj.sop_valid,
+                context=traj.tokens[:, :layout.context_len], context_valid=traj.valid[:, :layout.context_len],
+                outcome=traj.outcome, satisfaction=traj.satisfaction, fcr=traj.fcr)
 
 
 def rollout_scripted(env, keys: jax.Array, policy_fn: PolicyFn) -> dict[str, jax.Array]:
-    """Runs `policy_fn(state, obs, key) -> (strategy, reply, reply_valid)` on a batch of episodes (one per key) in
-    one jit(vmap(lax.scan)); works for any JaxEnv that holds a `tokenizer` with a pad token.
+    """Plays `policy_fn(state, inp, key) -> (strategy, reply, reply_valid)` (see `ScriptedAgents`) on a batch of
+    episodes, one per key, through the training rollout driver (`dialogue.rollout.make_rollout`), and cuts the
+    `Trajectory` into per-turn arrays. Works for any JaxEnv that holds a `tokenizer` with the world's special tokens.
+
+    Episode i resets from the first half of `split(keys[i])`; the policy draws from the second half of
+    `split(keys[0])`, folded with the turn index and split over the batch (the driver's agent key).
 
     Returns arrays with leading axes [B] or [B, T]: strategy, reply/reply_valid [B,T,Lr], customer/customer_valid
-    [B,T,Lc] (the utterance before each agent turn), reaction/reaction_valid [B,T,Lc] (the customer's answer to
-    each turn: customer[t+1] for all but the last turn), stage, allowed [B,T,n_k], turn_mask, the TurnSignals
-    fields, context/context_valid [B,context_len], outcome, satisfaction, fcr. Past the last live turn every id
-    array is PAD with valid False and every signal 0.
-
-    `policy_fn` is a static argument: pass equal objects to reuse the compiled rollout (the policies here are
-    frozen dataclasses that compare equal per env).
+    [B,T,Lc] (the utterance before each agent turn), reaction/reaction_valid [B,T,Lc] (customer[t+1]; empty after
+    the last turn), stage, allowed [B,T,n_k], turn_mask, the TurnSignals fields, context/context_valid
+    [B,context_len], outcome, satisfaction, fcr. Past the last live turn every id array is PAD with valid False and
+    every signal 0.
     """
     typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
     chex.assert_rank(keys, 1 if typed else 2)  # a batch of typed keys, or of raw uint32[2] keys
-    return _rollout(env, policy_fn, keys)
+    halves = jax.vmap(jax.random.split)(keys)
+    layout, vocab, rollout = _compiled_rollout(env, policy_fn)
+    return _episode_arrays(rollout({}, halves[:, 0], halves[0, 1]), layout, vocab)
 
 
 def demonstration_arrays(env, keys: jax.Array, noise: float) -> dict[str, jax.Array]:
@@ -270,10 +278,8 @@ def _jax_transcripts(env, arrays, count: int) -> list[dict]:
                               reply=text(arrays["reply"][b, t], arrays["reply_valid"][b, t]),
                               gain=float(arrays["gain"][b, t]), cont=float(arrays["cont"][b, t]),
                               rel=float(arrays["rel"][b, t])))
-        last = int(arrays["turn_mask"][b].sum()) - 1
-        final = text(arrays["reaction"][b, last], arrays["reaction_valid"][b, last]) if last >= 0 else ""
-        transcripts.append(dict(context=text(arrays["context"][b], arrays["context_valid"][b]), turns=turns,
-                                final=final))
+        # No "final": the customer's answer to the last turn reaches no agent, so the Trajectory does not hold it.
+        transcripts.append(dict(context=text(arrays["context"][b], arrays["context_valid"][b]), turns=turns))
     return transcripts
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import functools
 import pathlib
 from typing import Any, ClassVar
 
@@ -20,8 +19,8 @@ import numpy as np
 
 from gopo_jax.dialogue.host_rollout import HostScriptedAgents, TextAgents, TextCodec, host_env_factory, rollout_host
 from gopo_jax.dialogue.layout import Layout
-from gopo_jax.dialogue.rollout import HEADER_LEN, AgentVocab, ScriptedAgents, make_rollout
-from gopo_jax.envs import registry
+from gopo_jax.dialogue.rollout import HEADER_LEN, AgentVocab, ScriptedAgents, jax_env_layout, make_rollout
+from gopo_jax.envs import policies, registry
 from gopo_jax.models import qwen3
 from gopo_jax.models.tokenizer import (ROLE_TOKENS, load_tokenizer, save_tokenizer, stage_token, strategy_token,
                                        train_tokenizer)
@@ -89,9 +88,7 @@ class JaxWorld(World):
     @classmethod
     def build(cls, config, tokenizer) -> JaxWorld:
         env = registry.make_env(config.env.name, config=config, tokenizer=tokenizer)
-        layout = Layout(context_len=env.context_len, customer_len=env.customer_len, header_len=HEADER_LEN,
-                        reply_len=env.reply_len, max_turns=env.spec.max_turns)
-        return cls._assemble(config, env, env.tokenizer, layout, env.spec.sop.stages)
+        return cls._assemble(config, env, env.tokenizer, jax_env_layout(env), env.spec.sop.stages)
 
     def episodes(self, key: jax.Array, n: int):
         return jax.random.split(key, n)
@@ -106,15 +103,11 @@ class JaxWorld(World):
         return make_rollout(self.env, self.layout, self.vocab, agents)
 
     def demo_agents(self, noise: float, emit_decision: bool, kind: str = "random"):
-        return ScriptedAgents(functools.partial(_demo_turn, self.env, noise, kind), self.vocab,
+        return ScriptedAgents(policies.JaxDemonstrator(self.env, noise, kind), self.vocab,
                               emit_decision=emit_decision)
 
     def reference_agents(self):
-        return ScriptedAgents(self.env.reference_turn, self.vocab)
-
-
-def _demo_turn(env, noise, kind, state, key):
-    return env.demonstration_turn(state, key, noise=noise, kind=kind)
+        return ScriptedAgents(policies.JaxReference(self.env), self.vocab)
 
 
 @dataclasses.dataclass
