@@ -283,7 +283,7 @@ class Trainer:
                                          eval_episodes=c.config.eval.episodes, sft=_row(sft_eval, i),
                                          final=_row(final, i), reference=_row(reference, i), wall=wall,
                                          params=ex.seed_slice(state.params, i))
-            if len(self.seeds) > 1:
+            if isinstance(self.ex, _VmappedSeeds):
                 summary["seed_parallel"] = {"seeds": self.seeds, "group_dir": str(self.ckpt_dir.parent)}
             write_summary(d, summary)
             logger.close()
