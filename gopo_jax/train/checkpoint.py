@@ -146,11 +146,12 @@ def save_checkpoint(
     return os.path.join(os.path.abspath(directory), str(int(step)))
 
 
-def _flatten_json(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_json(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one flat dict with dotted keys ({"a": {"b": 1}} -> {"a.b": 1})."""
     if isinstance(tree, Mapping) and (tree or not prefix):
         out = {}
         for key, value in tree.items():
-            out.update(_flatten_json(value, f"{prefix}.{key}" if prefix else str(key)))
+            out.update(flatten_json(value, f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix: tree}
 
@@ -158,8 +159,8 @@ def _flatten_json(tree: Any, prefix: str = "") -> dict[str, Any]:
 def _check_metadata(stored: Mapping[str, Any], expected: Mapping[str, Any], step_dir: str) -> None:
     """Every key of `expected` (nested dicts compared entry by entry) must equal the stored value."""
     # A JSON round trip makes tuples lists etc., as they were stored.
-    want = _flatten_json(json.loads(json.dumps(dict(expected))))
-    have = _flatten_json(dict(stored))
+    want = flatten_json(json.loads(json.dumps(dict(expected))))
+    have = flatten_json(dict(stored))
     missing = object()
     diffs = []
     for key, value in want.items():

@@ -89,8 +89,11 @@ class _OneSeed(_Executor):
         p = self.phases = Phases(c, mesh=c.mesh)
         self._sft_block = jax.jit(p.sft_block, static_argnums=4, donate_argnums=0)
         self._sft_heldout = jax.jit(p.sft_heldout)
-        self._update = jax.jit(p.update, donate_argnums=0)
-        self._iteration = jax.jit(p.iteration, donate_argnums=0) if c.pure_world else self._host_iteration
+        if c.pure_world:
+            self._iteration = jax.jit(p.iteration, donate_argnums=0)
+        else:  # the rollout is a Python turn loop; only the update after it is jitted
+            self._update = jax.jit(p.update, donate_argnums=0)
+            self._iteration = self._host_iteration
         # On a host world these roll out in Python (the agents' turns are jitted inside the world's rollout).
         jit_if_pure = jax.jit if c.pure_world else (lambda f: f)
         self._evaluate = jit_if_pure(p.evaluate)
@@ -321,16 +324,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
 
 
 def _without_seed(config: ml_collections.ConfigDict) -> dict:
-    flat = {}
-
-    def walk(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[f"{prefix}{k}"] = v
-
-    walk(json.loads(config.to_json_best_effort()))
+    flat = checkpoint.flatten_json(json.loads(config.to_json_best_effort()))
     flat.pop("seed")
     return flat
 
