@@ -326,6 +326,15 @@ class Qwen3(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """(float32 logits [B, L, V], cache): `logits(hidden(...))`. Only for callers that need every vocabulary
+        column at every slot (tests, HF parity); the hot paths take `hidden` and the rows they use."""
+        h, cache = self.hidden(tokens, positions, token_valid, cache)
+        return self.logits(h), cache
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """(final-norm hidden states [B, L, D] in the compute dtype, cache). Token i's logits are
+        `h[..., i, :] @ output_embedding().T`; see `gopo_jax.models.heads` for the used-rows-only heads."""
         chex.assert_rank([tokens, positions, token_valid], 2)
         chex.assert_equal_shape([tokens, positions, token_valid])
         chex.assert_type([tokens, positions], int)
@@ -356,14 +365,23 @@ class Qwen3(nnx.Module):
                 kv = new_kv
 
         x = self.norm(x)
-        if cfg.tie_word_embeddings:
-            logits = self.embed_tokens.attend(x)
-        else:
-            logits = self.lm_head(x)
-        logits = logits.astype(jnp.float32)
         if cache is None:
-            return logits, None
-        return logits, KVCache(k=kv[0], v=kv[1], valid=valid, index=index + length)
+            return x, None
+        return x, KVCache(k=kv[0], v=kv[1], valid=valid, index=index + length)
+
+    def output_embedding(self) -> jax.Array:
+        """[V, D]: row v is token v's output embedding (the tied input embedding, or the untied head's column)."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.embedding[...]
+        return self.lm_head.kernel[...].T
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """float32 [..., V] from hidden states: every vocabulary column (what sampling a token needs)."""
+        if self.config.tie_word_embeddings:
+            logits = self.embed_tokens.attend(h)
+        else:
+            logits = self.lm_head(h)
+        return logits.astype(jnp.float32)
 
 
 def positions_from_valid(valid: jax.Array) -> jax.Array:
