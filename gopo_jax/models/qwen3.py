@@ -81,10 +81,13 @@ class Qwen3Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    # Rows of hidden states turned into full-vocabulary logits at a time by the chunked heads
+    # (`gopo_jax.models.heads`): bounds the fp32 [rows, V] buffer, never [B, L, V].
+    logits_chunk: int = 1024
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+                     "num_kv_heads", "head_dim", "max_position_embeddings", "logits_chunk"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"Qwen3Config.{name} must be a positive int, got {value!r}")
