@@ -31,10 +31,18 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"  # both agents; see gopo_jax.models.qwen3.PRESETS
-    c.model.hidden_size = 64
-    c.model.num_layers = 2
-    c.model.intermediate_size = 128
+    # -1: the preset's own size.
+    c.model.hidden_size = -1
+    c.model.num_layers = -1
+    c.model.intermediate_size = -1
+    c.model.vocab_size = -1  # -1: the tokenizer's size rounded up to 64; or an embedding this large (>= tokenizer)
+    # dtype policy: matmuls, activations and KV caches in `dtype`; master weights and the optimizer state in
+    # `param_dtype` (bfloat16 compute with float32 masters is the accelerator setting).
     c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"  # recompute policy of the scanned layers: none | full | dots | dots_no_batch
+    c.model.attention = "auto"  # auto (cuDNN on GPU in bf16/fp16, else XLA) | xla | cudnn
+    c.model.logits_chunk = 1024  # rows per chunk of full-vocabulary logits in the CS heads (never [B, L, V])
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.temperature = 1.0

@@ -68,7 +68,11 @@ def make_mesh(cfg: Mapping[str, Any], devices=None) -> Mesh:
 
 
 def _fit_spec(names: tuple, shape: tuple[int, ...], mesh: Mesh, where: str) -> PartitionSpec:
-    """PartitionSpec for `names`, dropping mesh axes whose size does not divide the dimension."""
+    """PartitionSpec for `names`, dropping mesh axes whose size does not divide the dimension.
+
+    The spec is written the way jit reports the layout of an output (axes of size 1 left out, no trailing None):
+    a state placed by it and the same state returned by a jitted update then compare equal, so the update's
+    second call does not trace and compile again for a differently spelled but equal layout."""
     if len(names) != len(shape):
         raise ValueError(f"{where}: partition annotation {names} has {len(names)} entries but the array has shape "
                          f"{shape}; fix the module's partitioning metadata")
@@ -81,7 +85,10 @@ def _fit_spec(names: tuple, shape: tuple[int, ...], mesh: Mesh, where: str) -> P
                              f"{tuple(mesh.shape)}")
         if dim % math.prod(mesh.shape[a] for a in axes):
             axes = ()  # replicate this dimension rather than fail: uneven splits are not worth padding for
+        axes = tuple(a for a in axes if mesh.shape[a] > 1)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    while spec and spec[-1] is None:
+        spec.pop()
     return PartitionSpec(*spec)
 
 
@@ -131,6 +138,39 @@ def shard_params(tree: Any, mesh: Mesh) -> Any:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over ("data", "fsdp"); the other dimensions replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def batch_split_axes(mesh: Mesh, rows: int) -> tuple[str, ...]:
+    """The batch axes that `rows` rows are split over: ("data", "fsdp") when data*fsdp divides `rows`, else the
+    larger single axis that divides it, else () (every device holds every row).
+
+    Traced phases lay their batches out by this rule rather than leaving an uneven split to XLA (which pads the
+    rows and picks some layout of its own): a batch size that is not a multiple of data*fsdp still runs, on a
+    predictable fraction of the devices (`gopo_jax.train.phases.Phases` logs which batches fall back).
+    """
+    by_size = sorted(((axis,) for axis in BATCH_AXES), key=lambda axes: -mesh.shape[axes[0]])
+    for axes in (BATCH_AXES, *by_size):
+        shards = math.prod(mesh.shape[a] for a in axes)
+        if shards > 1 and rows % shards == 0:
+            return axes
+    return ()
+
+
+def rows_sharding(mesh: Mesh, rows: int) -> NamedSharding:
+    """Leading axis of `rows` rows split by `batch_split_axes`; the other dimensions replicated."""
+    axes = batch_split_axes(mesh, rows)
+    return NamedSharding(mesh, PartitionSpec(axes if axes else None))
+
+
+def constrain_rows(tree: Any, mesh: Mesh) -> Any:
+    """`jax.lax.with_sharding_constraint` of every array leaf with a leading (batch) axis to `rows_sharding`
+    (inside a trace); scalars are left to propagation. Typed PRNG key arrays are constrained like any other."""
+    def one(x):
+        if jax.numpy.ndim(x) == 0:
+            return x
+        return jax.lax.with_sharding_constraint(x, rows_sharding(mesh, x.shape[0]))
+
+    return jax.tree.map(one, tree)
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:

@@ -75,15 +75,22 @@ def sample_token(key: jax.Array, logits: jax.Array, *, temperature=1.0, top_k: i
     """
     chex.assert_rank(logits, 2)
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if isinstance(temperature, (int, float)) and temperature == 0:
-        ids = greedy
-    else:
-        temperature = jnp.asarray(temperature, jnp.float32)
+
+    def greedy(logits):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(logits):
         safe_t = jnp.where(temperature > 0, temperature, 1.0)
         filtered = filter_logits(logits / safe_t, top_k=top_k, top_p=top_p)
-        sampled = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-        ids = jnp.where(temperature > 0, sampled, greedy)
+        return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+    if isinstance(temperature, (int, float)):
+        ids = greedy(logits) if temperature == 0 else draw(logits)
+    else:
+        # A traced temperature: branch at run time, so a greedy call (temperature 0) skips the sort, filter and
+        # draw of a sampling step rather than computing them and masking them out (~6x the greedy step's cost).
+        temperature = jnp.asarray(temperature, jnp.float32)
+        ids = jax.lax.cond(temperature > 0, draw, greedy, logits)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), ids[:, None], axis=-1)[:, 0]
     return ids, logprob
 
@@ -101,9 +108,10 @@ def prefill(model: Qwen3, cache: KVCache, tokens: jax.Array, valid: jax.Array,
         start_positions = jnp.zeros((b,), jnp.int32)
     counts = jnp.cumsum(valid.astype(jnp.int32), axis=1)
     positions = start_positions[:, None] + jnp.maximum(counts - 1, 0)
-    logits, cache = model(tokens, positions.astype(jnp.int32), valid, cache)
+    h, cache = model.hidden(tokens, positions.astype(jnp.int32), valid, cache)
     last = length - 1 - jnp.argmax(valid[:, ::-1], axis=1)
-    last_logits = logits[jnp.arange(b), last]
+    # Only the row that predicts the next token becomes logits: [B, V], not [B, L, V].
+    last_logits = model.logits(h[jnp.arange(b), last])
     return last_logits, (start_positions + counts[:, -1]).astype(jnp.int32), cache
 
 
@@ -117,7 +125,7 @@ def decode(model: Qwen3, cache: KVCache, last_logits: jax.Array, key: jax.Array,
     A sequence stops after emitting any of `stop_tokens` (that token is output and counted) or after
     `max_lengths[b]` tokens; its later slots hold pad_id, log-prob 0 and are written with valid=False so the
     cache's reply slots stay aligned and the pads are invisible to later turns. Once every sequence has
-    stopped the remaining steps skip the model call.
+    stopped the remaining steps skip both the sampling and the model call (they only advance the cache).
     """
     chex.assert_rank([last_logits, start_positions, stop_tokens], [2, 1, 1])
     b = last_logits.shape[0]
@@ -126,19 +134,7 @@ def decode(model: Qwen3, cache: KVCache, last_logits: jax.Array, key: jax.Array,
         max_lengths = jnp.full((b,), max_new_tokens, jnp.int32)
     stop_tokens = jnp.asarray(stop_tokens, jnp.int32)
 
-    def run_model(ids, positions, active, cache):
-        logits, cache = nnx.merge(graphdef, state)(ids[:, None], positions[:, None], active[:, None], cache)
-        return logits[:, 0], cache
-
-    def skip_model(ids, positions, active, cache):
-        # Everything has stopped: only mark this slot as an invisible pad and advance.
-        zero = jnp.zeros((), jnp.int32)
-        valid = jax.lax.dynamic_update_slice(cache.valid, jnp.zeros((b, 1), bool), (zero, cache.index))
-        return last_logits.astype(jnp.float32), cache.replace(valid=valid, index=cache.index + 1)
-
-    def step(carry, _):
-        cache, logits, key, done, lengths, positions = carry
-        key, sub = jax.random.split(key)
+    def live_step(cache, logits, sub, done, lengths, positions):
         ids, logp = sample_token(sub, logits, temperature=temperature, top_k=top_k, top_p=top_p)
         active = ~done
         ids = jnp.where(active, ids, pad_id).astype(jnp.int32)
@@ -146,9 +142,25 @@ def decode(model: Qwen3, cache: KVCache, last_logits: jax.Array, key: jax.Array,
         lengths = lengths + active.astype(jnp.int32)
         stopped = active & jnp.any(ids[:, None] == stop_tokens[None, :], axis=-1)
         done = done | stopped | (lengths >= max_lengths)
-        logits, cache = jax.lax.cond(jnp.any(active), run_model, skip_model, ids, positions, active, cache)
+        model = nnx.merge(graphdef, state)
+        h, cache = model.hidden(ids[:, None], positions[:, None], active[:, None], cache)
         positions = positions + active.astype(jnp.int32)
-        return (cache, logits, key, done, lengths, positions), (ids, logp)
+        return (cache, model.logits(h[:, 0]), done, lengths, positions), (ids, logp)
+
+    def stopped_step(cache, logits, sub, done, lengths, positions):
+        # Every sequence has stopped: no sampling and no model call; the slot becomes an invisible pad.
+        zero = jnp.zeros((), jnp.int32)
+        valid = jax.lax.dynamic_update_slice(cache.valid, jnp.zeros((b, 1), bool), (zero, cache.index))
+        cache = cache.replace(valid=valid, index=cache.index + 1)
+        return (cache, logits, done, lengths, positions), (jnp.full((b,), pad_id, jnp.int32),
+                                                           jnp.zeros((b,), jnp.float32))
+
+    def step(carry, _):
+        cache, logits, key, done, lengths, positions = carry
+        key, sub = jax.random.split(key)  # outside the cond: the key stream does not depend on early stops
+        (cache, logits, done, lengths, positions), out = jax.lax.cond(
+            jnp.any(~done), live_step, stopped_step, cache, logits, sub, done, lengths, positions)
+        return (cache, logits, key, done, lengths, positions), out
 
     init = (cache, last_logits.astype(jnp.float32), key, max_lengths <= 0, jnp.zeros((b,), jnp.int32),
             start_positions.astype(jnp.int32))

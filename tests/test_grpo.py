@@ -7,7 +7,7 @@ from flax import nnx
 
 from gopo_jax.algorithms import grpo
 from gopo_jax.dialogue import scoring
-from gopo_jax.dialogue.layout import Trajectory
+from gopo_jax.dialogue.layout import Layout, Trajectory
 from gopo_jax.models import qwen3
 
 
@@ -44,12 +44,13 @@ def test_grpo_loss_token_mean_at_ratio_one():
                            num_kv_heads=1, head_dim=8, max_position_embeddings=32)
     gd, params = nnx.split(qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, 32)
-    # Dialogue 0 has 1 reply token, dialogue 1 has 3.
-    cs_mask = jnp.array([[0, 0, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0]], bool)
+    # Two turns of [decision | reply x 2]; dialogue 0 has 1 reply token, dialogue 1 has 3.
+    layout = Layout(context_len=0, customer_len=0, header_len=0, reply_len=2, max_turns=2)
+    cs_mask = jnp.array([[0, 0, 1, 0, 0, 0], [0, 1, 1, 0, 1, 0]], bool)
     traj = _trajectory(cs_mask, tokens)
-    logp, _ = scoring.cs_token_log_probs(nnx.merge(gd, params), traj)
+    logp, _ = scoring.cs_token_log_probs(nnx.merge(gd, params), traj, layout)
     traj = traj.replace(cs_logprob=logp)  # rollout policy = current policy: ratio 1
-    loss_fn = grpo.make_grpo_loss(gd, grpo.GRPOHyper(group_size=2, beta=0.0, aggregation="token-mean"))
+    loss_fn = grpo.make_grpo_loss(gd, layout, grpo.GRPOHyper(group_size=2, beta=0.0, aggregation="token-mean"))
     loss, (metrics, extras) = loss_fn({"cs": params}, {"mu": jnp.float32(0)}, grpo.GRPOBatch(
         traj=traj, rewards=jnp.array([1.0, 3.0])), None)
     # Advantages [-1, 1]; token-mean of -A over 4 tokens: -(-1 * 1 + 1 * 3) / 4.

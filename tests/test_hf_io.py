@@ -103,9 +103,10 @@ def test_load_onto_mesh(hf_checkpoint):
     hf_model, folder = hf_checkpoint
     mesh = jax.make_mesh((2, 2, 2), hf_io.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     ours = hf_io.from_pretrained(folder, mesh=mesh)
-    q = ours.layers[1].self_attn.q_proj.kernel[...]
-    assert q.sharding.spec == jax.P("fsdp", "tensor") and q.sharding.mesh.shape == mesh.shape
-    assert q.addressable_shards[0].data.shape == (TINY.hidden_size // 2, TINY.num_heads * TINY.head_dim // 2)
+    q = ours.layers.self_attn.q_proj.kernel[...]  # stacked [num_layers, D, H*hd]
+    assert q.sharding.spec == jax.P(None, "fsdp", "tensor") and q.sharding.mesh.shape == mesh.shape
+    assert q.addressable_shards[0].data.shape == (TINY.num_layers, TINY.hidden_size // 2,
+                                                  TINY.num_heads * TINY.head_dim // 2)
     assert ours.embed_tokens.embedding[...].sharding.spec == jax.P("tensor", "fsdp")
     assert ours.norm.scale[...].sharding.spec == jax.P(None)
     with jax.set_mesh(mesh):
@@ -118,17 +119,36 @@ def test_bf16_checkpoint_keeps_dtype(tmp_path):
     hf_io.save_pretrained(ours, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
     back = hf_io.from_pretrained(tmp_path)
-    assert back.config.param_dtype == "bfloat16" and back.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    assert back.config.param_dtype == "bfloat16" and back.layers.mlp.up_proj.kernel[...].dtype == jnp.bfloat16
     as_f32 = hf_io.from_pretrained(tmp_path, param_dtype="float32")
-    assert as_f32.layers[0].mlp.up_proj.kernel[...].dtype == jnp.float32
+    assert as_f32.layers.mlp.up_proj.kernel[...].dtype == jnp.float32
 
 
 def test_key_tables_are_inverse():
-    for path, _ in nnx.to_flat_state(nnx.state(qwen3.Qwen3(TINY.replace(tie_word_embeddings=False),
-                                                           rngs=nnx.Rngs(0)), nnx.Param)):
+    hf_names = set()
+    for path, var in nnx.to_flat_state(nnx.state(qwen3.Qwen3(TINY.replace(tie_word_embeddings=False),
+                                                             rngs=nnx.Rngs(0)), nnx.Param)):
         dotted = ".".join(map(str, path))
-        hf_name, _ = hf_io.ours_to_hf(dotted)
-        assert hf_io.hf_to_ours(hf_name)[0] == dotted
+        layers = range(var.get_value().shape[0]) if path[0] == "layers" else [None]
+        for layer in layers:
+            hf_name, _ = hf_io.ours_to_hf(dotted, layer)
+            assert hf_io.hf_to_ours(hf_name)[:2] == (dotted, layer)
+            hf_names.add(hf_name)
+    assert "model.layers.1.self_attn.q_proj.weight" in hf_names and len(hf_names) == 3 + 11 * TINY.num_layers
+    with pytest.raises(hf_io.HFModelError, match="layer index"):
+        hf_io.ours_to_hf("layers.mlp.up_proj.kernel")
+
+
+def test_layer_slices_land_in_place(hf_checkpoint):
+    """HF's model.layers.{i}.X is slice i of our stacked layers.X, both ways."""
+    hf_model, folder = hf_checkpoint
+    ours = hf_io.from_pretrained(folder)
+    hf_params = dict(hf_model.named_parameters())
+    for i in range(TINY.num_layers):
+        np.testing.assert_array_equal(np.asarray(ours.layers.mlp.down_proj.kernel[...][i]),
+                                      hf_params[f"model.layers.{i}.mlp.down_proj.weight"].detach().numpy().T)
+        np.testing.assert_array_equal(np.asarray(ours.layers.self_attn.k_norm.scale[...][i]),
+                                      hf_params[f"model.layers.{i}.self_attn.k_norm.weight"].detach().numpy())
 
 
 def test_errors(tmp_path):

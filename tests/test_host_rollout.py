@@ -46,7 +46,7 @@ def test_host_rollout_logprobs_match_training_forward(host_world):
                                                  world.vocab.strategy_ids)
     ea = scoring.chosen(logp_all, traj.strategy, traj.turn_mask)
     np.testing.assert_allclose(np.asarray(ea), np.asarray(traj.ea_logprob), atol=2e-4)
-    cs_logp, _ = scoring.cs_token_log_probs(nnx.merge(gc, params["cs"]), traj)
+    cs_logp, _ = scoring.cs_token_log_probs(nnx.merge(gc, params["cs"]), traj, world.layout)
     m = np.asarray(traj.cs_mask)
     np.testing.assert_allclose(np.asarray(cs_logp)[m], np.asarray(traj.cs_logprob)[m], atol=2e-4)
 

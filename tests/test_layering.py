@@ -40,6 +40,7 @@ LAYERS = {
     # 5 - the one entry point that turns a config into a run: the trainer, or for `method=prompted` the clients'
     # evaluation of an external chat model; experiments call it, nothing in gopo_jax does.
     "launch": 5,
+    "plan": 5,  # the memory planner: builds a run's abstract state and phases (train) to predict its bytes per device
 }
 # Same-level arrows that are part of the design, (from, to); the reverse of each stays forbidden, so no cycle forms.
 SAME_LEVEL = {

@@ -55,7 +55,7 @@ def test_param_shardings_follow_annotations_and_drop_uneven_axes():
     sh = parallel.param_shardings(tree, mesh)
     assert sh["kernel"].get_value().spec == P("fsdp", "tensor")
     assert sh["uneven"].get_value().spec == P(None, "tensor")
-    assert sh["scale"].get_value().spec == P(None)
+    assert sh["scale"].get_value().spec == P()  # written as jit writes an output's layout: no trailing None
     assert sh["plain"].get_value().spec == P()
     assert sh["count"].spec == P()
 
@@ -77,8 +77,12 @@ def test_qwen3_params_placed_by_their_annotations():
     _, params = nnx.split(qwen3.Qwen3(qwen3.get_config("tiny"), rngs=nnx.Rngs(0)), nnx.Param)
     placed = parallel.shard_params(params, mesh)
     assert placed["embed_tokens"]["embedding"][...].sharding.spec == P("tensor", "fsdp")
-    assert placed["layers"][0]["mlp"]["down_proj"]["kernel"][...].sharding.spec == P("tensor", "fsdp")
-    assert placed["norm"]["scale"][...].sharding.spec == P(None)
+    # the layers' parameters are stacked (a leading layer axis, never split)
+    assert placed["layers"]["mlp"]["down_proj"]["kernel"][...].sharding.spec == P(None, "tensor", "fsdp")
+    assert placed["norm"]["scale"][...].sharding.spec == P()
+    # an axis of size 1 splits nothing and is left out of the spec
+    one_tensor = parallel.shard_params(params, parallel.make_mesh({"data": 2, "fsdp": 4}))
+    assert one_tensor["layers"]["mlp"]["down_proj"]["kernel"][...].sharding.spec == P(None, None, "fsdp")
 
 
 def test_shard_batch_splits_leading_axis_over_data_and_fsdp():
@@ -90,6 +94,33 @@ def test_shard_batch_splits_leading_axis_over_data_and_fsdp():
     np.testing.assert_array_equal(placed["tokens"], batch["tokens"])
     with pytest.raises(ValueError, match=r"batch\['mask'\].*multiple of data\*fsdp = 4"):
         parallel.shard_batch({"mask": np.ones((6,), bool)}, mesh)
+
+
+@pytest.mark.parametrize("cfg,rows,axes", [
+    ({"data": 2, "fsdp": 4}, 16, ("data", "fsdp")),
+    ({"data": 2, "fsdp": 4}, 12, ("fsdp",)),  # 8 does not divide 12: the larger single axis that does
+    ({"data": 2, "fsdp": 4}, 6, ("data",)),
+    ({"data": 2, "fsdp": 4}, 3, ()),
+    ({"data": 8}, 4, ()),  # the size-1 fsdp axis is no split
+    ({"data": 2, "fsdp": 2, "tensor": 2}, 4, ("data", "fsdp")),
+])
+def test_batch_split_axes_largest_even_split(cfg, rows, axes):
+    mesh = parallel.make_mesh(cfg)
+    assert parallel.batch_split_axes(mesh, rows) == axes
+    assert parallel.rows_sharding(mesh, rows).spec == (P(axes) if axes else P(None))
+
+
+def test_constrain_rows_splits_every_leaf_by_its_rows():
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
+    tree = {"even": jnp.arange(16 * 3).reshape(16, 3), "uneven": jnp.arange(6.0), "scalar": jnp.float32(2.0),
+            "keys": jax.random.split(jax.random.key(0), 8)}
+    out = jax.jit(lambda t: parallel.constrain_rows(t, mesh))(tree)
+    assert {s.data.shape for s in out["even"].addressable_shards} == {(2, 3)}
+    assert {s.data.shape for s in out["uneven"].addressable_shards} == {(3,)}  # over data only
+    assert {s.data.shape for s in out["keys"].addressable_shards} == {(1,)}  # typed keys split like any array
+    out["keys"], tree["keys"] = jax.random.key_data(out["keys"]), jax.random.key_data(tree["keys"])
+    for k, x in tree.items():
+        np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(x))
 
 
 _DIST_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "SLURM_PROCID",

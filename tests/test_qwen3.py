@@ -52,9 +52,12 @@ def test_pad_token_content_does_not_matter(model):
     np.testing.assert_array_equal(np.asarray(a)[valid], np.asarray(b)[valid])
 
 
-def test_cache_chunks_match_full_forward(model):
+@pytest.mark.parametrize("kv_block", [128, 4, 5])  # one block; several; a clamped last block (S=12)
+def test_cache_chunks_match_full_forward(model, kv_block):
     tokens, positions, valid = _padded_batch()
     full, _ = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid))
+    model = nnx.merge(nnx.graphdef(qwen3.Qwen3(TINY.replace(kv_block=kv_block), rngs=nnx.Rngs(0))),
+                      nnx.state(model))
     cache = qwen3.init_cache(TINY, batch=2, max_len=12)
     chex.assert_shape(cache.k, (TINY.num_layers, 2, 12, TINY.num_kv_heads, TINY.head_dim))
     pieces = []
@@ -104,14 +107,62 @@ def test_forward_logprobs_skip_pads(model):
         assert (lp[row][~valid[row]] == 0).all() and lp[row][first] == 0
 
 
-def test_remat_same_gradients():
+@pytest.mark.parametrize("overrides", [{"remat": "full"}, {"remat": "dots"}, {"remat": "dots_no_batch"},
+                                       {"scan_unroll": TINY.num_layers}, {"remat": "dots", "scan_unroll": 2}])
+def test_remat_and_unroll_same_gradients(overrides):
     tokens, positions, valid = (jnp.asarray(a) for a in _padded_batch())
 
     def grads(cfg):
         m = qwen3.Qwen3(cfg, rngs=nnx.Rngs(1))
         return nnx.grad(lambda mm: qwen3.forward_logprobs(mm, tokens, positions, valid).sum())(m)
 
-    chex.assert_trees_all_close(grads(TINY), grads(TINY.replace(remat=True)), atol=1e-5)
+    chex.assert_trees_all_close(grads(TINY), grads(TINY.replace(**overrides)), atol=1e-5)
+
+
+def test_remat_bool_is_read_as_policy():
+    assert TINY.replace(remat=True).remat == "full" and TINY.replace(remat=False).remat == "none"
+
+
+def test_stacked_layers_equal_a_loop_over_slices(model):
+    """The scan over stacked parameters is the same computation as calling each layer slice in turn."""
+    tokens, positions, valid = (jnp.asarray(a) for a in _padded_batch())
+    graphdef, state = nnx.split(model.layers)
+
+    def attend(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=(jnp.tril(jnp.ones((8, 8), bool))[None, None]
+                                                           & valid[:, None, None, :]), scale=TINY.head_dim ** -0.5)
+
+    x = model.embed_tokens(tokens)
+    for i in range(TINY.num_layers):
+        x, _ = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))(x, positions, attend)
+    want = model.logits(model.norm(x))
+    got, _ = model(tokens, positions, valid)
+    np.testing.assert_allclose(np.asarray(got)[np.asarray(valid)], np.asarray(want)[np.asarray(valid)],
+                               atol=1e-5, rtol=0)
+
+
+def test_bf16_compute_fp32_params_end_to_end():
+    cfg32 = qwen3.get_config("small")
+    cfg16 = cfg32.replace(dtype="bfloat16")  # param_dtype stays float32 (master weights)
+    m32 = qwen3.Qwen3(cfg32, rngs=nnx.Rngs(3))
+    m16 = nnx.merge(nnx.graphdef(qwen3.Qwen3(cfg16, rngs=nnx.Rngs(3))), nnx.state(m32))
+    tokens, positions, valid = (jnp.asarray(a) for a in _padded_batch())
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(m16, nnx.Param)))
+    h, _ = m16.hidden(tokens, positions, valid)
+    assert h.dtype == jnp.bfloat16
+    logits16, _ = m16(tokens, positions, valid)
+    assert logits16.dtype == jnp.float32
+    logits32, _ = m32(tokens, positions, valid)
+    v = np.asarray(valid)
+    # bf16 has 8 mantissa bits: logits of this random model (std ~0.1-1) agree to a few 1e-2.
+    assert np.abs(np.asarray(logits16)[v] - np.asarray(logits32)[v]).max() < 0.1
+    cache = qwen3.init_cache(cfg16, batch=2, max_len=10)
+    assert cache.k.dtype == jnp.bfloat16
+    step_logits, cache = m16(tokens[:, :3], positions[:, :3], valid[:, :3], cache)
+    assert cache.k.dtype == jnp.bfloat16 and step_logits.dtype == jnp.float32
+    grads = nnx.grad(lambda mm: qwen3.forward_logprobs(mm, tokens, positions, valid).sum())(m16)
+    assert all(g.dtype == jnp.float32 and np.isfinite(np.asarray(g)).all()
+               for g in jax.tree.leaves(nnx.state(grads, nnx.Param)))
 
 
 def test_untied_has_lm_head_and_bf16_policy():
@@ -127,14 +178,17 @@ def test_untied_has_lm_head_and_bf16_policy():
 def test_every_param_is_annotated(model):
     specs = nnx.to_flat_state(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
     by_path = {".".join(map(str, path)): var.get_value() for path, var in specs}
-    assert len(by_path) == 3 + 11 * TINY.num_layers - 1  # tied: no lm_head
+    assert len(by_path) == 3 + 11 - 1  # stacked layers; tied: no lm_head
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         assert var.get_metadata("out_sharding"), path
+        if path[0] == "layers":  # a leading layer axis, never sharded
+            assert var.get_value().shape[0] == TINY.num_layers, path
+            assert len(var.get_metadata("out_sharding")) == var.get_value().ndim, path
     assert by_path["embed_tokens.embedding"] == jax.P("tensor", "fsdp")
-    assert by_path["layers.0.self_attn.q_proj.kernel"] == jax.P("fsdp", "tensor")
-    assert by_path["layers.1.self_attn.o_proj.kernel"] == jax.P("tensor", "fsdp")
-    assert by_path["layers.0.mlp.down_proj.kernel"] == jax.P("tensor", "fsdp")
-    assert by_path["layers.0.self_attn.k_norm.scale"] == jax.P(None)
+    assert by_path["layers.self_attn.q_proj.kernel"] == jax.P(None, "fsdp", "tensor")
+    assert by_path["layers.self_attn.o_proj.kernel"] == jax.P(None, "tensor", "fsdp")
+    assert by_path["layers.mlp.down_proj.kernel"] == jax.P(None, "tensor", "fsdp")
+    assert by_path["layers.self_attn.k_norm.scale"] == jax.P(None, None)
     assert by_path["norm.scale"] == jax.P(None)
 
 
@@ -142,8 +196,27 @@ def test_built_under_mesh_is_sharded():
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     with jax.set_mesh(mesh):
         m = qwen3.Qwen3(TINY, rngs=nnx.Rngs(0))
-    sharding = m.layers[0].mlp.gate_proj.kernel[...].sharding
-    assert sharding.spec == jax.P("fsdp", "tensor") and sharding.mesh.shape == mesh.shape
+    sharding = m.layers.mlp.gate_proj.kernel[...].sharding
+    assert sharding.spec == jax.P(None, "fsdp", "tensor") and sharding.mesh.shape == mesh.shape
+    tokens, positions, valid = (jnp.asarray(a) for a in _padded_batch())
+    graphdef, state = nnx.split(m)
+    with jax.set_mesh(mesh):  # the layer scan runs on the sharded stack
+        logits = jax.jit(lambda s: nnx.merge(graphdef, s)(tokens, positions, valid)[0])(state)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_layer_scan_keeps_activations_batch_split_under_a_mesh(model):
+    """Under `jax.set_mesh` the scanned layers' activations stay split over (data, fsdp) even with fsdp-sharded
+    weights, and the values equal the single-device forward."""
+    mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    tokens, positions, valid = (jnp.asarray(np.tile(a, (4, 1))) for a in _padded_batch())  # batch 8
+    expected = np.asarray(model.hidden(tokens, positions, valid)[0])
+    with jax.set_mesh(mesh):
+        graphdef, state = nnx.split(qwen3.Qwen3(TINY, rngs=nnx.Rngs(0)))  # same weights, fsdp-sharded
+        got = jax.jit(lambda s, t, p, v: nnx.merge(graphdef, s).hidden(t, p, v)[0])(state, tokens, positions, valid)
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
+    # Without the constraint GSPMD follows the weights: hidden states split over D by fsdp, batch replicated.
+    assert got.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp"))), got.ndim)
 
 
 def test_hf_dict_round_trip():
@@ -169,6 +242,12 @@ def test_config_errors():
         TINY.replace(num_kv_heads=3)
     with pytest.raises(ValueError, match="dtype"):
         TINY.replace(dtype="float64")
+    with pytest.raises(ValueError, match="remat must be one of"):
+        TINY.replace(remat="some")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        TINY.replace(attention="flash")
+    with pytest.raises(ValueError, match="scan_unroll must be a positive int"):
+        TINY.replace(scan_unroll=0)
     with pytest.raises(ValueError, match="unknown Qwen3Config field"):
         TINY.replace(n_layers=3)
     with pytest.raises(ValueError, match="unknown Qwen3 preset"):

@@ -160,3 +160,39 @@ def test_decode_inside_jit_and_scan_over_turns(model):
         got = np.asarray(logps[t])
         want = lp[:, 6 + 4 * t + 1: 6 + 4 * t + 4]
         assert np.abs(np.where(reply_valid[:, t], want - got, 0)).max() < 2e-5
+
+
+def test_prefill_logits_are_the_full_forward_at_each_rows_last_valid_slot(model):
+    tokens, valid = _prompt()
+    tokens = tokens.at[2, 5].set(0)
+    valid = valid.at[2, 5].set(False)  # row 2 ends in a pad: its last valid slot is 4
+    cache = qwen3.init_cache(TINY, 3, 8)
+    last, next_pos, cache = jax.jit(sampling.prefill)(model, cache, tokens, valid)
+    positions = jnp.maximum(jnp.cumsum(valid, 1) - 1, 0)
+    full, _ = model(tokens, positions, valid)
+    np.testing.assert_allclose(last, np.asarray(full)[[0, 1, 2], [5, 5, 4]], atol=1e-5)
+    np.testing.assert_array_equal(next_pos, [4, 4, 5])
+    assert int(cache.index) == 6
+
+
+def _top_level_primitives(jaxpr):
+    return {eqn.primitive.name for eqn in jaxpr.eqns}
+
+
+def test_decode_skips_sampling_and_model_once_every_row_stopped(model):
+    tokens, valid = _prompt()
+    cache = qwen3.init_cache(TINY, 3, 12)
+    last, pos, cache = sampling.prefill(model, cache, tokens, valid)
+    args = (cache, last, jax.random.key(0))
+    kw = dict(max_new_tokens=6, stop_tokens=jnp.array([5], jnp.int32), pad_id=PAD, temperature=1.0, top_p=0.9,
+              start_positions=pos)
+    # Every row stopped from the start: pads, log-prob 0, no tokens, invisible slots, the cache index still advanced.
+    toks, logp, lengths, out_cache = sampling.decode(model, *args, **kw, max_lengths=jnp.zeros((3,), jnp.int32))
+    assert (np.asarray(toks) == PAD).all() and not np.asarray(logp).any() and not np.asarray(lengths).any()
+    assert int(out_cache.index) == 12 and not np.asarray(out_cache.valid[:, 6:]).any()
+    # The scan body's only work outside its cond is the key split: sampling (random bits, the top-p sort) and
+    # the model (dot_general) sit inside the branch an all-stopped step skips.
+    jaxpr = jax.make_jaxpr(lambda c, l, k: sampling.decode(model, c, l, k, **kw))(*args)
+    scan = next(e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan")
+    body = _top_level_primitives(scan.params["jaxpr"].jaxpr)
+    assert "cond" in body and not body & {"random_bits", "sort", "dot_general", "argmax"}, body

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gopo_jax.dialogue import scoring
-from gopo_jax.dialogue.layout import Trajectory
+from gopo_jax.dialogue.layout import Layout, Trajectory
 
 Array = chex.Array
 
@@ -66,7 +66,7 @@ class DPOBatch:
     ref_seq_logp: jax.Array
 
 
-def make_dpo_loss(cs_graphdef: Any, hyper: DPOHyper):
+def make_dpo_loss(cs_graphdef: Any, layout: Layout, hyper: DPOHyper):
     """The loss over a `DPOBatch`."""
     g = hyper.group_size
 
@@ -74,7 +74,7 @@ def make_dpo_loss(cs_graphdef: Any, hyper: DPOHyper):
         del rng
         traj = batch.traj
         cs = nnx.merge(cs_graphdef, params["cs"])
-        logp = sequence_log_prob(scoring.cs_token_log_probs(cs, traj)[0], traj.cs_mask)
+        logp = sequence_log_prob(scoring.cs_token_log_probs(cs, traj, layout)[0], traj.cs_mask)
         per_group, aux = jax.vmap(lambda l, r, s: dpo_group_loss(l, r, s, beta=hyper.beta, margin=hyper.margin))(
             logp.reshape(-1, g), batch.ref_seq_logp.reshape(-1, g), batch.rewards.reshape(-1, g))
         has = aux["has_pairs"]

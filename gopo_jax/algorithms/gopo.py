@@ -278,7 +278,7 @@ def make_gopo_loss(expert_graphdef: Any, cs_graphdef: Any, layout: Layout, strat
             metrics["expert_ratio_mean"] = _masked_mean(jnp.exp(logp - traj.ea_logprob), traj.turn_mask)
 
         cs = nnx.merge(cs_graphdef, params["cs"])
-        cs_logp, cs_entropy = scoring.cs_token_log_probs(cs, traj)
+        cs_logp, cs_entropy = scoring.cs_token_log_probs(cs, traj, layout)
         # Without an EA there is no chosen strategy to be aligned with: every turn counts as aligned.
         aligned = traj.aligned if hyper.use_expert else jnp.ones_like(traj.aligned)
         rewards = jax.vmap(lambda a, v, q, s: cs_turn_rewards(a, v, q, s, mu, lambda_s=hyper.lambda_s))(

@@ -18,7 +18,7 @@ from flax import nnx
 
 from gopo_jax.algorithms import gopo
 from gopo_jax.dialogue import scoring
-from gopo_jax.dialogue.layout import Trajectory
+from gopo_jax.dialogue.layout import Layout, Trajectory
 from gopo_jax.metrics.group import group_normalise, zero_variance
 
 Array = chex.Array
@@ -54,7 +54,7 @@ class GRPOBatch:
     ref_cs_logp: jax.Array | None = None
 
 
-def make_grpo_loss(cs_graphdef: Any, hyper: GRPOHyper):
+def make_grpo_loss(cs_graphdef: Any, layout: Layout, hyper: GRPOHyper):
     """The loss over a `GRPOBatch`."""
     g = hyper.group_size
 
@@ -64,7 +64,7 @@ def make_grpo_loss(cs_graphdef: Any, hyper: GRPOHyper):
         rewards = batch.rewards
         adv_tok = sequence_to_tokens(grpo_advantages(rewards, g), traj.cs_mask)
         cs = nnx.merge(cs_graphdef, params["cs"])
-        logp, entropy = scoring.cs_token_log_probs(cs, traj)
+        logp, entropy = scoring.cs_token_log_probs(cs, traj, layout)
         loss, metrics = gopo.cs_policy_loss(
             logp, traj.cs_logprob, batch.ref_cs_logp if hyper.beta > 0 else None, adv_tok, traj.cs_mask,
             clip_eps=hyper.clip_eps, beta=hyper.beta, aggregation=hyper.aggregation, kl_clamp=hyper.kl_clamp)

@@ -4,8 +4,8 @@ No LLM gradient: the SFT Expert and CS stay as they are. What learns is which st
 
 * **State embedding** of an agent turn (`state_embedding`): the mean of the frozen Expert's input-embedding rows
   over the customer's last utterance (unit-normalised), the SOP stage one-hot and the turn index / (T_max − 1).
-  The model returns only logits, and the Expert's decision-position logits would need a second Expert pass in the
-  rollout; the customer's utterance is what carries their reaction, so its bag of embeddings is the cheap signal.
+  The Expert's decision-position hidden state stays inside `ModelAgents.act` (using it here would need a second
+  Expert pass); the customer's utterance is what carries their reaction, so its bag of embeddings is the cheap signal.
 * **Case bank** (`CaseBank`, fixed-size ring-buffer arrays kept in the train state's extras): one case per agent
   turn, (state embedding, strategy, soft return). New cases are written by the train step, once per rollout.
 * **Retrieval** (`retrieve`): cosine similarity to the valid cases, the top-K, weighted by a softmax of their

@@ -27,7 +27,7 @@ from flax import nnx
 
 from gopo_jax.algorithms import gopo
 from gopo_jax.dialogue import scoring
-from gopo_jax.dialogue.layout import Trajectory
+from gopo_jax.dialogue.layout import Layout, Trajectory
 from gopo_jax.models.qwen3 import positions_from_valid, previous_valid_slot
 from gopo_jax.models import qwen3
 
@@ -35,7 +35,8 @@ Array = chex.Array
 
 
 class ValueModel(nnx.Module):
-    """V(prefix): Qwen3 decoder layers + a scalar head. Same partition annotations as the policy's layers."""
+    """V(prefix): the Qwen3 decoder stack (`qwen3.stacked_layers`, run by the same layer scan, remat policy and
+    attention kernel as the policy) + a scalar head. Same partition annotations as the policy's layers."""
 
     def __init__(self, config: qwen3.Qwen3Config, *, rngs: nnx.Rngs):
         self.config = config
@@ -43,7 +44,7 @@ class ValueModel(nnx.Module):
         self.embed_tokens = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=dt, param_dtype=pdt,
             embedding_init=qwen3._partitioned(nnx.initializers.normal(0.02), ("tensor", "fsdp")), rngs=rngs)
-        self.layers = nnx.List([qwen3.DecoderLayer(config, rngs) for _ in range(config.num_layers)])
+        self.layers = qwen3.stacked_layers(config, rngs)
         self.norm = qwen3.RMSNorm(config.hidden_size, config.rms_norm_eps, pdt)
         self.value_head = nnx.Linear(config.hidden_size, 1, use_bias=True, dtype=dt, param_dtype=pdt,
                                      kernel_init=qwen3._partitioned(nnx.initializers.zeros, ("fsdp", None)),
@@ -52,11 +53,7 @@ class ValueModel(nnx.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array) -> jax.Array:
         """f32[B, L]: the value after reading slots <= i (garbage on pad slots; callers gather valid ones)."""
         chex.assert_rank([tokens, positions, token_valid], 2)
-        slot = jnp.arange(tokens.shape[1])
-        mask = (slot[None, :] <= slot[:, None])[None, None] & token_valid[:, None, None, :]
-        x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x, _ = layer(x, positions, mask, None)
+        x, _ = qwen3.run_layers(self.config, self.layers, self.embed_tokens(tokens), positions, token_valid)
         return self.value_head(self.norm(x))[..., 0].astype(jnp.float32)
 
 
@@ -171,7 +168,7 @@ class PPOBatch:
     ref_cs_logp: jax.Array | None = None
 
 
-def make_ppo_loss(cs_graphdef: Any, value_graphdef: Any, hyper: PPOHyper):
+def make_ppo_loss(cs_graphdef: Any, value_graphdef: Any, layout: Layout, hyper: PPOHyper):
     """The loss over a `PPOBatch`."""
 
     def loss_fn(params, extras, batch, rng):
@@ -179,7 +176,7 @@ def make_ppo_loss(cs_graphdef: Any, value_graphdef: Any, hyper: PPOHyper):
         traj = batch.traj
         mask = traj.cs_mask
         cs = nnx.merge(cs_graphdef, params["cs"])
-        logp, entropy = scoring.cs_token_log_probs(cs, traj)
+        logp, entropy = scoring.cs_token_log_probs(cs, traj, layout)
         loss_pg, metrics = gopo.cs_policy_loss(
             logp, traj.cs_logprob, batch.ref_cs_logp if hyper.beta > 0 else None, batch.advantages, mask,
             clip_eps=hyper.clip_eps, beta=hyper.beta, aggregation=hyper.aggregation, kl_clamp=hyper.kl_clamp)

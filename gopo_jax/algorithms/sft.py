@@ -27,6 +27,7 @@ from flax import nnx
 
 from gopo_jax.dialogue import scoring
 from gopo_jax.dialogue.layout import Layout, Trajectory
+from gopo_jax.models import heads
 from gopo_jax.models.qwen3 import positions_from_valid, previous_valid_slot
 
 BATCH_KEYS = ("tokens", "valid", "loss_mask")
@@ -48,12 +49,14 @@ def sft_loss(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, jax.Array]
     chex.assert_type([valid, loss_mask], bool)
 
     model = nnx.merge(graphdef, params)
-    logits, _ = model(tokens, positions_from_valid(valid), valid)
+    h, _ = model.hidden(tokens, positions_from_valid(valid), valid)
     prev, has_prev = previous_valid_slot(valid)
-    rows = jnp.arange(tokens.shape[0])[:, None]
-    # Reduce over the vocabulary first, then gather per slot: no second [B, L, V] copy.
-    logp = logits[rows, prev, tokens] - jax.nn.logsumexp(logits, axis=-1)[rows, prev]
-    correct = jnp.argmax(logits, axis=-1)[rows, prev] == tokens
+    # Each slot is predicted from its previous valid slot's hidden state; the chunked head turns those into one
+    # log-prob and one arg-max per slot without ever holding [B, L, V] logits.
+    h_prev = jnp.take_along_axis(h, prev[..., None], axis=1)
+    logp, argmax = heads.token_log_probs_and_argmax(h_prev, model.output_embedding(), tokens,
+                                                    chunk=model.config.logits_chunk)
+    correct = argmax == tokens
 
     is_target = (loss_mask & has_prev).astype(jnp.float32)
     num_tokens = jnp.sum(is_target)
@@ -120,7 +123,7 @@ def make_warm_start_loss(expert_graphdef: Any, cs_graphdef: Any, layout: Layout,
             metrics["sft_expert_skipped"] = 1.0 - _masked_mean(imitable.astype(jnp.float32), traj.turn_mask)
             loss = loss + loss_e
         cs = nnx.merge(cs_graphdef, params["cs"])
-        cs_logp, _ = scoring.cs_token_log_probs(cs, traj)
+        cs_logp, _ = scoring.cs_token_log_probs(cs, traj, layout)
         loss_c = -_masked_mean(cs_logp, traj.cs_mask)
         metrics["sft_cs_nll"] = loss_c
         return loss + loss_c, (metrics, extras)

@@ -29,7 +29,7 @@ from gopo_jax import sampling
 from gopo_jax.dialogue.layout import Layout, Trajectory
 from gopo_jax.dialogue.sop import UNRECOGNISED, masked_strategy_log_softmax
 from gopo_jax.dialogue.env_protocol import JaxEnv, TurnSignals
-from gopo_jax.models import qwen3
+from gopo_jax.models import heads, qwen3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +120,14 @@ class ModelAgents:
         b = context.shape[0]
         cs = nnx.merge(self.cs_graphdef, params["cs"])
         pos = _positions(jnp.zeros((b,), jnp.int32), context_valid)
+        # The context only fills the caches: nothing is predicted from it, so no logits.
         cs_cache = qwen3.init_cache(cs.config, b, self.layout.length)
-        _, cs_cache = cs(context, pos, context_valid, cs_cache)
+        _, cs_cache = cs.hidden(context, pos, context_valid, cs_cache)
         expert_cache = None
         if self.sampling.use_expert:
             expert = nnx.merge(self.expert_graphdef, params["expert"])
             expert_cache = qwen3.init_cache(expert.config, b, self.layout.length)
-            _, expert_cache = expert(context, pos, context_valid, expert_cache)
+            _, expert_cache = expert.hidden(context, pos, context_valid, expert_cache)
         return ModelAgentsState(expert_cache=expert_cache, cs_cache=cs_cache,
                                 num_valid=context_valid.sum(-1).astype(jnp.int32))
 
@@ -142,9 +143,11 @@ class ModelAgents:
         expert_cache = carry.expert_cache
         if cfg.use_expert:
             expert = nnx.merge(self.expert_graphdef, params["expert"])
-            logits, expert_cache = expert(chunk, pos, chunk_valid, expert_cache)
+            h, expert_cache = expert.hidden(chunk, pos, chunk_valid, expert_cache)
             allowed = inp.allowed if cfg.sop_mask else jnp.ones_like(inp.allowed)
-            logp_all = masked_strategy_log_softmax(logits[:, -1, :][:, strategy_ids], allowed)
+            # The decision is predicted from the chunk's last slot (the header's stage token), n_k rows only.
+            strategy_logits = heads.row_logits(h[:, -1, :], expert.output_embedding(), strategy_ids)
+            logp_all = masked_strategy_log_softmax(strategy_logits, allowed)
             if cfg.expert_greedy:
                 strategy = jnp.argmax(logp_all, axis=-1).astype(jnp.int32)
             else:
@@ -160,9 +163,9 @@ class ModelAgents:
         cs = nnx.merge(self.cs_graphdef, params["cs"])
         cs_chunk = jnp.concatenate([chunk, decision_tok[:, None]], axis=1)
         cs_valid = jnp.concatenate([chunk_valid, decision_valid[:, None]], axis=1)
-        logits, cs_cache = cs(cs_chunk, _positions(carry.num_valid, cs_valid), cs_valid, carry.cs_cache)
+        h, cs_cache = cs.hidden(cs_chunk, _positions(carry.num_valid, cs_valid), cs_valid, carry.cs_cache)
         # The reply is predicted from the last *valid* slot: the decision token, or the header without an EA.
-        last_logits = jnp.where(decision_valid[:, None], logits[:, -1, :], logits[:, -2, :])
+        last_logits = cs.logits(jnp.where(decision_valid[:, None], h[:, -1, :], h[:, -2, :]))
         n_before_reply = n_after_chunk + decision_valid.astype(jnp.int32)
         reply, reply_logp, lengths, cs_cache = sampling.decode(
             cs, cs_cache, last_logits, k_cs, max_new_tokens=self.layout.reply_len,
@@ -173,7 +176,7 @@ class ModelAgents:
         if cfg.use_expert:
             tail = jnp.concatenate([decision_tok[:, None], reply], axis=1)
             tail_valid = jnp.concatenate([decision_valid[:, None], reply_valid], axis=1)
-            _, expert_cache = expert(tail, _positions(n_after_chunk, tail_valid), tail_valid, expert_cache)
+            _, expert_cache = expert.hidden(tail, _positions(n_after_chunk, tail_valid), tail_valid, expert_cache)
         carry = ModelAgentsState(expert_cache=expert_cache, cs_cache=cs_cache,
                                  num_valid=n_before_reply + lengths.astype(jnp.int32))
         return carry, TurnAction(strategy=strategy, strategy_logp=strategy_logp, decision_valid=decision_valid,
@@ -269,23 +272,57 @@ def assemble(layout: Layout, context, context_valid, turns: dict, signals: TurnS
     return traj
 
 
+def _turn_input(vocab: AgentVocab, state, obs) -> TurnInput:
+    active = ~obs.done
+    header, header_valid = make_header(vocab, obs.stage, active)
+    return TurnInput(customer=jnp.where(obs.customer_valid & active[:, None], obs.customer, vocab.pad),
+                     customer_valid=obs.customer_valid & active[:, None], header=header,
+                     header_valid=header_valid, allowed=obs.allowed, active=active, env_state=state)
+
+
+def _no_action(vocab: AgentVocab, batch: int, reply_len: int) -> TurnAction:
+    """What a dialogue that has ended does on a turn: no strategy, no decision token, an all-pad reply."""
+    return TurnAction(strategy=jnp.full((batch,), UNRECOGNISED, jnp.int32),
+                      strategy_logp=jnp.zeros((batch,), jnp.float32), decision_valid=jnp.zeros((batch,), bool),
+                      reply=jnp.full((batch, reply_len), vocab.pad, jnp.int32),
+                      reply_valid=jnp.zeros((batch, reply_len), bool),
+                      reply_logp=jnp.zeros((batch, reply_len), jnp.float32))
+
+
+def _record(vocab: AgentVocab, inp: TurnInput, act: TurnAction) -> dict:
+    decision = jnp.where(act.decision_valid, jnp.asarray(vocab.strategy_ids)[jnp.clip(act.strategy, 0)], vocab.pad)
+    return {"customer": inp.customer, "customer_valid": inp.customer_valid, "header": inp.header,
+            "header_valid": inp.header_valid, "decision": decision, "decision_valid": act.decision_valid,
+            "reply": act.reply, "reply_valid": act.reply_valid, "reply_logp": act.reply_logp,
+            "strategy": act.strategy, "strategy_logp": act.strategy_logp, "allowed": inp.allowed,
+            "active": inp.active}
+
+
 def _turn(env: JaxEnv, vocab: AgentVocab, agents, params, agent_key, loop, t):
     """One agent turn for a batch of dialogues (the body of the scan, and of the Python turn loop)."""
     state, obs, carry = loop
-    active = ~obs.done
-    header, header_valid = make_header(vocab, obs.stage, active)
-    inp = TurnInput(customer=jnp.where(obs.customer_valid & active[:, None], obs.customer, vocab.pad),
-                    customer_valid=obs.customer_valid & active[:, None], header=header,
-                    header_valid=header_valid, allowed=obs.allowed, active=active, env_state=state)
+    inp = _turn_input(vocab, state, obs)
     carry, act = agents.act(params, carry, inp, jax.random.fold_in(agent_key, t))
+    # Ended dialogues act `_no_action` whatever the agents computed for them (e.g. an Expert's draw from a
+    # finished dialogue's state), so the record does not depend on running the agents for them: `_ended_turn`.
+    b, reply_len = act.reply.shape
+    act = jax.tree.map(lambda a, none: jnp.where(inp.active.reshape((b,) + (1,) * (a.ndim - 1)), a, none),
+                       act, _no_action(vocab, b, reply_len))
     new_state, new_obs, signals = jax.vmap(env.step)(state, act.strategy, act.reply, act.reply_valid)
-    decision = jnp.where(act.decision_valid, jnp.asarray(vocab.strategy_ids)[jnp.clip(act.strategy, 0)], vocab.pad)
-    record = {"customer": inp.customer, "customer_valid": inp.customer_valid, "header": header,
-              "header_valid": header_valid, "decision": decision, "decision_valid": act.decision_valid,
-              "reply": act.reply, "reply_valid": act.reply_valid, "reply_logp": act.reply_logp,
-              "strategy": act.strategy, "strategy_logp": act.strategy_logp, "allowed": obs.allowed,
-              "active": active}
-    return (new_state, new_obs, carry), (record, signals)
+    return (new_state, new_obs, carry), (_record(vocab, inp, act), signals)
+
+
+def _ended_turn(vocab: AgentVocab, reply_len: int, signals_shape, loop):
+    """A turn of a batch whose dialogues have all ended, without running the agents or the environment: the record
+    `_turn` writes for ended dialogues, the state and the observation as they are (an ended environment's step is
+    a no-op; the record reads the observation only through the stage and the SOP mask, which it keeps) and the
+    signals an ended environment emits (zero, no realised strategy, done)."""
+    state, obs, carry = loop
+    inp = _turn_input(vocab, state, obs)
+    signals = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), signals_shape)
+    signals = signals.replace(realised=jnp.full_like(signals.realised, UNRECOGNISED),
+                              done=jnp.ones_like(signals.done))
+    return (state, obs, carry), (_record(vocab, inp, _no_action(vocab, inp.active.shape[0], reply_len)), signals)
 
 
 def _start(env: JaxEnv, agents, params, env_keys):
@@ -297,9 +334,19 @@ def rollout_jax(env: JaxEnv, layout: Layout, vocab: AgentVocab, agents, params, 
                 agent_key: jax.Array) -> Trajectory:
     """Runs B dialogues (one per env key) to the end, entirely in traced JAX: `jax.jit` it with env/layout/vocab/
     agents static (see `make_rollout`). Groups of G rollouts from one start state repeat an env key
-    (`World.group_episodes`); the agents' randomness comes from `agent_key`, folded with the turn index."""
+    (`World.group_episodes`); the agents' randomness comes from `agent_key`, folded with the turn index.
+
+    Once every dialogue of the batch has ended, the remaining turns skip the agents and the environment
+    (`_ended_turn` records the same; under `jax.vmap` the cond runs both branches, which is still correct)."""
     state, context, context_valid, obs, carry = _start(env, agents, params, env_keys)
-    turn = functools.partial(_turn, env, vocab, agents, params, agent_key)
+    live = functools.partial(_turn, env, vocab, agents, params, agent_key)
+    none = _no_action(vocab, env_keys.shape[0], layout.reply_len)
+    signals_shape = jax.eval_shape(jax.vmap(env.step), state, none.strategy, none.reply, none.reply_valid)[2]
+    ended = functools.partial(_ended_turn, vocab, layout.reply_len, signals_shape)
+
+    def turn(loop, t):
+        return jax.lax.cond(jnp.any(~loop[1].done), live, lambda lp, _: ended(lp), loop, t)
+
     (state, _, _), (turns, signals) = jax.lax.scan(turn, (state, obs, carry), jnp.arange(layout.max_turns))
     return assemble(layout, context, context_valid, turns, signals, jax.vmap(env.outcome)(state))
 

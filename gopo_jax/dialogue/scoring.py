@@ -1,8 +1,13 @@
 """Re-scoring rolled-out trajectories with (current or reference) models: one forward pass per agent over the buffer.
 
-The Expert's log-probs are read at its decision positions (the slot before each decision token is the header's
-stage token, always valid on an active turn) and restricted to the strategy tokens under the SOP mask; the CS's
-log-probs are per token, predicted from the previous *valid* slot (pads are invisible, see `layout`).
+The model returns hidden states only; each agent turns into logits just the slots and vocabulary rows it reads
+(`gopo_jax.models.heads`), never [B, L, V]:
+
+* the Expert's log-probs are read at its decision positions (the slot before each decision token is the header's
+  stage token, always valid on an active turn): the n_k strategy rows of the output embedding at T slots, under the
+  SOP mask;
+* the CS's log-probs and entropies are read at the reply slots of the layout (the only slots `cs_mask` can mark),
+  each predicted from the previous *valid* slot (pads are invisible, see `layout`), through the chunked head.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import numpy as np
 
 from gopo_jax.dialogue.layout import Layout, Trajectory
 from gopo_jax.dialogue.sop import masked_strategy_log_softmax
+from gopo_jax.models import heads
 from gopo_jax.models.qwen3 import positions_from_valid, previous_valid_slot
 
 
@@ -21,13 +27,19 @@ def decision_logit_positions(layout: Layout) -> np.ndarray:
     return np.asarray([layout.decision_pos(t) - 1 for t in range(layout.max_turns)], np.int32)
 
 
+def reply_positions(layout: Layout) -> np.ndarray:
+    """int[T * Lr]: every CS reply slot of the buffer, turn after turn (a superset of any `cs_mask`)."""
+    return np.asarray([layout.reply_start(t) + j for t in range(layout.max_turns) for j in range(layout.reply_len)],
+                      np.int32)
+
+
 def expert_strategy_log_probs(expert, traj: Trajectory, layout: Layout, strategy_ids, *, sop_mask: bool = True
                               ) -> jax.Array:
     """f32[B, T, n_k]: log π_E(k | x_t) for every strategy under the masked softmax (all-allowed without the SOP
     mask ablation, matching what the rollout sampled from)."""
-    logits, _ = expert(traj.tokens, positions_from_valid(traj.valid), traj.valid)
-    at_decisions = logits[:, decision_logit_positions(layout), :]
-    strategy_logits = at_decisions[..., jnp.asarray(strategy_ids, jnp.int32)]
+    h, _ = expert.hidden(traj.tokens, positions_from_valid(traj.valid), traj.valid)
+    at_decisions = h[:, decision_logit_positions(layout), :]  # [B, T, D]
+    strategy_logits = heads.row_logits(at_decisions, expert.output_embedding(), jnp.asarray(strategy_ids, jnp.int32))
     allowed = traj.allowed if sop_mask else jnp.ones_like(traj.allowed)
     return masked_strategy_log_softmax(strategy_logits, allowed & traj.turn_mask[..., None])
 
@@ -39,18 +51,22 @@ def chosen(log_probs: jax.Array, strategy: jax.Array, turn_mask: jax.Array) -> j
     return jnp.where(turn_mask, picked, 0.0)
 
 
-def token_log_probs_and_entropy(logits: jax.Array, tokens: jax.Array, valid: jax.Array
-                                ) -> tuple[jax.Array, jax.Array]:
-    """(log p(token_i | valid slots < i), entropy of that predictive distribution), both f32[B, L], 0 where there
-    is no valid previous slot or the slot is a pad."""
-    prev, has_prev = previous_valid_slot(valid)
-    rows = jnp.arange(tokens.shape[0])[:, None]
-    pred = jax.nn.log_softmax(logits[rows, prev], axis=-1)  # [B, L, V]
-    logp = jnp.take_along_axis(pred, tokens[..., None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(pred) * pred, axis=-1)
-    return jnp.where(has_prev, logp, 0.0), jnp.where(has_prev, entropy, 0.0)
+def cs_token_log_probs(cs, traj: Trajectory, layout: Layout) -> tuple[jax.Array, jax.Array]:
+    """(log p(token_i | valid slots < i), entropy of that predictive distribution), both f32[B, L], filled at the
+    reply slots of `layout` and 0 elsewhere, and 0 where the slot is a pad or has no valid slot before it.
+    Callers read them under `traj.cs_mask` (reply slots only)."""
+    chex.assert_shape([traj.tokens, traj.valid], (None, layout.length))
+    b = traj.tokens.shape[0]
+    h, _ = cs.hidden(traj.tokens, positions_from_valid(traj.valid), traj.valid)
+    slots = reply_positions(layout)
+    prev, has_prev = previous_valid_slot(traj.valid)
+    prev, has_prev = prev[:, slots], has_prev[:, slots]  # [B, R]
+    h_prev = jnp.take_along_axis(h, prev[..., None], axis=1)  # [B, R, D]: the hidden state that predicts each slot
+    logp, entropy = heads.token_log_probs_and_entropy(h_prev, cs.output_embedding(), traj.tokens[:, slots],
+                                                      chunk=cs.config.logits_chunk)
+    zeros = jnp.zeros(traj.tokens.shape, jnp.float32)
 
+    def scatter(x):
+        return zeros.at[:, slots].set(jnp.where(has_prev, x.reshape(b, -1), 0.0))
 
-def cs_token_log_probs(cs, traj: Trajectory) -> tuple[jax.Array, jax.Array]:
-    logits, _ = cs(traj.tokens, positions_from_valid(traj.valid), traj.valid)
-    return token_log_probs_and_entropy(logits, traj.tokens, traj.valid)
+    return scatter(logp), scatter(entropy)

@@ -225,8 +225,9 @@ class CausalLMJudge(Judge):
         model = nnx.merge(self._graphdef, state)
         valid = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
         positions = jnp.where(valid, jnp.arange(tokens.shape[1])[None, :], 0).astype(jnp.int32)
-        logits, _ = model(tokens, positions, valid)
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        h, _ = model.hidden(tokens, positions, valid)
+        # Only the slot where the judge writes its score becomes logits: [B, V], not [B, L, V].
+        last = model.logits(jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0])
         return jax.vmap(score_from_logits, in_axes=(0, None))(last, self.score_ids)
 
     def score_prompts(self, prompts):

@@ -2,9 +2,11 @@
 
 `from_pretrained` reads a local `Qwen3ForCausalLM` folder (config.json + model.safetensors, or shards listed in
 model.safetensors.index.json). Names map through a regex table with a per-key transform (HF Linear weights are
-[out, in], ours [in, out]; norms and the embedding are stored as is). The model is built abstractly
-(`nnx.eval_shape`, no memory) and filled one tensor at a time with `jax.device_put(host_array, sharding)`, so a
-sharded model never passes through a single device. `save_pretrained` writes a folder that
+[out, in], ours [in, out]; norms and the embedding are stored as is). Our decoder layers are stacked
+(`qwen3.stacked_layers`): HF's `model.layers.{i}.X` is slice i of our `layers.X` [num_layers, ...], both ways.
+The model is built abstractly (`nnx.eval_shape`, no memory) and filled one parameter at a time (a stacked one
+assembled on the host from its num_layers tensors) with `jax.device_put(host_array, sharding)`, so a sharded
+model never passes through a single device. `save_pretrained` writes a folder that
 `transformers.Qwen3ForCausalLM.from_pretrained` loads.
 
 Every problem a person can cause (wrong folder, other architecture, a shape or name mismatch, a tokenizer with
@@ -43,47 +45,56 @@ def _transpose(x):
     return x.T
 
 
-# HF tensor name -> (our dotted parameter path as a match template, transform). Applied at load time.
+# HF tensor name -> (our dotted parameter path as a match template, transform). Applied at load time. A pattern
+# with a `layer` group names slice `layer` of a stacked parameter (`qwen3.stacked_layers`: [num_layers, ...]).
 _HF_TO_OURS = [
     (re.compile(r"^model\.embed_tokens\.weight$"), "embed_tokens.embedding", _same),
     (re.compile(r"^model\.norm\.weight$"), "norm.scale", _same),
     (re.compile(r"^lm_head\.weight$"), "lm_head.kernel", _transpose),
-    (re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight$"),
-     r"layers.\1.\2.kernel", _transpose),
-    (re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qk]_norm|input_layernorm|post_attention_layernorm)\.weight$"),
-     r"layers.\1.\2.scale", _same),
+    (re.compile(r"^model\.layers\.(?P<layer>\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight$"),
+     r"layers.\2.kernel", _transpose),
+    (re.compile(r"^model\.layers\.(?P<layer>\d+)\.(self_attn\.[qk]_norm|input_layernorm|post_attention_layernorm)"
+                r"\.weight$"),
+     r"layers.\2.scale", _same),
 ]
-# Our path -> HF name, the inverse table used when saving.
+# Our path (+ layer for stacked ones) -> HF name, the inverse table used when saving.
 _OURS_TO_HF = [
     (re.compile(r"^embed_tokens\.embedding$"), "model.embed_tokens.weight", _same),
     (re.compile(r"^norm\.scale$"), "model.norm.weight", _same),
     (re.compile(r"^lm_head\.kernel$"), "lm_head.weight", _transpose),
-    (re.compile(r"^layers\.(\d+)\.(.+)\.kernel$"), r"model.layers.\1.\2.weight", _transpose),
-    (re.compile(r"^layers\.(\d+)\.(.+)\.scale$"), r"model.layers.\1.\2.weight", _same),
+    (re.compile(r"^layers\.(.+)\.kernel$"), r"model.layers.{layer}.\1.weight", _transpose),
+    (re.compile(r"^layers\.(.+)\.scale$"), r"model.layers.{layer}.\1.weight", _same),
 ]
 # Buffers some exporters write that carry no parameters.
 _IGNORED_HF = re.compile(r"rotary_emb\.inv_freq$")
 
 
-def _map_name(table, name: str):
-    for pattern, template, transform in table:
-        m = pattern.match(name)
-        if m:
-            return m.expand(template), transform
-    return None, None
+def _is_stacked(path: str) -> bool:
+    """Parameters of the stacked decoder layers carry a leading layer axis."""
+    return path.startswith("layers.")
 
 
 def hf_to_ours(name: str):
-    """(our dotted path, transform) for an HF tensor name, or (None, None) if it is not a Qwen3 weight."""
-    return _map_name(_HF_TO_OURS, name)
+    """(our dotted path, layer index or None, transform) for an HF tensor name; (None, None, None) if it is not a
+    Qwen3 weight. `model.layers.{i}.X` is slice i of our stacked `layers.X`."""
+    for pattern, template, transform in _HF_TO_OURS:
+        m = pattern.match(name)
+        if m:
+            layer = m.groupdict().get("layer")
+            return m.expand(template), None if layer is None else int(layer), transform
+    return None, None, None
 
 
-def ours_to_hf(path: str):
-    """(HF tensor name, transform) for our dotted parameter path."""
-    hf, transform = _map_name(_OURS_TO_HF, path)
-    if hf is None:
-        raise HFModelError(f"parameter {path!r} has no Hugging Face name in hf_io._OURS_TO_HF")
-    return hf, transform
+def ours_to_hf(path: str, layer: int | None = None):
+    """(HF tensor name, transform) for our dotted parameter path; `layer` picks the slice of a stacked one."""
+    if _is_stacked(path) != (layer is not None):
+        raise HFModelError(f"parameter {path!r}: a layer index is needed exactly for the stacked layers.* "
+                           f"parameters, got layer={layer!r}")
+    for pattern, template, transform in _OURS_TO_HF:
+        m = pattern.match(path)
+        if m:
+            return m.expand(template).format(layer=layer), transform
+    raise HFModelError(f"parameter {path!r} has no Hugging Face name in hf_io._OURS_TO_HF")
 
 
 def _dotted(path) -> str:
@@ -163,18 +174,22 @@ def from_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, dtype: str |
     targets = {_dotted(p): (p, v) for p, v in nnx.to_flat_state(abs_state)}
     specs = {_dotted(p): v.get_value() for p, v in nnx.to_flat_state(nnx.get_partition_spec(abs_state))}
 
+    # One slot per HF tensor: (our path, None) or, for the stacked layers, (our path, layer index).
+    slots = {(ours, i): var.shape[1:] for ours, (_, var) in targets.items() if _is_stacked(ours)
+             for i in range(var.shape[0])}
+    slots.update({(ours, None): var.shape for ours, (_, var) in targets.items() if not _is_stacked(ours)})
     plan, unexpected = {}, []
     for name in sorted(files):
-        ours, transform = hf_to_ours(name)
+        ours, layer, transform = hf_to_ours(name)
         if ours is None and _IGNORED_HF.search(name):
             continue
         if ours == "lm_head.kernel" and config.tie_word_embeddings:
             continue  # some exports store the tied head too; the embedding is the source of truth
-        if ours is None or ours not in targets:
+        if ours is None or (ours, layer) not in slots:
             unexpected.append(name)
         else:
-            plan[ours] = (name, transform)
-    missing = sorted(ours_to_hf(p)[0] for p in targets if p not in plan)
+            plan[(ours, layer)] = (name, transform)
+    missing = sorted(ours_to_hf(*slot)[0] for slot in slots if slot not in plan)
     if missing or unexpected:
         raise HFModelError(
             f"{folder} does not match its config.json ({config.num_layers} layers, tie_word_embeddings="
@@ -182,22 +197,33 @@ def from_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, dtype: str |
             f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
 
     # Check every shape from the file headers before moving any data.
-    for ours, (_, var) in targets.items():
-        name, transform = plan[ours]
-        want = tuple(var.shape[::-1]) if transform is _transpose else tuple(var.shape)
+    for (ours, layer), shape in slots.items():
+        name, transform = plan[(ours, layer)]
+        want = tuple(shape[::-1]) if transform is _transpose else tuple(shape)
         with safe_open(files[name], framework="np") as f:
             got = tuple(f.get_slice(name).get_shape())
         if got != want:
             raise HFModelError(
-                f"tensor {name} in {files[name]} has shape {got} but config.json implies {want} (our {ours} is "
-                f"{tuple(var.shape)}); the weights and config.json come from different models")
+                f"tensor {name} in {files[name]} has shape {got} but config.json implies {want} (our {ours}"
+                f"{'' if layer is None else f'[{layer}]'} is {tuple(shape)}); the weights and config.json come "
+                f"from different models")
 
     target_dtype = jnp.dtype(config.param_dtype)  # bfloat16 is ml_dtypes', numpy-compatible
+
+    def read(ours, layer):
+        name, transform = plan[(ours, layer)]
+        with safe_open(files[name], framework="np") as f:
+            return transform(f.get_tensor(name)).astype(target_dtype)
+
     flat = []
     for ours, (path, var) in targets.items():
-        name, transform = plan[ours]
-        with safe_open(files[name], framework="np") as f:
-            host = np.ascontiguousarray(transform(f.get_tensor(name)).astype(target_dtype))
+        if _is_stacked(ours):
+            # One stacked parameter at a time is assembled on the host ([num_layers, ...] of one kind).
+            host = np.empty(var.shape, target_dtype)
+            for layer in range(var.shape[0]):
+                host[layer] = read(ours, layer)
+        else:
+            host = np.ascontiguousarray(read(ours, None))
         if mesh is None:
             value = jax.device_put(host)
         else:
@@ -215,19 +241,22 @@ def save_pretrained(model: Qwen3, path, *, max_shard_bytes: int = 4 * 2**30) -> 
     folder = pathlib.Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
-    entries = []
+    entries = []  # (HF name, transform, our value, layer slice or None, bytes)
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name, transform = ours_to_hf(_dotted(p))
-        value = var.get_value()
-        entries.append((name, transform, value, int(np.prod(value.shape)) * value.dtype.itemsize))
+        path, value = _dotted(p), var.get_value()
+        layers = range(value.shape[0]) if _is_stacked(path) else [None]
+        for layer in layers:
+            name, transform = ours_to_hf(path, layer)
+            shape = value.shape if layer is None else value.shape[1:]
+            entries.append((name, transform, value, layer, int(np.prod(shape)) * value.dtype.itemsize))
 
     shards, current, size = [], [], 0
     for entry in entries:
-        if current and size + entry[3] > max_shard_bytes:
+        if current and size + entry[4] > max_shard_bytes:
             shards.append(current)
             current, size = [], 0
         current.append(entry)
-        size += entry[3]
+        size += entry[4]
     shards.append(current)
 
     for old in [folder / SINGLE_FILE, folder / INDEX_FILE, *folder.glob("model-*-of-*.safetensors")]:
@@ -236,12 +265,14 @@ def save_pretrained(model: Qwen3, path, *, max_shard_bytes: int = 4 * 2**30) -> 
     weight_map = {}
     for i, shard in enumerate(shards):
         file = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: np.ascontiguousarray(transform(np.asarray(jax.device_get(value))))
-                   for name, transform, value, _ in shard}
+        # A stacked parameter is sliced on device, so only one layer's tensor is fetched to host at a time.
+        tensors = {name: np.ascontiguousarray(transform(np.asarray(jax.device_get(
+                       value if layer is None else value[layer]))))
+                   for name, transform, value, layer, _ in shard}
         save_file(tensors, folder / file, metadata={"format": "pt"})
         weight_map.update({name: file for name in tensors})
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(e[3] for e in entries)}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": sum(e[4] for e in entries)}, "weight_map": weight_map}
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 

@@ -16,26 +16,37 @@ Forward contract (used by sampling, rollouts and every loss):
   sequence.
 * Without a cache the L tokens attend causally (by slot order) to each other.
 * With a cache the L new keys/values are written at slots `[index, index + L)` and the queries attend to
-  every cache slot `s <= index + i` whose `valid` flag is set.
+  every cache slot `s <= index + i` whose `valid` flag is set. Only the written prefix is read (in blocks of
+  `kv_block` slots), so a decode step costs O(index), not O(cache size).
+
+Layers. The `num_layers` decoder layers are ONE `DecoderLayer` module whose parameters carry a leading layer
+axis (`stacked_layers`), run by one `lax.scan` (`run_layers`): compile time does not grow with depth
+(`scan_unroll` trades it back for speed), `remat` picks a `jax.checkpoint` policy for the scanned body.
+Attention kernels (XLA dense mask / cuDNN on packed valid tokens / blocked prefix attention with a cache) live
+in `gopo_jax.models.attention`.
 
 Sharding scheme. Every parameter carries an `out_sharding` annotation (nnx's partitioning metadata) with the
 logical axis names "fsdp" and "tensor", which are also the mesh axis names used by `gopo_jax.parallel`
 (mesh axes "data", "fsdp", "tensor"):
 
-    embed_tokens.embedding  [V, D]      ("tensor", "fsdp")   vocab split by tensor, so the tied head's logits
-                                                             come out vocab-sharded like an untied head's
-    q/k/v_proj.kernel       [D, H*hd]   ("fsdp", "tensor")   Megatron column split over heads
-    o_proj.kernel           [H*hd, D]   ("tensor", "fsdp")   Megatron row split
-    gate/up_proj.kernel     [D, I]      ("fsdp", "tensor")
-    down_proj.kernel        [I, D]      ("tensor", "fsdp")
-    lm_head.kernel          [D, V]      ("fsdp", "tensor")
-    all RMSNorm scales      [D] / [hd]  (None,)              replicated
+    embed_tokens.embedding  [V, D]         ("tensor", "fsdp")         vocab split by tensor, so the tied
+                                                                      head's logits come out vocab-sharded
+    q/k/v_proj.kernel       [NL, D, H*hd]  (None, "fsdp", "tensor")   Megatron column split over heads
+    o_proj.kernel           [NL, H*hd, D]  (None, "tensor", "fsdp")   Megatron row split
+    gate/up_proj.kernel     [NL, D, I]     (None, "fsdp", "tensor")
+    down_proj.kernel        [NL, I, D]     (None, "tensor", "fsdp")
+    lm_head.kernel          [D, V]         ("fsdp", "tensor")
+    layer RMSNorm scales    [NL, D/hd]     (None, None)               replicated
+    final norm scale        [D]            (None,)
+
+(NL = num_layers: the stacked layer axis is never sharded.)
 
 The annotations are applied eagerly only when a mesh is active (`with jax.set_mesh(mesh):`) at construction;
 outside a mesh the model is built unsharded and the metadata is still there for `nnx.get_partition_spec`.
 
-Dtype policy: parameters are stored in `param_dtype`, matmuls run in `dtype`, RMSNorm statistics and the
-returned logits are float32.
+Dtype policy: parameters are stored in `param_dtype` (master weights, e.g. float32), matmuls run in `dtype`
+(compute, e.g. bfloat16), RMSNorm statistics, attention scores/softmax and the returned logits are float32
+(the head matmul accumulates in float32), hidden states and the KV cache are in the compute dtype.
 
 Using the model under `jax.jit` / `lax.scan`: split once (`graphdef, state = nnx.split(model)`), pass `state`
 through the transformation and `nnx.merge(graphdef, state)` inside; see `gopo_jax.sampling`.
@@ -43,6 +54,7 @@ through the transformation and `nnx.merge(graphdef, state)` inside; see `gopo_ja
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import chex
@@ -52,6 +64,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gopo_jax.models import attention
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 # config.json keys whose values we do not model; a checkpoint that sets them differently is not a plain Qwen3.
@@ -60,6 +74,17 @@ _HF_UNSUPPORTED = {
     "attention_bias": False,
     "use_sliding_window": False,
     "rope_scaling": None,
+}
+
+
+# Qwen3Config.remat -> what `jax.checkpoint` keeps of a layer's forward for the backward pass. "full" keeps
+# nothing but the layer's input (least memory, one extra forward); "dots" keeps every matmul output; "dots_no_batch"
+# keeps the matmuls without batch dimensions (the projections/MLP, not attention's q·k and p·v).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -80,14 +105,29 @@ class Qwen3Config:
     max_position_embeddings: int = 40960
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    # Activation rematerialisation of each scanned decoder layer in the backward pass (see `REMAT_POLICIES`).
+    remat: str = "none"
+    # `unroll=` of the layer scan: 1 keeps compile time flat in depth; num_layers compiles like a Python loop.
+    scan_unroll: int = 1
+    # "xla" | "cudnn" | "auto" (cuDNN on a GPU with bf16/fp16 compute, else XLA); see `gopo_jax.models.attention`.
+    attention: str = "auto"
+    # KV-cache slots per block of the decode-time attention over the used prefix.
+    kv_block: int = 128
     # Rows of hidden states turned into full-vocabulary logits at a time by the chunked heads
     # (`gopo_jax.models.heads`): bounds the fp32 [rows, V] buffer, never [B, L, V].
     logits_chunk: int = 1024
 
     def __post_init__(self):
+        if isinstance(self.remat, bool):  # the field was a bool before the policies existed
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"Qwen3Config.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.attention not in attention.IMPLEMENTATIONS:
+            raise ValueError(f"Qwen3Config.attention must be one of {attention.IMPLEMENTATIONS}, "
+                             f"got {self.attention!r}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings", "logits_chunk"):
+                     "num_kv_heads", "head_dim", "max_position_embeddings", "logits_chunk", "scan_unroll",
+                     "kv_block"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"Qwen3Config.{name} must be a positive int, got {value!r}")
@@ -257,8 +297,9 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, pdt)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, pdt)
 
-    def __call__(self, x, positions, mask, kv_cache):
-        """x: [B, L, D]; mask: bool[B, 1, L, S]; kv_cache: None or (k_all, v_all, layer, index)."""
+    def __call__(self, x, positions, attend):
+        """x: [B, L, D]; attend(q, k, v) -> [B, L, N, hd] is the kernel (no cache / cached, see `run_layers`).
+        Returns (output [B, L, D], this chunk's post-RoPE (k, v) [B, L, K, hd] for the cache)."""
         cfg = self.cfg
         b, length, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(b, length, cfg.num_heads, cfg.head_dim))
@@ -266,18 +307,8 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, length, cfg.num_kv_heads, cfg.head_dim)
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
-        new_kv = None
-        if kv_cache is not None:
-            k_all, v_all, layer, index = kv_cache
-            zero = jnp.zeros((), jnp.int32)
-            start = (jnp.asarray(layer, jnp.int32), zero, index, zero, zero)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-            new_kv = (k_all, v_all)
-            k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
-        # jax's native GQA: N query heads over K kv heads when N % K == 0.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim ** -0.5)
-        return self.o_proj(out.reshape(b, length, cfg.num_heads * cfg.head_dim)), new_kv
+        out = attend(q, k, v)
+        return self.o_proj(out.reshape(b, length, cfg.num_heads * cfg.head_dim)), (k, v)
 
 
 class MLP(nnx.Module):
@@ -291,6 +322,8 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+    """One pre-norm block. Built `num_layers` times at once by `stacked_layers` (parameters [num_layers, ...])."""
+
     def __init__(self, cfg: Qwen3Config, rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
@@ -298,23 +331,102 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, mask, kv_cache):
-        attn, new_kv = self.self_attn(self.input_layernorm(x), positions, mask, kv_cache)
+    def __call__(self, x, positions, attend):
+        attn, new_kv = self.self_attn(self.input_layernorm(x), positions, attend)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, new_kv
 
 
-def _layer_call(layer, x, positions, mask, kv_cache):
-    return layer(x, positions, mask, kv_cache)
+def stacked_layers(cfg: Qwen3Config, rngs: nnx.Rngs) -> DecoderLayer:
+    """`cfg.num_layers` decoder layers as ONE `DecoderLayer` whose parameters have a leading layer axis (each layer
+    initialised from its own split of `rngs`). Partition annotations gain a leading None: layers are not sharded,
+    their weights are. Run them with `run_layers`."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+    def build(layer_rngs):
+        return DecoderLayer(cfg, layer_rngs)
+
+    return build(rngs)
 
 
-# Rematerialise each block's activations in the backward pass (saves memory on long dialogues).
-_layer_call_remat = nnx.remat(_layer_call)
+# The mesh axes a batch is split over (`gopo_jax.parallel.BATCH_AXES`; the model names mesh axes directly, as its
+# parameter annotations do).
+_BATCH_AXES = ("data", "fsdp")
+
+
+def _batch_split(x: jax.Array) -> jax.Array:
+    """x [B, ...] kept split over the batch axes of the active mesh (`with jax.set_mesh(mesh)`). Without it, under
+    fsdp GSPMD follows the all-gathered weights and may replicate the layer scan's activations and its saved
+    residuals on every device; outside a mesh, or when B does not divide, x is left to propagation."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in _BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+
+
+def run_layers(cfg: Qwen3Config, layers: DecoderLayer, x: jax.Array, positions: jax.Array, token_valid: jax.Array,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """(x after every layer [B, L, D], updated cache): one `lax.scan` over the stacked layers (compile time does not
+    grow with depth), each step rematerialised by `cfg.remat`, unrolled `cfg.scan_unroll` layers at a time.
+
+    Without a cache the L tokens attend causally to the valid ones among them (`attention.self_attention`). With
+    one, queries at slots `[index, index + L)` attend to the valid written prefix and to each other
+    (`attention.cached_attention`, cost O(index)); the scan collects each layer's new keys/values (its ys) and
+    they are written into the cache once, after the scan, at `[index, index + L)`.
+    """
+    chex.assert_rank(x, 3)
+    chex.assert_shape([positions, token_valid], x.shape[:2])
+    graphdef, state = nnx.split(layers)
+    scale = cfg.head_dim ** -0.5
+    if cache is None:
+        implementation = attention.resolve_implementation(cfg.attention, cfg.dtype)
+
+        def attend(q, k, v, layer):
+            del layer
+            return attention.self_attention(q, k, v, token_valid, scale=scale, implementation=implementation)
+    else:
+        chex.assert_shape(cache.k, (cfg.num_layers, x.shape[0], None, cfg.num_kv_heads, cfg.head_dim))
+        index = jnp.asarray(cache.index, jnp.int32)
+
+        def attend(q, k, v, layer):
+            # Round-trip through the cache dtype so the chunk's own keys are what later steps read back.
+            return attention.cached_attention(
+                q, k.astype(cache.k.dtype), v.astype(cache.v.dtype), token_valid, cache.k, cache.v, cache.valid,
+                index, layer, scale=scale, block=cfg.kv_block)
+
+    def body(x, per_layer):
+        layer_state, layer_index = per_layer
+        layer = nnx.merge(graphdef, layer_state)
+        x, (k, v) = layer(_batch_split(x), positions, lambda q, k, v: attend(q, k, v, layer_index))
+        x = _batch_split(x)
+        new_kv = None if cache is None else (k.astype(cache.k.dtype), v.astype(cache.v.dtype))
+        return x, new_kv
+
+    policy = REMAT_POLICIES[cfg.remat]
+    if cfg.remat != "none":
+        # Under scan XLA cannot CSE the recomputation away anyway, so the optimisation barriers prevent_cse adds
+        # would only cost fusion (jax.checkpoint's documentation).
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    x, new_kv = jax.lax.scan(body, x, (state, jnp.arange(cfg.num_layers, dtype=jnp.int32)),
+                             unroll=cfg.scan_unroll)
+    if cache is None:
+        return x, None
+    zero = jnp.zeros((), jnp.int32)
+    at = (zero, zero, index, zero, zero)
+    return x, KVCache(k=jax.lax.dynamic_update_slice(cache.k, new_kv[0], at),
+                      v=jax.lax.dynamic_update_slice(cache.v, new_kv[1], at),
+                      valid=jax.lax.dynamic_update_slice(cache.valid, token_valid, (zero, index)),
+                      index=index + x.shape[1])
 
 
 class Qwen3(nnx.Module):
-    """Qwen3ForCausalLM. Attribute names mirror HF (`model.` prefix dropped) for the hf_io key table."""
+    """Qwen3ForCausalLM. Attribute names mirror HF (`model.` prefix dropped) for the hf_io key table; `layers` is
+    the stacked `DecoderLayer` (HF's `model.layers.{i}` is slice i of its parameters)."""
 
     def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
         self.config = config
@@ -322,7 +434,7 @@ class Qwen3(nnx.Module):
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
             embedding_init=_partitioned(nnx.initializers.normal(0.02), ("tensor", "fsdp")), rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.layers = stacked_layers(cfg, rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, jnp.dtype(cfg.param_dtype))
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, ("fsdp", "tensor"), rngs)
@@ -342,35 +454,10 @@ class Qwen3(nnx.Module):
         chex.assert_equal_shape([tokens, positions, token_valid])
         chex.assert_type([tokens, positions], int)
         chex.assert_type(token_valid, bool)
-        cfg = self.config
-        b, length = tokens.shape
-        x = self.embed_tokens(tokens)
-
-        if cache is None:
-            slot = jnp.arange(length)
-            causal = slot[None, :] <= slot[:, None]  # [L, L]: key slot <= query slot
-            mask = causal[None, None] & token_valid[:, None, None, :]
-            kv = None
-        else:
-            chex.assert_shape(cache.valid, (b, None))
-            index = jnp.asarray(cache.index, jnp.int32)
-            valid = jax.lax.dynamic_update_slice(cache.valid, token_valid, (jnp.zeros((), jnp.int32), index))
-            slot = jnp.arange(cache.max_len)
-            causal = slot[None, :] <= index + jnp.arange(length)[:, None]  # [L, S]
-            mask = causal[None, None] & valid[:, None, None, :]
-            kv = (cache.k, cache.v)
-
-        call = _layer_call_remat if cfg.remat else _layer_call
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if kv is None else (kv[0], kv[1], i, index)
-            x, new_kv = call(layer, x, positions, mask, layer_cache)
-            if kv is not None:
-                kv = new_kv
-
-        x = self.norm(x)
-        if cache is None:
-            return x, None
-        return x, KVCache(k=kv[0], v=kv[1], valid=valid, index=index + length)
+        if cache is not None:
+            chex.assert_shape(cache.valid, (tokens.shape[0], None))
+        x, cache = run_layers(self.config, self.layers, self.embed_tokens(tokens), positions, token_valid, cache)
+        return self.norm(x), cache
 
     def output_embedding(self) -> jax.Array:
         """[V, D]: row v is token v's output embedding (the tied input embedding, or the untied head's column)."""
@@ -379,12 +466,11 @@ class Qwen3(nnx.Module):
         return self.lm_head.kernel[...].T
 
     def logits(self, h: jax.Array) -> jax.Array:
-        """float32 [..., V] from hidden states: every vocabulary column (what sampling a token needs)."""
-        if self.config.tie_word_embeddings:
-            logits = self.embed_tokens.attend(h)
-        else:
-            logits = self.lm_head(h)
-        return logits.astype(jnp.float32)
+        """float32 [..., V] from hidden states: every vocabulary column (what sampling a token needs). The matmul
+        runs in the compute dtype and accumulates into float32 (no bf16 rounding of the logits)."""
+        dtype = jnp.dtype(self.config.dtype)
+        return jnp.einsum("...d,vd->...v", h.astype(dtype), self.output_embedding().astype(dtype),
+                          preferred_element_type=jnp.float32)
 
 
 def positions_from_valid(valid: jax.Array) -> jax.Array:

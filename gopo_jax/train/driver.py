@@ -19,6 +19,8 @@ read from / written to the shared warm-start cache (`gopo_jax.train.warm_start`)
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import logging
 import pathlib
@@ -78,7 +80,8 @@ class _Executor:
         return self._evaluate(params, extras, self.seed)
 
     def iteration(self, state, ref_params, it: int):
-        return self._iteration(state, ref_params, self.seed, jnp.int32(it))
+        # A host scalar argument travels with the call; `jnp.int32(it)` would be an eager conversion of its own.
+        return self._iteration(state, ref_params, self.seed, np.int32(it))
 
 
 class _OneSeed(_Executor):
@@ -87,15 +90,29 @@ class _OneSeed(_Executor):
     def __init__(self, c: Components, seed: int):
         self.c, self.seed = c, seed
         p = self.phases = Phases(c, mesh=c.mesh)
-        self._sft_block = jax.jit(p.sft_block, static_argnums=4, donate_argnums=0)
-        self._sft_heldout = jax.jit(p.sft_heldout)
+
+        def jit(f, **kwargs):
+            # Traced and run with the run's mesh as the context mesh, so that inside the model the layer scan's
+            # activations keep their batch split (`qwen3._batch_split`) rather than following fsdp-split weights.
+            compiled = jax.jit(f, **kwargs)
+
+            @functools.wraps(f)
+            def on_mesh(*args):
+                with jax.set_mesh(c.mesh):
+                    return compiled(*args)
+
+            on_mesh.compiled = compiled  # the jitted function (its cache, its lowering)
+            return on_mesh
+
+        self._sft_block = jit(p.sft_block, static_argnums=4, donate_argnums=0)
+        self._sft_heldout = jit(p.sft_heldout)
         if c.pure_world:
-            self._iteration = jax.jit(p.iteration, donate_argnums=0)
+            self._iteration = jit(p.iteration, donate_argnums=0)
         else:  # the rollout is a Python turn loop; only the update after it is jitted
-            self._update = jax.jit(p.update, donate_argnums=0)
+            self._update = jit(p.update, donate_argnums=0)
             self._iteration = self._host_iteration
         # On a host world these roll out in Python (the agents' turns are jitted inside the world's rollout).
-        jit_if_pure = jax.jit if c.pure_world else (lambda f: f)
+        jit_if_pure = jit if c.pure_world else (lambda f: f)
         self._evaluate = jit_if_pure(p.evaluate)
         self._reference_eval = jit_if_pure(p.reference_eval)
         self._demonstrations = jit_if_pure(p.demonstrations)
@@ -234,7 +251,8 @@ class Trainer:
                 end = sched.sft_block_end(step)
                 state, sft_metrics = ex.sft_block(state, train_demo, jnp.arange(step, end, dtype=jnp.int32),
                                                   batch_size)
-                held, sft_metrics = ex.host(ex.sft_heldout(state.params, held_demo)), ex.host(sft_metrics)
+                # One copy to the host per block (the device waits for nothing else of the block).
+                held, sft_metrics = ex.host((ex.sft_heldout(state.params, held_demo), sft_metrics))
                 for k, s in enumerate(range(step + 1, end + 1)):
                     for i, logger in enumerate(loggers):
                         if s == end:
@@ -258,22 +276,28 @@ class Trainer:
             sft_eval = ex.host(sft_eval)
             self._log_eval(loggers, sched.sft_steps, sft_eval, reference)
             # ---- method iterations ----
+            last_eval = (None, None, None)  # (step, metrics, head) of the newest held-out evaluation
             while step < sched.total:
                 state, stats, rollout = ex.iteration(state, ref_params, step - sched.sft_steps)
-                stats, rollout = ex.host(stats), ex.host(rollout)
+                # The iteration is one jitted call on a pure-JAX world; this single copy of its (small) statistics
+                # is the only time the host waits for it.
+                stats, rollout = ex.host((stats, rollout))
                 step += 1
                 for i, logger in enumerate(loggers):
                     metrics = {k: float(v[i].mean()) for k, v in stats.items()}
                     metrics.update({f"rollout_{k}": float(v[i].mean()) for k, v in rollout.items()})
                     logger.log(step, metrics, prefix="train")
                 if sched.evaluates_after(step):
-                    self._log_eval(loggers, step, ex.host(ex.evaluate(state.params, state.extras)[0]), reference)
+                    last_eval = (step, *ex.evaluate(state.params, state.extras))
+                    self._log_eval(loggers, step, ex.host(last_eval[1]), reference)
                 if sched.saves_after(step) or should_stop():
                     self._save(step, state, ref_params)
                 if should_stop() and step < sched.total:
                     return self._stopped(loggers, step)
 
-        final, final_head = ex.evaluate(state.params, state.extras)
+        # The last iteration's evaluation is the final one; a run resumed at its end evaluates once more.
+        final, final_head = (last_eval[1:] if last_eval[0] == sched.total
+                             else ex.evaluate(state.params, state.extras))
         return self._finish(loggers, state, sft_eval, ex.host(final), reference, sft_head, final_head,
                             time.time() - t_start)
 

@@ -2,19 +2,27 @@
 
 * `demonstrations(seed)`: scripted dialogues, split into the warm start's train and held-out sets.
 * `sft_block(state, train_demo, seed, steps, batch_size)`: a `lax.scan` of warm-start updates over `steps`.
-* `update(state, ref, traj, seed, it)`: method iteration `it` after its rollout — the method's `prepare_batch`,
-  then a `lax.scan` over epochs of a `lax.scan` over minibatches (whole groups) of the pure train step.
-* `iteration(state, ref, seed, it)`: rollout → `update`, the whole iteration as one traced function.
+* `rollout(state, ref, seed, it)`: method iteration `it`'s rollout (pure-JAX worlds).
+* `prepare(traj, ref, params)`: the method's `prepare_batch` — the reference pass and scoring over the rollout.
+* `update(state, ref, traj, seed, it)`: method iteration `it` after its rollout — `prepare`, then a `lax.scan` over
+  epochs of a `lax.scan` over minibatches (whole groups) of the pure train step (`train_step`).
+* `iteration(state, ref, seed, it)`: `rollout` → `update`, the whole iteration as one traced function.
 * `evaluate(params, extras, seed)` / `reference_eval(seed)`: the held-out customers' episode metrics.
 
 All keys come from `gopo_jax.train.schedule`. The single-seed driver jits these functions with the mesh's
-layouts (`mesh=`: the state keeps its parameter sharding and every minibatch is split over ("data", "fsdp"));
-the seed-parallel driver jits `jax.vmap` of the same functions. On a host world (a Python turn loop) the functions
-that roll out are not traceable: the driver rolls out on the host and calls the same jitted `update`.
+layouts (`mesh=`): parameters (the state's, the reference's, the evaluated ones) keep their training sharding, and
+every batch — the rollout's episode keys and trajectory, the prepared batch of the reference pass and scoring, each
+minibatch, the evaluation and demonstration rollouts — is split over ("data", "fsdp"), so no phase runs replicated
+on every device. A batch whose size data*fsdp does not divide falls back to the larger single axis that divides
+it, else to replication (`gopo_jax.parallel.batch_split_axes`); `Phases` logs each such batch once, with the config
+key to change (`batch_axes` lists the layout of every batch). The seed-parallel driver jits `jax.vmap` of the same
+functions without layouts. On a host world (a Python turn loop) the functions that roll out are not traceable: the
+driver rolls out on the host and calls the same jitted `update`, which lays the trajectory out on entry.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import jax
@@ -23,11 +31,13 @@ import jax.numpy as jnp
 from gopo_jax.algorithms.sft import DemoBatch
 from gopo_jax.dialogue.layout import Trajectory
 from gopo_jax.metrics.episode import episode_metrics
-from gopo_jax.parallel import batch_sharding, param_shardings
+from gopo_jax.parallel import BATCH_AXES, batch_split_axes, constrain_rows, param_shardings
 from gopo_jax.train import schedule
 from gopo_jax.train.build import Components, demo_split
 from gopo_jax.train.state import TrainState, create_train_state
 from gopo_jax.train.step import pure_train_step
+
+_log = logging.getLogger(__name__)
 
 
 def group_minibatches(batch, perm: jax.Array, group_size: int, num: int):
@@ -45,24 +55,67 @@ class Phases:
     c: Components
     mesh: Any = None  # None: no layout constraints (vmapped seeds)
 
-    # --- layouts (identity without a mesh) ---
-    def _constrain_state(self, state):
+    def __post_init__(self):
         if self.mesh is None:
-            return state
-        return jax.tree.map(jax.lax.with_sharding_constraint, state, param_shardings(state, self.mesh))
+            return
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        for what, axes in self.batch_axes().items():
+            if shards > 1 and axes != BATCH_AXES:
+                rows, key = self._batch_rows()[what]
+                _log.warning("%s: %d rows do not divide data*fsdp = %d, so they are split over %s only; make %s a "
+                             "multiple of %d to use every device", what, rows, shards,
+                             axes or "no axis (replicated on every device)", key, shards)
+
+    # --- layouts (identity without a mesh) ---
+    def _batch_rows(self) -> dict[str, tuple[int, str]]:
+        """Each batch the phases lay out: (rows, the config key that sets them)."""
+        cfg, t = self.c.config, self.c.config.train
+        n_train, n_held = demo_split(cfg)
+        return {"rollout": (t.groups * t.group_size, "train.groups * train.group_size"),
+                "minibatch": (t.groups * t.group_size // t.minibatches,
+                              "train.groups * train.group_size / train.minibatches"),
+                "evaluation": (cfg.eval.episodes, "eval.episodes"),
+                "demonstrations": (cfg.sft.episodes, "sft.episodes"),
+                "sft_batch": (self.c.sft_batch_size(n_train), "sft.batch_size"),
+                "sft_heldout": (n_held, "sft.episodes * sft.heldout_fraction")}
+
+    def batch_axes(self) -> dict[str, tuple[str, ...]]:
+        """The mesh axes each batch is split over ({} without a mesh): what the warning at construction reports."""
+        if self.mesh is None:
+            return {}
+        return {what: batch_split_axes(self.mesh, rows) for what, (rows, _) in self._batch_rows().items()}
+
+    def _constrain_params(self, tree):
+        """Parameters (a params dict, or a whole TrainState) in their training sharding."""
+        if self.mesh is None:
+            return tree
+        return jax.tree.map(jax.lax.with_sharding_constraint, tree, param_shardings(tree, self.mesh))
 
     def _constrain_batch(self, batch):
+        """Every leaf's leading axis split over the batch axes (traced code only)."""
         if self.mesh is None:
             return batch
-        sharding = batch_sharding(self.mesh)
-        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), batch)
+        return constrain_rows(batch, self.mesh)
+
+    def _constrain_rollout(self, tree):
+        """A rollout's episodes or trajectory: laid out where the rollout is traced (a pure-JAX world). A host
+        world's rollout runs eagerly on host seeds; its trajectory is laid out when `update` takes it."""
+        return self._constrain_batch(tree) if self.c.pure_world else tree
+
+    def _rollout(self, rollout, params, episodes, agents_key) -> Trajectory:
+        """`rollout` with the acting parameters in their training sharding and the episodes split over the batch
+        axes (a pure-JAX world), so the whole scan runs split: GSPMD carries the episodes' layout through it."""
+        if not self.c.pure_world:
+            return rollout(params, episodes, agents_key)
+        traj = rollout(self._constrain_params(params), self._constrain_batch(episodes), agents_key)
+        return self._constrain_batch(traj)
 
     def _step(self, loss, tx):
         update = pure_train_step(loss, tx)
 
         def step(state, batch):
-            state, metrics = update(self._constrain_state(state), self._constrain_batch(batch))
-            return self._constrain_state(state), metrics
+            state, metrics = update(self._constrain_params(state), self._constrain_batch(batch))
+            return self._constrain_params(state), metrics
 
         return step
 
@@ -84,21 +137,23 @@ class Phases:
         return jax.tree.map(lambda x: x[:n], traj)
 
     def evaluate(self, params, extras, seed) -> tuple[dict[str, jax.Array], Trajectory]:
-        method = self.c.method
-        traj = self.c.eval_rollout(method.acting_params(params, extras), self.c.eval_episodes(),
-                                   schedule.eval_key(seed))
+        acting = self.c.method.acting_params(params, extras)
+        traj = self._rollout(self.c.eval_rollout, acting, self.c.eval_episodes(), schedule.eval_key(seed))
         return self.metrics(traj), self.head(traj)
 
     def reference_eval(self, seed) -> dict[str, jax.Array]:
-        return self.metrics(self.c.reference_rollout({}, self.c.eval_episodes(), schedule.reference_eval_key(seed)))
+        return self.metrics(self._rollout(self.c.reference_rollout, {}, self.c.eval_episodes(),
+                                          schedule.reference_eval_key(seed)))
 
     # --- warm start ---
     def demonstrations(self, seed) -> tuple[Trajectory, Trajectory]:
         """(train, held-out) demonstrations (`demo_split`)."""
         episodes_key, agents_key = schedule.demo_keys(seed)
-        traj = self.c.demo_rollout({}, self.c.world.episodes(episodes_key, self.c.config.sft.episodes), agents_key)
+        traj = self._rollout(self.c.demo_rollout, {},
+                             self.c.world.episodes(episodes_key, self.c.config.sft.episodes), agents_key)
         n_held = demo_split(self.c.config)[1]
-        return jax.tree.map(lambda x: x[n_held:], traj), jax.tree.map(lambda x: x[:n_held], traj)
+        return (self._constrain_rollout(jax.tree.map(lambda x: x[n_held:], traj)),
+                self._constrain_rollout(jax.tree.map(lambda x: x[:n_held], traj)))
 
     def sft_block(self, state: TrainState, train_demo: Trajectory, seed, steps: jax.Array, batch_size: int):
         """Warm-start updates for the SFT steps `steps` (int32[n]); each draws `batch_size` demonstrations."""
@@ -109,10 +164,14 @@ class Phases:
             perm = jax.random.permutation(schedule.sft_batch_key(seed, i), n_train)[:batch_size]
             return step(state, DemoBatch(traj=jax.tree.map(lambda x: x[perm], train_demo)))
 
-        return jax.lax.scan(one, state, steps)
+        state, metrics = jax.lax.scan(one, self._constrain_params(state), steps)
+        # The scan's carry leaves in whatever layout XLA gave the loop; pinning it keeps the next call's input layout
+        # the same as this one's (else the jit would trace and compile a second time for the second block).
+        return self._constrain_params(state), metrics
 
     def sft_heldout(self, params, held_demo: Trajectory) -> dict[str, jax.Array]:
-        _, (metrics, _) = self.c.warm_start_loss(params, {}, DemoBatch(traj=held_demo), None)
+        batch = DemoBatch(traj=self._constrain_batch(held_demo))
+        _, (metrics, _) = self.c.warm_start_loss(self._constrain_params(params), {}, batch, None)
         return metrics
 
     # --- method iterations ---
@@ -123,19 +182,34 @@ class Phases:
         acting = method.acting_params(method.rollout_params(state.params, ref_params), state.extras)
         return acting, self.c.world.group_episodes(episodes_key, t.groups, t.group_size), agents_key
 
+    def rollout(self, state: TrainState, ref_params, seed, it) -> Trajectory:
+        """Iteration `it`'s rollout (pure-JAX worlds), split over the batch axes from the episode keys on."""
+        return self._rollout(self.c.rollout, *self.rollout_inputs(state, ref_params, seed, it))
+
+    def prepare(self, traj: Trajectory, ref_params, params):
+        """The method's batch of a rollout — the reference pass and the scoring over the whole rollout — with the
+        trajectory, the parameters and the result in their layouts."""
+        batch = self.c.method.prepare_batch(self._constrain_batch(traj), self._constrain_params(ref_params),
+                                            self._constrain_params(params))
+        return self._constrain_batch(batch)
+
+    def train_step(self):
+        """The method's update on one minibatch of its batch: `(state, batch) -> (state, stats)`, laid out."""
+        return self._step(self.c.method.loss, self.c.tx)
+
     def update(self, state: TrainState, ref_params, traj: Trajectory, seed, it):
         """(state, per-update stats [epochs, minibatches], the rollout's episode metrics)."""
-        t, method = self.c.config.train, self.c.method
-        batch = method.prepare_batch(traj, ref_params, state.params)
-        step = self._step(method.loss, self.c.tx)
+        t = self.c.config.train
+        state = self._constrain_params(state)
+        batch = self.prepare(traj, ref_params, state.params)
+        step = self.train_step()
 
         def epoch(state, e):
             perm = jax.random.permutation(schedule.epoch_key(seed, it, e), t.groups)
             return jax.lax.scan(step, state, group_minibatches(batch, perm, t.group_size, t.minibatches))
 
-        state, stats = jax.lax.scan(epoch, self._constrain_state(state), jnp.arange(t.epochs))
-        return state, stats, self.metrics(traj)
+        state, stats = jax.lax.scan(epoch, state, jnp.arange(t.epochs))
+        return self._constrain_params(state), stats, self.metrics(self._constrain_batch(traj))  # (see sft_block)
 
     def iteration(self, state: TrainState, ref_params, seed, it):
-        acting, episodes, agents_key = self.rollout_inputs(state, ref_params, seed, it)
-        return self.update(state, ref_params, self.c.rollout(acting, episodes, agents_key), seed, it)
+        return self.update(state, ref_params, self.rollout(state, ref_params, seed, it), seed, it)

@@ -49,9 +49,17 @@ class World(abc.ABC):
         vocab = AgentVocab.from_tokenizer(tokenizer, env.spec.sop, stage_names=tuple(stage_names))
         m = config.model
         vocab_size = -(-len(tokenizer) // 64) * 64  # pad the embedding to a multiple of 64 (shardable, aligned)
-        model_config = qwen3.get_config(m.preset, vocab_size=vocab_size, hidden_size=m.hidden_size,
-                                        num_layers=m.num_layers, intermediate_size=m.intermediate_size,
-                                        dtype=m.dtype, max_position_embeddings=max(layout.length, 64))
+        # A real model's embedding size (e.g. Qwen3's 151,936): the rows past the tokenizer's are ids no input ever
+        # holds, though the softmax still spreads probability over them, as over a real checkpoint's unused rows.
+        if m.vocab_size != -1:
+            if m.vocab_size < len(tokenizer):
+                raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                                 f"{len(tokenizer)} tokens; use -1 for the tokenizer's own size")
+            vocab_size = m.vocab_size
+        sizes = {k: m[k] for k in ("hidden_size", "num_layers", "intermediate_size") if m[k] != -1}
+        model_config = qwen3.get_config(m.preset, vocab_size=vocab_size, dtype=m.dtype, param_dtype=m.param_dtype,
+                                        remat=m.remat, attention=m.attention, logits_chunk=m.logits_chunk,
+                                        max_position_embeddings=max(layout.length, 64), **sizes)
         return cls(env=env, tokenizer=tokenizer, layout=layout, vocab=vocab, model_config=model_config)
 
     @abc.abstractmethod

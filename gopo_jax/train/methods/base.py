@@ -61,7 +61,7 @@ class MethodContext:
 
     def reference_cs_log_probs(self, ref_params, traj: Trajectory) -> jax.Array:
         """The frozen reference CS's token log-probs f32[B, L] (pure)."""
-        return scoring.cs_token_log_probs(nnx.merge(self.cs_gd, ref_params["cs"]), traj)[0]
+        return scoring.cs_token_log_probs(nnx.merge(self.cs_gd, ref_params["cs"]), traj, self.world.layout)[0]
 
     def model_agents(self, sampling: SamplingConfig) -> ModelAgents:
         return ModelAgents(self.expert_gd, self.cs_gd, self.world.vocab, self.world.layout, sampling)

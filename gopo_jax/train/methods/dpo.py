@@ -22,5 +22,5 @@ def make_dpo(ctx: MethodContext) -> Method:
         return dpo.DPOBatch(traj=traj, rewards=ctx.business_rewards(traj), ref_seq_logp=ref_seq)
 
     return Method(name="dpo", use_expert=False, learning_rates={"expert": 0.0, "cs": ctx.config.train.lr_cs},
-                  make_agents=ctx.model_agents, loss=dpo.make_dpo_loss(ctx.cs_gd, hyper),
+                  make_agents=ctx.model_agents, loss=dpo.make_dpo_loss(ctx.cs_gd, ctx.world.layout, hyper),
                   prepare_batch=prepare_batch, rollout_params=_reference)

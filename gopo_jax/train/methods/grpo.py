@@ -17,4 +17,4 @@ def make_grpo(ctx: MethodContext) -> Method:
 
     return Method(name="grpo", use_expert=False, learning_rates={"expert": 0.0, "cs": ctx.config.train.lr_cs},
                   make_agents=ctx.model_agents,
-                  loss=grpo.make_grpo_loss(ctx.cs_gd, hyper), prepare_batch=prepare_batch)
+                  loss=grpo.make_grpo_loss(ctx.cs_gd, ctx.world.layout, hyper), prepare_batch=prepare_batch)

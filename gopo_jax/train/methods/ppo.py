@@ -29,5 +29,5 @@ def make_ppo(ctx: MethodContext) -> Method:
 
     return Method(name="ppo", use_expert=False,
                   learning_rates={"expert": 0.0, "cs": ctx.config.train.lr_cs, "value": s.lr_value},
-                  make_agents=ctx.model_agents, loss=ppo.make_ppo_loss(ctx.cs_gd, value_gd, hyper),
+                  make_agents=ctx.model_agents, loss=ppo.make_ppo_loss(ctx.cs_gd, value_gd, ctx.world.layout, hyper),
                   prepare_batch=prepare_batch, init_extra_params=init_value)
