@@ -141,6 +141,19 @@ def test_stacked_layers_equal_a_loop_over_slices(model):
                                atol=1e-5, rtol=0)
 
 
+def test_stacked_layers_draw_the_keys_of_a_list_of_layers():
+    """A seed gives the stacked layers the weights a Python list of layers built one after another would get (and
+    leaves the stream where that list would), so initial weights did not change when the layers were stacked."""
+    list_rngs, stacked_rngs = nnx.Rngs(3), nnx.Rngs(3)
+    layers = [qwen3.DecoderLayer(TINY, list_rngs) for _ in range(TINY.num_layers)]
+    stacked = nnx.state(qwen3.stacked_layers(TINY, stacked_rngs), nnx.Param)
+    assert int(stacked_rngs.params.count[...]) == int(list_rngs.params.count[...]) \
+        == TINY.num_layers * qwen3.KEY_DRAWS_PER_LAYER
+    for i, layer in enumerate(layers):  # same structure; the stacked leaves carry the layer axis in their metadata
+        for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(nnx.state(layer, nnx.Param)), strict=True):
+            np.testing.assert_array_equal(np.asarray(a)[i], np.asarray(b))
+
+
 def test_bf16_compute_fp32_params_end_to_end():
     cfg32 = qwen3.get_config("small")
     cfg16 = cfg32.replace(dtype="bfloat16")  # param_dtype stays float32 (master weights)

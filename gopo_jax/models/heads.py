@@ -71,7 +71,6 @@ def _chunked_token_statistics(h, embedding, targets, *, chunk):
     t_chunks = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad))).reshape(b, num_chunks, span).swapaxes(0, 1)
     table = embedding.astype(h.dtype)
 
-    @jax.checkpoint
     def one_chunk(hc, tc):
         # [B, span, V]: the only vocabulary-wide buffer; the matmul accumulates in fp32.
         logits = jnp.einsum("bsd,vd->bsv", hc, table, preferred_element_type=jnp.float32)
@@ -82,9 +81,12 @@ def _chunked_token_statistics(h, embedding, targets, *, chunk):
         entropy = lse - jnp.sum(probs * logits, axis=-1)
         return target_logit - lse, entropy, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def body(carry, xs):
-        return carry, one_chunk(*xs)
-
-    _, stats = jax.lax.scan(body, None, (h_chunks, t_chunks))
+    if num_chunks == 1:
+        # Everything fits in one chunk: no loop, and the backward keeps this chunk's logits rather than recomputing
+        # them (the same order of memory as the chunk itself).
+        stats = tuple(x[None] for x in one_chunk(h_chunks[0], t_chunks[0]))
+    else:
+        rematerialised = jax.checkpoint(one_chunk)
+        _, stats = jax.lax.scan(lambda carry, xs: (carry, rematerialised(*xs)), None, (h_chunks, t_chunks))
     stats = tuple(x.swapaxes(0, 1).reshape(b, -1)[:, :n] for x in stats)
     return tuple(x[0] for x in stats) if unbatched else stats

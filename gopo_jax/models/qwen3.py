@@ -115,7 +115,7 @@ class Qwen3Config:
     kv_block: int = 128
     # Rows of hidden states turned into full-vocabulary logits at a time by the chunked heads
     # (`gopo_jax.models.heads`): bounds the fp32 [rows, V] buffer, never [B, L, V].
-    logits_chunk: int = 1024
+    logits_chunk: int = 4096
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # the field was a bool before the policies existed
@@ -338,17 +338,31 @@ class DecoderLayer(nnx.Module):
         return x, new_kv
 
 
-def stacked_layers(cfg: Qwen3Config, rngs: nnx.Rngs) -> DecoderLayer:
-    """`cfg.num_layers` decoder layers as ONE `DecoderLayer` whose parameters have a leading layer axis (each layer
-    initialised from its own split of `rngs`). Partition annotations gain a leading None: layers are not sharded,
-    their weights are. Run them with `run_layers`."""
+# Keys a `DecoderLayer` draws from its stream when built: the q, k, v, o, gate, up and down kernels (the norm scales
+# start at one and draw none). `stacked_layers` relies on it; tests/test_qwen3.py checks it against a real build.
+KEY_DRAWS_PER_LAYER = 7
 
-    @nnx.split_rngs(splits=cfg.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
-    def build(layer_rngs):
+
+def stacked_layers(cfg: Qwen3Config, rngs: nnx.Rngs) -> DecoderLayer:
+    """`cfg.num_layers` decoder layers as ONE `DecoderLayer` whose parameters have a leading layer axis. Partition
+    annotations gain a leading None: layers are not sharded, their weights are. Run them with `run_layers`.
+
+    Layer i draws its keys where building the layers one after another from `rngs` would (the stream's key folded
+    with counts start + i * KEY_DRAWS_PER_LAYER, ...), and `rngs` advances past them: a seed gives the same initial
+    weights as a Python list of layers, so runs from before the layers were stacked stay comparable."""
+    stream = rngs.params
+    base_key, start = stream.key[...], stream.count[...]
+    counts = start + KEY_DRAWS_PER_LAYER * jnp.arange(cfg.num_layers, dtype=start.dtype)
+
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+    def build(count):
+        layer_rngs = nnx.Rngs(params=base_key)
+        layer_rngs.params.count[...] = count
         return DecoderLayer(cfg, layer_rngs)
 
-    return build(rngs)
+    layers = build(counts)
+    stream.count[...] = start + KEY_DRAWS_PER_LAYER * cfg.num_layers
+    return layers
 
 
 # The mesh axes a batch is split over (`gopo_jax.parallel.BATCH_AXES`; the model names mesh axes directly, as its

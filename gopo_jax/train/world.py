@@ -58,7 +58,8 @@ class World(abc.ABC):
             vocab_size = m.vocab_size
         sizes = {k: m[k] for k in ("hidden_size", "num_layers", "intermediate_size") if m[k] != -1}
         model_config = qwen3.get_config(m.preset, vocab_size=vocab_size, dtype=m.dtype, param_dtype=m.param_dtype,
-                                        remat=m.remat, attention=m.attention, logits_chunk=m.logits_chunk,
+                                        remat=m.remat, scan_unroll=m.scan_unroll, attention=m.attention,
+                                        logits_chunk=m.logits_chunk,
                                         max_position_embeddings=max(layout.length, 64), **sizes)
         return cls(env=env, tokenizer=tokenizer, layout=layout, vocab=vocab, model_config=model_config)
 
