@@ -112,7 +112,8 @@ def check(quick: bool) -> float:
             p = plan.make_plan(config, sizes, world)
             t_plan = time.time() - t0
             inp = plan.plan_inputs(config, sizes, world)
-            measured = measure(inp, world, mesh)
+            with jax.set_mesh(mesh):  # the trainer traces on its mesh (the model keeps activations batch-split)
+                measured = measure(inp, world, mesh)
             predicted = predict(p)
             label = f"{name} " + ",".join(f"{k}={v}" for k, v in sizes.items())
             for jit_name, m in measured.items():

@@ -138,10 +138,9 @@ def run_config(preset: str, args) -> dict:
     base = qwen3.PRESETS[preset]
     config = mgshop.get_config()
     with config.unlocked():  # the same values as the command-line overrides --config.model.preset=... etc.
-        config.model.preset = preset
-        config.model.hidden_size = base.hidden_size
-        config.model.num_layers = base.num_layers
-        config.model.intermediate_size = base.intermediate_size
+        config.model.preset = preset  # the preset's sizes (model.hidden_size etc. stay -1)
+        # A published model keeps its own vocabulary (the head's real cost); the toy presets take the tokenizer's.
+        config.model.vocab_size = base.vocab_size if preset.startswith("qwen3") else -1
         config.model.dtype = args.dtype
         config.train.groups = args.groups
         config.train.group_size = args.group_size

@@ -141,6 +141,17 @@ def _sub_jaxprs(eqn) -> list[tuple[jcore.Jaxpr, frozenset]]:
     return [(sub, frozenset()) for sub in jcore.jaxprs_in_params(params)]
 
 
+def _unrolled_copies(eqn) -> int:
+    """How many iterations of a rematerialised loop body XLA holds at once: a scan unrolled u times runs u copies of
+    its body per iteration, and their recomputed activations overlap (measured: remat="full" layers scanned 2 at a
+    time keep ~2 layers' recomputation alive; `scan_unroll=num_layers` keeps them all, as a Python loop of layers
+    would). Without remat the copies run one after another and the walk of one body already bounds them."""
+    if eqn.primitive.name != "scan" or not any(e.primitive.name == "remat2" for e in eqn.params["jaxpr"].jaxpr.eqns):
+        return 1
+    unroll, length = eqn.params.get("unroll", 1), eqn.params["length"]
+    return length if unroll is True else max(1, min(int(unroll), length))
+
+
 def _peak_live_bytes(jaxpr: jcore.Jaxpr, vocab_size: int | None = None,
                      donated: frozenset = frozenset()) -> tuple[int, int]:
     """(peak bytes beyond its inputs, of which arrays whose last dimension is `vocab_size`) while `jaxpr` runs.
@@ -169,9 +180,10 @@ def _peak_live_bytes(jaxpr: jcore.Jaxpr, vocab_size: int | None = None,
     peak, peak_vocab = live, live_vocab
     for i, eqn in enumerate(jaxpr.eqns):
         inner = inner_vocab = 0
+        copies = _unrolled_copies(eqn)
         for sub, sub_donated in _sub_jaxprs(eqn):
             p, pv = _peak_live_bytes(sub, vocab_size, sub_donated)
-            inner, inner_vocab = max(inner, p), max(inner_vocab, pv)
+            inner, inner_vocab = max(inner, copies * p), max(inner_vocab, copies * pv)
         made = sum(_var_bytes(v) for v in eqn.outvars)
         made_vocab = sum(_var_bytes(v) for v in eqn.outvars if is_vocab(v))
         dying = [v for v in {x for x in eqn.invars if isinstance(x, jcore.Var)}

@@ -152,8 +152,13 @@ def test_cli_prints_the_table_for_the_mgshop_config():
     assert bad.returncode == 2 and "error: --mesh" in bad.stderr
 
 
-def test_reference_pass_prediction_within_ten_percent_of_xla(world):
+def test_reference_pass_prediction_within_ten_percent_of_xla():
+    # As a real model runs: layers in a rolled scan and CS logits in several chunks. (The toy fast path - layers
+    # unrolled, the whole head in one fused chunk - is fused by XLA beyond the planner's model: it over-predicts it
+    # by up to ~1.8x, see benchmarks/memory_plan.py.)
     config = tiny_config()
+    config.model.scan_unroll, config.model.logits_chunk = 1, 256
+    world = build_world(config, None)
     sizes = {"data": 1, "fsdp": 1, "tensor": 1}
     inp = plan.plan_inputs(config, sizes, world)
     p = plan.make_plan(config, sizes, world)
