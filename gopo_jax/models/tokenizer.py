@@ -105,3 +105,8 @@ def word_id(tok: transformers.PreTrainedTokenizerFast, word: str) -> int:
     if len(ids) != 1:
         raise ValueError(f"word {word!r} is {len(ids)} tokens {ids}, not one; pass it in added_words when training")
     return ids[0]
+
+
+def is_embedded(tok) -> bool:
+    """Whether `tok` is this module's BPE (its role tokens), whose running-text words carry a leading space."""
+    return CUSTOMER in tok.get_vocab()
