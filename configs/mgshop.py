@@ -25,12 +25,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.layout.customer_len = 40
     c.layout.reply_len = 40
     c.layout.max_turns = 12
+    # The system message holds the SOP (strategies, their descriptions, the allowed ones per stage) before the
+    # business context: what a pretrained agent needs to read (raise context_len); host worlds only.
+    c.layout.sop_in_system = False
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.vocab_size = 512
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"  # both agents; see gopo_jax.models.qwen3.PRESETS
+    # A local Hugging Face Qwen3 folder (config.json, safetensors, tokenizer with its chat template) both agents
+    # start from; "" = the preset, randomly initialised, over the world's embedded tokenizer. The per-agent keys
+    # override it (e.g. a 0.6B Expert and a 1.7B CS of one family: they must share the tokenizer).
+    c.model.init_from = ""
+    c.model.expert_init_from = ""
+    c.model.cs_init_from = ""
+    # Marker tokens (<s:NAME>, <stage:NAME>) take a checkpoint's reserved tokens or free embedding rows; when there
+    # are too few, True grows the embedding (new rows = the mean row), False stops with an error.
+    c.model.resize_embeddings = True
     # -1: the preset's own size.
     c.model.hidden_size = -1
     c.model.num_layers = -1
@@ -55,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.top_p = 1.0
 
     c.sft = ml_collections.ConfigDict()
+    # "rollout": the world's demonstrator plays the episodes (below); "logged": the world's logged human dialogues
+    # (MG-ShopDial's wizards, MultiWOZ's and ABCD's agents) rendered with the run's chat template.
+    c.sft.source = "rollout"
     c.sft.episodes = 512  # demonstrations (scripted "logged" agent)
     # The demonstrations are "logged agents": the reference policy, except that on a share `noise` of turns they
     # follow a habit ("habit": the myopic shortcuts of synthetic_shop.habit_strategy; "random": any allowed move).

@@ -51,7 +51,6 @@ from flax import nnx
 
 from gopo_jax.dialogue.sop import UNRECOGNISED, masked_strategy_log_softmax
 from gopo_jax.models import qwen3
-from gopo_jax.models import tokenizer as tokenizer_lib
 from gopo_jax.sampling import filter_logits
 
 _log = logging.getLogger(__name__)
@@ -146,12 +145,9 @@ class ServedRun:
 
     # ------------------------------------------------------------------------------------------ text <-> ids
     def _encode(self, text: str) -> list[int]:
-        # The worlds' ids are words in running text (" word"); see gopo_jax.models.tokenizer.
+        # A content as the run's chat template encodes it (gopo_jax.models.chat_format).
         text = text.strip()
-        return self.tokenizer.encode(" " + text, add_special_tokens=False) if text else []
-
-    def _special(self, token: str) -> int:
-        return int(self.tokenizer.convert_tokens_to_ids(token))
+        return self.world.chat_format.content_ids(self.tokenizer, text) if text else []
 
     def realise(self, reply_ids: list[int]) -> int | None:
         """The environment's realisation check on reply ids; None when the environment has none."""
@@ -181,14 +177,15 @@ class ServedRun:
     def encode_messages(self, messages: list[dict], gopo_stage: Any = None) -> tuple[list[int], int]:
         """Chat messages -> (prompt ids ending with the new agent header, SOP stage of the new turn)."""
         ids: list[int] = []
+        fmt = self.world.chat_format
         stage = int(self.sop.initial)
         has_realise = getattr(self.env, "realise", None) is not None
         for i, m in enumerate(messages):
             role, content = m["role"], m["content"]
             if role in ("system", "developer"):
-                ids += [self._special(tokenizer_lib.CONTEXT), *self._encode(content)]
+                ids += [*fmt.system_open, *self._encode(content), *fmt.system_close]
             elif role == "user":
-                ids += [self._special(tokenizer_lib.CUSTOMER), *self._encode(content), self.vocab.eot]
+                ids += [*fmt.user_open, *self._encode(content), *fmt.user_close]
             else:  # assistant
                 reply = self._encode(content)
                 declared = (m.get("gopo") or {}).get("strategy") if isinstance(m.get("gopo"), dict) else None
@@ -202,7 +199,7 @@ class ServedRun:
                     decision = realised if realised is not None and realised != UNRECOGNISED else None
                 if not has_realise and isinstance(m.get("gopo"), dict) and "stage" in m["gopo"]:
                     stage = self._parse_stage(m["gopo"]["stage"], f"messages[{i}].gopo.stage")
-                ids += [self.vocab.agent, self.vocab.stage_ids[stage]]
+                ids += [*self.vocab.header_open, self.vocab.stage_ids[stage]]
                 if self.use_expert and decision is not None:
                     ids.append(self.vocab.strategy_ids[decision])
                 ids += [*reply, self.vocab.eot]
@@ -213,7 +210,7 @@ class ServedRun:
         elif not has_realise and any(m["role"] == "assistant" for m in messages):
             raise ServeError(f"environment {self.world.spec.name!r} has no realisation check to track the SOP "
                              "stage; send the stage of the new turn as `gopo_stage`", param="gopo_stage")
-        ids += [self.vocab.agent, self.vocab.stage_ids[stage]]
+        ids += [*self.vocab.header_open, self.vocab.stage_ids[stage]]
         return ids, stage
 
     def token_text(self, token_id: int) -> str:

@@ -33,7 +33,7 @@ def fake_train(cfg, workdir):
 def world_and_agents(config, workdir):
     """(world, expert graphdef, cs graphdef, seed-0 agent params) of `config`, built the way a run builds them."""
     from gopo_jax.train.build import agent_graphdefs, init_agent_params  # noqa: PLC0415
-    from gopo_jax.train.world import build_world  # noqa: PLC0415
+    from gopo_jax.train.world import build_world, pretrained_sources  # noqa: PLC0415
 
     world = build_world(config, workdir)
-    return (world, *agent_graphdefs(world.model_config), init_agent_params(world.model_config, 0))
+    return (world, *agent_graphdefs(world), init_agent_params(world, 0, pretrained_sources(config)))

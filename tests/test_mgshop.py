@@ -230,6 +230,16 @@ def test_premature_recommendation_is_an_sop_violation(env):
     assert s.realised == k and s.aligned and not s.sop_valid and s.rel == 0 and s.gain == 0.0
 
 
+def test_logged_demonstrations_are_the_logged_wizard_turns(env):
+    assert ([d.to_json() for d in env.logged_demonstrations(70, seed=3)]
+            == [d.to_json() for d in env.demonstrations(70, seed=3)])
+    rep = env.logged_report()
+    assert (rep["dialogues"], rep["turns"], rep["annotated"]) == (64, 1047, 1017)
+    assert (rep["labelled_by_realisation"], rep["left_out"]) == (30, 0)
+    assert rep["realisation_agreement"] == pytest.approx(0.575, abs=0.01)
+    assert rep["sop_valid"] == pytest.approx(0.972, abs=0.005)
+
+
 def test_demonstrations_and_corpus(env, tmp_path):
     demos = env.demonstrations(3, seed=0)
     assert len(demos) == 3 and all(d.turns for d in demos)

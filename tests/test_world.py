@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from configs.tmallbrand import get_config as tmallbrand_config
-from gopo_jax.dialogue.rollout import HEADER_LEN
 from gopo_jax.train.world import HostWorld, JaxWorld, build_world
 from tests.helpers import tiny_run_config
 
@@ -46,7 +45,7 @@ def test_synthetic_shop_is_a_pure_jax_world(shop):
     assert isinstance(world, JaxWorld) and world.kind == "jax" and world.spec.name == "synthetic_shop"
     env = world.env
     assert (world.layout.context_len, world.layout.customer_len, world.layout.reply_len, world.layout.header_len,
-            world.layout.max_turns) == (env.context_len, env.customer_len, env.reply_len, HEADER_LEN,
+            world.layout.max_turns) == (env.context_len, env.customer_len, env.reply_len, 2,
                                         world.spec.max_turns)
     assert world.tokenizer is env.tokenizer
     assert world.model_config.vocab_size % 64 == 0 and world.model_config.vocab_size >= len(world.tokenizer)
@@ -60,7 +59,7 @@ def test_host_world_trains_its_tokenizer_with_the_world_tokens(host):
     assert world.layout.max_turns == 6 and world.layout.context_len == 32
     # TmallBrand's automaton changes per subflow: positional stage tokens cover the longest one.
     assert len(world.vocab.stage_ids) == len(world.env.stage_names()) >= world.spec.sop.num_stages
-    ids = {*world.vocab.strategy_ids, *world.vocab.stage_ids, world.vocab.agent, world.vocab.eot, world.vocab.pad}
+    ids = {*world.vocab.strategy_ids, *world.vocab.stage_ids, *world.vocab.header_open, world.vocab.eot, world.vocab.pad}
     assert len(ids) == len(world.vocab.strategy_ids) + len(world.vocab.stage_ids) + 3  # all distinct tokens
     assert max(ids) < world.model_config.vocab_size
 

@@ -17,41 +17,46 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gopo_jax.dialogue.env_protocol import EpisodeOutcome, TurnSignals
+from gopo_jax.dialogue.env_protocol import Demonstration, EpisodeOutcome, TurnSignals
 from gopo_jax.dialogue.layout import Layout
 from gopo_jax.dialogue.rollout import AgentVocab, TurnAction, TurnInput, assemble, make_header
 from gopo_jax.dialogue.sop import UNRECOGNISED
-from gopo_jax.models.tokenizer import CONTEXT, CUSTOMER
+from gopo_jax.models.chat_format import ChatFormat
 
 
 @dataclasses.dataclass(frozen=True)
 class TextCodec:
-    """Text <-> fixed-slot ids for one tokenizer and layout."""
+    """Text <-> fixed-slot ids for one tokenizer, chat template and layout: a content that does not fit its slot is
+    cut, never the template's opening and closing ids around it."""
 
     tokenizer: Any
+    chat_format: ChatFormat
     layout: Layout
     vocab: AgentVocab
+    system_preamble: str = ""  # instructions before every business context (the SOP: `layout.sop_in_system`)
 
-    def _slot(self, ids: list[int], length: int, *, keep_last: bool) -> tuple[np.ndarray, np.ndarray]:
-        if len(ids) > length:  # keep the role token and the end-of-turn token, cut the middle
-            ids = ids[:length - 1] + [ids[-1]] if keep_last else ids[:length]
+    def _slot(self, opening, text: str, closing, length: int) -> tuple[np.ndarray, np.ndarray]:
+        content = self.chat_format.content_ids(self.tokenizer, text)
+        room = length - len(opening) - len(closing)
+        if room < 0:
+            raise ValueError(f"a slot of {length} ids cannot hold the chat template's {len(opening)} opening and "
+                             f"{len(closing)} closing ids; raise the layout.* slot lengths")
+        ids = [*opening, *content[:room], *closing]
         out = np.full((length,), self.vocab.pad, np.int32)
         out[:len(ids)] = ids
         return out, np.arange(length) < len(ids)
 
     def context(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        ids = self.tokenizer.convert_tokens_to_ids([CONTEXT]) + self.tokenizer.encode(" " + text,
-                                                                                       add_special_tokens=False)
-        return self._slot(ids, self.layout.context_len, keep_last=False)
+        f = self.chat_format
+        text = f"{self.system_preamble}\n\n{text}" if self.system_preamble else text
+        return self._slot(f.system_open, text, f.system_close, self.layout.context_len)
 
     def customer(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        ids = (self.tokenizer.convert_tokens_to_ids([CUSTOMER])
-               + self.tokenizer.encode(" " + text, add_special_tokens=False) + [self.vocab.eot])
-        return self._slot(ids, self.layout.customer_len, keep_last=True)
+        f = self.chat_format
+        return self._slot(f.user_open, text, f.user_close, self.layout.customer_len)
 
     def reply_ids(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        ids = self.tokenizer.encode(" " + text, add_special_tokens=False) + [self.vocab.eot]
-        return self._slot(ids, self.layout.reply_len, keep_last=True)
+        return self._slot((), text, (self.vocab.eot,), self.layout.reply_len)
 
     def reply_text(self, ids: np.ndarray, valid: np.ndarray) -> str:
         kept = [int(i) for i, v in zip(ids, valid) if v and int(i) != self.vocab.eot]
@@ -184,3 +189,48 @@ def _text_turn(codec: TextCodec, inp: TurnInput, choose: Callable[[int], tuple[i
 def host_env_factory(prototype) -> Callable[[], Any]:
     """Fresh episode objects that share the prototype's loaded data (deepcopy keeps data shared by design)."""
     return functools.partial(copy.deepcopy, prototype)
+
+
+def logged_trajectory(demos: Sequence[Demonstration], codec: TextCodec, sop, *, emit_decision: bool = True):
+    """Logged dialogues (`Demonstration`s: the human agent's strategy and reply after each customer utterance) as a
+    `Trajectory` in the rollout's layout, rendered with the run's chat template: the warm start's teacher-forced
+    data when `sft.source="logged"`. Nothing is played: the environment's signals are zero (the warm start reads
+    tokens, loss masks, strategies and SOP masks only). A turn's SOP mask is its logged stage's, with the logged
+    strategy always allowed (a logged human may break the derived SOP; the masked Expert loss must stay finite).
+    Dialogues longer than the layout keep their first `max_turns` turns."""
+    layout, vocab = codec.layout, codec.vocab
+    b, t_max, n_k = len(demos), layout.max_turns, len(vocab.strategy_ids)
+    ctx = _stack([dict(zip(("ids", "valid"), codec.context(d.context))) for d in demos])
+    pad_c = np.full((b, layout.customer_len), vocab.pad, np.int32)
+    pad_r = np.full((b, layout.reply_len), vocab.pad, np.int32)
+    records = []
+    for t in range(t_max):
+        active = np.array([t < len(d.turns) for d in demos])
+        cust, cust_valid = pad_c.copy(), np.zeros(pad_c.shape, bool)
+        reply, reply_valid = pad_r.copy(), np.zeros(pad_r.shape, bool)
+        strategy = np.full((b,), UNRECOGNISED, np.int32)
+        stage = np.zeros((b,), np.int32)
+        allowed = np.zeros((b, n_k), bool)
+        for i in np.flatnonzero(active):
+            turn = demos[i].turns[t]
+            cust[i], cust_valid[i] = codec.customer(turn.customer)
+            reply[i], reply_valid[i] = codec.reply_ids(turn.reply)
+            strategy[i] = sop.strategy_index(turn.strategy)
+            stage[i] = min(turn.stage, len(vocab.stage_ids) - 1)
+            allowed[i] = sop.allowed[turn.stage] if turn.stage < sop.num_stages else True
+            allowed[i, strategy[i]] = True
+        header, header_valid = (np.asarray(x) for x in make_header(vocab, jnp.asarray(stage), jnp.asarray(active)))
+        decision_valid = active & emit_decision
+        records.append({"customer": cust, "customer_valid": cust_valid, "header": header,
+                        "header_valid": header_valid,
+                        "decision": np.where(decision_valid, np.asarray(vocab.strategy_ids)[np.clip(strategy, 0, None)],
+                                             vocab.pad),
+                        "decision_valid": decision_valid, "reply": reply, "reply_valid": reply_valid,
+                        "reply_logp": np.zeros(pad_r.shape, np.float32), "strategy": strategy,
+                        "strategy_logp": np.zeros((b,), np.float32), "allowed": allowed, "active": active})
+    turns = {k: jnp.asarray(np.stack([r[k] for r in records])) for k in records[0]}
+    zeros = jnp.zeros((t_max, b), jnp.float32)
+    signals = TurnSignals(gain=zeros, cont=zeros, rel=zeros, quality=zeros, realised=turns["strategy"],
+                          aligned=zeros, sop_valid=zeros, done=~turns["active"])
+    outcome = EpisodeOutcome(outcome=jnp.zeros((b,)), satisfaction=jnp.zeros((b,)), fcr=jnp.zeros((b,)))
+    return assemble(layout, jnp.asarray(ctx["ids"]), jnp.asarray(ctx["valid"]), turns, signals, outcome)

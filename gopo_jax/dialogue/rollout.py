@@ -30,29 +30,37 @@ from gopo_jax.dialogue.layout import Layout, Trajectory
 from gopo_jax.dialogue.sop import UNRECOGNISED, masked_strategy_log_softmax
 from gopo_jax.dialogue.env_protocol import JaxEnv, TurnSignals
 from gopo_jax.models import heads, qwen3
+from gopo_jax.models.chat_format import ChatFormat
+from gopo_jax.models.tokenizer import stage_token, strategy_token
 
 
 @dataclasses.dataclass(frozen=True)
 class AgentVocab:
-    """Token ids the drivers need; hashable (static under jit)."""
+    """Token ids the drivers need; hashable (static under jit). The header of an agent turn is the chat template's
+    generation prompt followed by the stage marker (`gopo_jax.models.chat_format`)."""
 
-    agent: int  # <|agent|>: opens the agent header
+    header_open: tuple[int, ...]  # opens every agent turn (`<|agent|>`; Qwen3: "\n<|im_start|>assistant\n" + ...)
     eot: int  # end of turn: the CS stops on it
     pad: int
-    stage_ids: tuple[int, ...]  # one token per SOP stage
-    strategy_ids: tuple[int, ...]  # one token per strategy
+    stage_ids: tuple[int, ...]  # one marker token per SOP stage
+    strategy_ids: tuple[int, ...]  # one marker token per strategy
+
+    @property
+    def header_len(self) -> int:
+        return len(self.header_open) + 1
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, sop, stage_names=None) -> "AgentVocab":
-        from gopo_jax.models.tokenizer import stage_token, strategy_token
+    def from_tokenizer(cls, tokenizer, sop, stage_names=None, chat_format: ChatFormat | None = None) -> "AgentVocab":
+        fmt = chat_format or ChatFormat.from_tokenizer(tokenizer)
 
         def one(tok: str) -> int:
             ids = tokenizer.convert_tokens_to_ids([tok])
             if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
-                raise ValueError(f"tokenizer has no token {tok!r}; it must be built with the world's special tokens")
+                raise ValueError(f"tokenizer has no token {tok!r}; it must be built with the world's marker tokens "
+                                 "(gopo_jax.models.markers.add_markers)")
             return int(ids[0])
 
-        return cls(agent=one("<|agent|>"), eot=one("<|eot|>"), pad=one("<|pad|>"),
+        return cls(header_open=fmt.assistant_open, eot=fmt.eot, pad=fmt.pad,
                    stage_ids=tuple(one(stage_token(s)) for s in (stage_names or sop.stages)),
                    strategy_ids=tuple(one(strategy_token(k)) for k in sop.strategies))
 
@@ -212,20 +220,18 @@ class ScriptedAgents:
                                  reply_logp=jnp.zeros(reply.shape, jnp.float32))
 
 
-def jax_env_layout(env: JaxEnv) -> Layout:
+def jax_env_layout(env: JaxEnv, vocab: AgentVocab) -> Layout:
     """The buffer layout of a pure-JAX environment: its own slot sizes and every turn up to T_max."""
-    return Layout(context_len=env.context_len, customer_len=env.customer_len, header_len=HEADER_LEN,
+    return Layout(context_len=env.context_len, customer_len=env.customer_len, header_len=vocab.header_len,
                   reply_len=env.reply_len, max_turns=env.spec.max_turns)
 
 
 def make_header(vocab: AgentVocab, stage: jax.Array, active: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`<|agent|> <stage:σ>` for each dialogue: (int32[B, 2], bool[B, 2])."""
+    """The generation prompt and `<stage:σ>` for each dialogue: (int32[B, Lh], bool[B, Lh])."""
     stage_ids = jnp.asarray(vocab.stage_ids, jnp.int32)
-    header = jnp.stack([jnp.full_like(stage, vocab.agent), stage_ids[stage]], axis=1).astype(jnp.int32)
+    opening = jnp.broadcast_to(jnp.asarray(vocab.header_open, jnp.int32), stage.shape + (len(vocab.header_open),))
+    header = jnp.concatenate([opening, stage_ids[stage][:, None]], axis=1).astype(jnp.int32)
     return header, jnp.broadcast_to(active[:, None], header.shape)
-
-
-HEADER_LEN = 2
 
 
 def assemble(layout: Layout, context, context_valid, turns: dict, signals: TurnSignals, outcome) -> Trajectory:

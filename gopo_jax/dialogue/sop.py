@@ -84,6 +84,21 @@ class SOP:
         return {"name": self.name, "strategies": list(self.strategies), "initial": self.stages[self.initial],
                 "stages": stages}
 
+    def prompt(self, descriptions: Sequence[str] = ()) -> str:
+        """The SOP as the system message's instructions to a pretrained agent: the strategies (with their
+        descriptions) and, per stage, the strategies allowed there. The stage and the chosen strategy of every turn
+        are the marker tokens that open the agent's message."""
+        described = dict(zip(self.strategies, descriptions))
+        lines = ["You are a customer service agent following a standard operating procedure (SOP). Each of your "
+                 "messages starts with the current SOP stage and the strategy you carry out, then the reply.",
+                 "Strategies:"]
+        lines += [f"- {k}: {described[k]}" if described.get(k) else f"- {k}" for k in self.strategies]
+        lines.append("Allowed strategies per stage:")
+        for s, name in enumerate(self.stages):
+            allowed = ", ".join(self.strategies[k] for k in range(self.num_strategies) if self.allowed[s, k])
+            lines.append(f"- {name}: {allowed}")
+        return "\n".join(lines)
+
 
 @flax.struct.dataclass
 class JaxSOP:

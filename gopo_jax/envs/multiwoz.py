@@ -42,6 +42,33 @@ Per-turn signals and outcome (no engagement or satisfaction labels exist in Mult
 The reference policy is a rule-based system policy (below, `reference_turn`); Inform/Success of an episode come
 from the metrics module's scorer (`inform_success`), and `evaluator_turns` exports the episode in the standard
 evaluator input format `{"response", "state", "active_domains"}`.
+
+Logged demonstrations (`logged_demonstrations`: the SFT warm start from real human system turns; `logged_report`
+gives the numbers below). Only the test and val dialogues are on disk and the world plays the test goals, so the
+demonstrations are the 999 val dialogues (`LOGGED_SPLIT`; a world built on split="val" refuses them). Every logged
+system turn is one agent turn:
+- customer: the user utterance before it (a turn left out hands its user utterance on to the next kept turn).
+- reply: the logged system utterance with every annotated value span (`span_info`) replaced by the world's
+  `[value_x]` placeholder (`SPAN_PLACEHOLDER`: Choice -> count, Ref -> reference, Id -> trainid, Ticket -> price,
+  Fee -> entrancefee, train Time -> duration, ...), the language the world's replies, R and the user simulator
+  speak; ConvLab's tokenised spacing ("needs . Would") is undone. A span with an empty or out-of-range word range
+  (2 annotation slips in val) or overlapping an earlier one stays lexical, as do values the annotation has no span
+  for.
+- strategy: the world's strategy for the turn's dialogue-act types (`ACT_STRATEGY`); a turn with several types
+  takes the one R would realise from a reply that carries them all (`STRATEGY_PRIORITY`: R's rule order, then its
+  request and inform fallbacks). A turn without a dialogue act takes R's reading, and is left out if R recognises
+  nothing either.
+- stage: the SOP automaton's stage before the turn when it replays the demonstration's strategies from the start
+  (a strategy the stage does not allow keeps the stage, as in the world). The schema/database preconditions are not
+  replayed: they depend on the simulated user's state, which a logged dialogue does not have.
+- context: the business context `reset` shows for the same val goal.
+Numbers (`logged_report()`): 7,365 system turns; 7,286 carry a dialogue act, 39 more take R's reading, 40 are left
+out. R agrees with the annotated strategy on 63.8% of the 7,286 and recognises nothing in 11.1%; per strategy:
+book 0.97, request 0.77, inform 0.68, bye 0.64, reqmore 0.60, offer_book 0.58, recommend 0.38, no_offer 0.36,
+no_book 0.22, select 0.11, greet 0.00 (ConvLab's `welcome` is mostly "you're welcome", and real greetings come with
+a question, which R reads as request). 88.0% of the kept turns are SOP-valid: most violations are `bye` without a
+`reqmore` turn before it (real agents ask "anything else?" inside a book turn, or not at all) and `welcome` turns,
+which the world reads as greetings outside the opening.
 """
 from __future__ import annotations
 
@@ -54,8 +81,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from gopo_jax.dialogue.env_protocol import EnvSpec, EpisodeOutcome, HostObs, TurnSignals
+from gopo_jax.dialogue.env_protocol import Demonstration, EnvSpec, EpisodeOutcome, HostObs, TurnSignals
 from gopo_jax.dialogue.sop import SOP, UNRECOGNISED, load_sop
+from gopo_jax.envs import logged
 from gopo_jax.envs.base import DataSource, EnvDataError, HostEnv, host_turn_signals, scripted_user_engagement
 from gopo_jax.metrics import multiwoz_eval
 
@@ -193,6 +221,17 @@ def _read_dialogues(path: pathlib.Path) -> dict:
     return data
 
 
+def _checked_log(record: dict, where: str) -> list:
+    """The dialogue's 'log': user/system turns alternating from the user's, each with a 'text' string."""
+    log = record.get("log")
+    if not isinstance(log, list):
+        raise MultiWOZEnvError(f"{where}: expected an object with a 'goal' object and a 'log' list")
+    if not log or len(log) % 2 or not all(isinstance(t, dict) and isinstance(t.get("text"), str) for t in log):
+        raise MultiWOZEnvError(f"{where}: 'log' must alternate user/system turns, each with a 'text' string "
+                               f"(got {len(log)} turns); the file is truncated or not the ConvLab format")
+    return log
+
+
 def _str_dict(value: Any, where: str) -> dict:
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise MultiWOZEnvError(f"{where}: expected an object of string slot values, got {value!r:.80}")
@@ -211,13 +250,9 @@ def _domain_order(log: list, domains: list) -> list:
 
 def _parse_goal(dialogue_id: str, record: Any, source: str, database: Any) -> Goal:
     where = f"{source}: dialogue {dialogue_id!r}"
-    if not isinstance(record, dict) or not isinstance(record.get("goal"), dict) or not isinstance(
-            record.get("log"), list):
+    if not isinstance(record, dict) or not isinstance(record.get("goal"), dict):
         raise MultiWOZEnvError(f"{where}: expected an object with a 'goal' object and a 'log' list")
-    log = record["log"]
-    if not log or len(log) % 2 or not all(isinstance(t, dict) and isinstance(t.get("text"), str) for t in log):
-        raise MultiWOZEnvError(f"{where}: 'log' must alternate user/system turns, each with a 'text' string "
-                               f"(got {len(log)} turns); the file is truncated or not the ConvLab format")
+    log = _checked_log(record, where)
     raw = record["goal"]
     present = []
     for d in DOMAINS:
@@ -316,6 +351,111 @@ def load_data(data_dir: str | pathlib.Path | None = None, split: str = "test") -
     goals = tuple(_parse_goal(k, raw[k], str(path), database) for k in sorted(raw))
     texts = tuple(t["text"].strip() for k in sorted(raw) for t in raw[k]["log"])
     return MultiWOZData(data_dir, split, goals, book_slots, database, tuple(hospital), tuple(police), texts)
+
+
+# ----------------------------------------------------------------------------------- logged demonstrations
+
+LOGGED_SPLIT = "val"  # never the test dialogues: their goals are what the world is scored on
+# ConvLab system dialogue-act type -> the world's strategy.
+ACT_STRATEGY = {
+    "welcome": "greet", "greet": "greet", "Request": "request", "Inform": "inform", "Recommend": "recommend",
+    "Select": "select", "NoOffer": "no_offer", "OfferBook": "offer_book", "Book": "book", "OfferBooked": "book",
+    "NoBook": "no_book", "reqmore": "reqmore", "bye": "bye",
+}
+# The strategy a turn with several act types demonstrates: the one R realises from a reply carrying them all.
+STRATEGY_PRIORITY = tuple(act for act, _ in _ACT_RULES) + ("request", "inform")
+# ConvLab span slot -> the world's placeholder (the names `_REQT_PLACEHOLDER` and the evaluator know).
+SPAN_PLACEHOLDER = {
+    "Name": "name", "Choice": "count", "Area": "area", "Ref": "reference", "Type": "type", "Addr": "address",
+    "Phone": "phone", "Price": "pricerange", "Leave": "leave", "Id": "trainid", "Arrive": "arrive",
+    "Post": "postcode", "Food": "food", "Ticket": "price", "Fee": "entrancefee", "Dest": "destination",
+    "Depart": "departure", "Day": "day", "Stars": "stars", "Car": "car", "Time": "time", "People": "people",
+    "Stay": "stay", "Open": "openhours",
+}
+# Where a slot means something else in one domain: a train's Time is its duration, an attraction's Price its fee.
+_DOMAIN_SPAN_PLACEHOLDER = {("Train", "Time"): "duration", ("Attraction", "Price"): "entrancefee"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggedDialogue:
+    dialogue_id: str
+    goal: int  # index of its goal in the split's sorted goals (the `reset` seed that plays it)
+    turns: tuple  # logged.LoggedTurn
+
+
+def detokenise(text: str) -> str:
+    """ConvLab text is tokenised ("needs . Would", "do n't"); the world's replies and users speak plain text."""
+    text = re.sub(r"\s+([.,!?;:%)])", r"\1", text)
+    text = re.sub(r"\s+(n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _act_types(acts: Any, where: str) -> list[str]:
+    if not isinstance(acts, dict):
+        raise MultiWOZEnvError(f"{where}: 'dialog_act' must be an object {{'Domain-Type': [[slot, value], ...]}}")
+    types = []
+    for name in acts:
+        act_type = name.split("-", 1)[-1]
+        if act_type not in ACT_STRATEGY:
+            raise MultiWOZEnvError(f"{where}: dialogue act {name!r} has a type this world has no strategy for; "
+                                   f"known: {sorted(ACT_STRATEGY)} (a new type needs an entry in ACT_STRATEGY)")
+        types.append(act_type)
+    return types
+
+
+def logged_strategy(act_types: list[str]) -> str | None:
+    """The strategy a system turn with these ConvLab act types demonstrates (STRATEGY_PRIORITY), None if none."""
+    strategies = {ACT_STRATEGY[t] for t in act_types}
+    return next((k for k in STRATEGY_PRIORITY if k in strategies), None)
+
+
+def delexicalise(text: str, spans: Any, where: str) -> str:
+    """`text` with each annotated value span replaced by the world's `[value_x]` placeholder (module doc)."""
+    if not isinstance(spans, list):
+        raise MultiWOZEnvError(f"{where}: 'span_info' must be a list of [act, slot, value, start, end]")
+    words = text.split(" ")
+    out, position = [], 0
+    for span in sorted(spans, key=lambda s: s[3] if isinstance(s, list) and len(s) == 5 else 0):
+        if not (isinstance(span, list) and len(span) == 5 and isinstance(span[0], str) and isinstance(span[1], str)
+                and isinstance(span[3], int) and isinstance(span[4], int)):
+            raise MultiWOZEnvError(f"{where}: span {span!r:.80} is not [act, slot, value, start word, end word]")
+        act, slot, value, start, end = span
+        if slot not in SPAN_PLACEHOLDER:
+            raise MultiWOZEnvError(f"{where}: span slot {slot!r} has no placeholder; known: "
+                                   f"{sorted(SPAN_PLACEHOLDER)} (a new slot needs an entry in SPAN_PLACEHOLDER)")
+        if start < position or start > end or end >= len(words) or str(value).lower() == "dontcare":
+            continue
+        name = _DOMAIN_SPAN_PLACEHOLDER.get((act.split("-")[0], slot), SPAN_PLACEHOLDER[slot])
+        out.extend(words[position:start])
+        out.append(f"[value_{name}]")
+        position = end + 1
+    out.extend(words[position:])
+    return " ".join(out)
+
+
+def _logged_turns(record: Any, where: str) -> tuple:
+    """The system turns of one ConvLab dialogue as logged.LoggedTurns."""
+    if not isinstance(record, dict):
+        raise MultiWOZEnvError(f"{where}: expected an object with a 'goal' object and a 'log' list")
+    log, turns = _checked_log(record, where), []
+    for i in range(1, len(log), 2):
+        at = f"{where}, log[{i}]"
+        label = logged_strategy(_act_types(log[i].get("dialog_act", {}), at))
+        reply = detokenise(delexicalise(log[i]["text"], log[i].get("span_info", []), at))
+        turns.append(logged.LoggedTurn(customer=detokenise(log[i - 1]["text"]), reply=reply, label=label))
+    return tuple(turns)
+
+
+def load_logged_dialogues(data_dir: str | pathlib.Path | None = None) -> tuple:
+    """The LOGGED_SPLIT dialogues as LoggedDialogues, in the order of that split's goals (sorted ids)."""
+    data_dir = SOURCE.resolve(data_dir)
+    path = data_dir / "mwz21_convlab3" / SPLIT_FILES[LOGGED_SPLIT]
+    raw = _read_dialogues(path)
+    dialogues = []
+    for i, key in enumerate(sorted(raw)):
+        turns = _logged_turns(raw[key], f"{path}: dialogue {key!r}")
+        dialogues.append(LoggedDialogue(key.split(".")[0].lower(), i, turns))
+    return tuple(dialogues)
 
 
 # -------------------------------------------------------------------------------------------- the environment
@@ -832,6 +972,39 @@ class MultiWOZEnv(HostEnv):
             for t in demo.turns:
                 yield t.reply
 
+    # --------------------------------------------------------------------------------- logged demonstrations
+
+    def _logged_dialogues(self) -> tuple:
+        """The LOGGED_SPLIT dialogues (read once per folder)."""
+        if self.data.split == LOGGED_SPLIT:
+            raise MultiWOZEnvError(f"MultiWOZ logged demonstrations come from the {LOGGED_SPLIT} dialogues, whose "
+                                   f"goals this world (split={LOGGED_SPLIT!r}) plays; build it on split='test'")
+        key = str(self.data.data_dir)
+        if key not in _LOGGED_CACHE:
+            _LOGGED_CACHE[key] = load_logged_dialogues(self.data.data_dir)
+        return _LOGGED_CACHE[key]
+
+    def replay_logged(self, dialogue: LoggedDialogue) -> list[logged.ReplayedTurn]:
+        """The dialogue's turns with their demonstrated strategy, R's reading and the automaton's stage."""
+        return logged.replay(dialogue.turns, self.spec.sop, self.realise)
+
+    def logged_demonstrations(self, num_episodes: int, seed: int) -> list[Demonstration]:
+        """SFT demonstrations from the logged human system turns of the val dialogues (module doc), in a
+        seed-shuffled order, cycling when more are asked for than exist."""
+        dialogues = self._logged_dialogues()
+        # A world on the logged dialogues' goals shows the context `reset` gives each.
+        world = MultiWOZEnv(_cached_data(self.data.data_dir, LOGGED_SPLIT), self.spec.sop,
+                            max_turns=self.spec.max_turns)
+        return [logged.demonstration(world.reset(dialogues[i].goal).context, self.replay_logged(dialogues[i]),
+                                     self.spec.strategies)
+                for i in logged.episode_order(len(dialogues), num_episodes, seed)]
+
+    def logged_report(self) -> dict:
+        """How the logged val turns fit this world (the numbers in the module doc; see logged.report)."""
+        dialogues = self._logged_dialogues()
+        replayed = [r for d in dialogues for r in self.replay_logged(d)]
+        return logged.report(replayed, self.spec.strategies, dialogues=len(dialogues))
+
 
 _GOALS_CACHE: dict = {}
 
@@ -844,12 +1017,18 @@ def _evaluator_goals(data: MultiWOZData) -> dict:
 
 
 _DATA_CACHE: dict = {}
+_LOGGED_CACHE: dict = {}
+
+
+def _cached_data(data_dir: str | pathlib.Path | None, split: str) -> MultiWOZData:
+    """The world's data, loaded once per folder and split."""
+    key = (str(data_dir), split)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = load_data(data_dir, split)
+    return _DATA_CACHE[key]
 
 
 def make_env(data_dir: str | pathlib.Path | None = None, split: str = "test", *, max_turns: int = MAX_TURNS,
              sop_path: str | pathlib.Path = SOP_PATH) -> MultiWOZEnv:
-    """The MultiWOZ host environment over the real `split` goals (data loaded once per folder and split)."""
-    key = (str(data_dir), split)
-    if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = load_data(data_dir, split)
-    return MultiWOZEnv(_DATA_CACHE[key], load_sop(sop_path), max_turns=max_turns)
+    """The MultiWOZ host environment over the real `split` goals."""
+    return MultiWOZEnv(_cached_data(data_dir, split), load_sop(sop_path), max_turns=max_turns)

@@ -143,7 +143,7 @@ def _compiled_rollout(env, policy_fn: PolicyFn):
     """The one rollout driver (`dialogue.rollout.make_rollout`) with `policy_fn` as scripted agents, compiled once
     per (env, policy) pair; the policies here are frozen dataclasses that compare equal per env."""
     vocab = AgentVocab.from_tokenizer(env.tokenizer, env.spec.sop)
-    layout = jax_env_layout(env)
+    layout = jax_env_layout(env, vocab)
     return layout, vocab, make_rollout(env, layout, vocab, ScriptedAgents(policy_fn, vocab))
 
 

@@ -35,19 +35,44 @@ Per-turn signals and outcome (ABCD has no engagement labels; the numbers are set
 - outcome o = the whole required sequence completed in order; fcr = o and the subflow does not hand the case to
   another team (`notify-team` in its sequence); sat = completed fraction × Π c_t.
 - T_max = 16 agent turns (the longest reference episode needs 12).
+
+Logged demonstrations (`logged_demonstrations`: the SFT warm start from real agents; `logged_report` gives the
+numbers below). ABCD's full corpus (abcd_v1.1.json.gz, 8,034 training conversations) is not in the shared folder:
+its training split is used when it is placed there, otherwise the 3 logged training conversations of
+abcd_sample.json (release format: `original` [speaker, text] messages, `delexed` targets naming the button of every
+action message). One agent turn is an agent's run of consecutive messages (joined) or one action message; its
+customer text is what the customer wrote since the previous turn.
+- strategy: an action message's annotated button (search-<topic> -> search-topic); the conversation's first turn
+  -> greet (ABCD agents open with one) and its last -> close (their sign-off); an agent turn the customer answers by
+  stating one of its scenario facts (SCENARIO_FACTS: name, account id, username, e-mail, phone, membership level,
+  order id, zip code, address) -> ask_info. ABCD annotates no act on agent utterances, so the other turns (answers,
+  apologies, small talk: the world has no strategy for them) take R's reading, and are left out if R recognises
+  nothing (their customer text goes to the next kept turn).
+- stage: the automaton of the conversation's subflow (its ABCD intent label) replayed on the demonstrated
+  strategies; stage indices are per subflow, as in the world.
+- context: the business context `reset` shows (no customer facts told yet).
+Numbers (abcd_sample.json, `logged_report()`): 33 turns in 3 conversations; 21 labelled by the rules above, 4 more
+by R's reading, 8 left out. R agrees with 81% of the 21 (all 9 action turns, greet 3/3, close 2/3, ask_info 3/6).
+80% of the 25 kept turns are SOP-valid: real agents leave out or reorder kb.json's required actions (the
+return_size conversation escalates to the manager after pull-up-account and validate-purchase, where kb.json
+continues with membership, enter-details and update-order) and ask "anything else?" before the end.
 """
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import json
 import pathlib
 import re
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
-from gopo_jax.dialogue.env_protocol import EnvSpec, EpisodeOutcome, HostObs, TurnSignals
+from gopo_jax.dialogue.env_protocol import Demonstration, EnvSpec, EpisodeOutcome, HostObs, TurnSignals
 from gopo_jax.dialogue.sop import SOP, UNRECOGNISED, SOPError, sop_from_dict
-from gopo_jax.envs.base import DataSource, EnvDataError, HostEnv, host_turn_signals, scripted_user_engagement
+from gopo_jax.envs import logged
+from gopo_jax.envs.base import (DataSource, EnvDataError, HostEnv, MissingEnvData, host_turn_signals,
+                                scripted_user_engagement)
 
 MAX_TURNS = 16
 MAX_RELEVANCE = 2
@@ -267,6 +292,133 @@ def load_data(data_dir: str | pathlib.Path | None = None) -> ABCDData:
     return ABCDData(data_dir, tuple(scenarios), sops, values, tuple(t for t in texts if t))
 
 
+# ----------------------------------------------------------------------------------- logged demonstrations
+
+FULL_CORPUS, SAMPLE = "abcd_v1.1.json.gz", "abcd_sample.json"
+LOGGED_SPLIT = "train"  # of the full corpus; the sample's conversations are training conversations too
+# ABCD scenario facts (scenario.personal / scenario.order keys): a customer who states one answers an agent's ask_info.
+SCENARIO_FACTS = ("customer_name", "account_id", "username", "email", "phone", "member_level", "order_id",
+                  "zip_code", "street_address", "full_address")
+_SPEAKERS = ("agent", "customer", "action")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggedConversation:
+    convo_id: str
+    subflow: str  # ABCD's intent label: the kb.json subflow whose SOP the conversation replays
+    turns: tuple  # logged.LoggedTurn
+
+
+def business_context(told: dict) -> str:
+    """What the agents are told: the service, and the customer facts told so far (`reset`: none)."""
+    facts = ", ".join(f"{f}={v}" for f, v in sorted(told.items())) or "nothing yet"
+    return ("Brand store after-sales service (ABCD guidelines): follow the required actions of the customer's "
+            f"issue in order. Customer facts known: {facts}.")
+
+
+def _messages(record: Any, where: str) -> list[tuple[str, str, Any]]:
+    """(speaker, text, annotated button) per message: `original` for the text, `delexed` targets for the button."""
+    if not isinstance(record, dict) or not isinstance(record.get("original"), list) or not isinstance(
+            record.get("delexed"), list):
+        raise TmallBrandError(f"{where}: expected an object with 'original' [speaker, text] and 'delexed' turn lists "
+                              "(the ABCD release format)")
+    original, delexed = record["original"], record["delexed"]
+    if len(original) != len(delexed):
+        raise TmallBrandError(f"{where}: 'original' has {len(original)} messages but 'delexed' {len(delexed)}; the "
+                              "record is truncated: re-fetch the file")
+    messages = []
+    for i, (message, turn) in enumerate(zip(original, delexed)):
+        if not (isinstance(message, list) and len(message) == 2 and message[0] in _SPEAKERS
+                and isinstance(message[1], str)):
+            raise TmallBrandError(f"{where}: original[{i}] = {message!r:.80} is not [speaker, text] with a speaker in "
+                                  f"{_SPEAKERS}")
+        targets = turn.get("targets") if isinstance(turn, dict) else None
+        if not (isinstance(targets, list) and len(targets) >= 3 and isinstance(targets[0], str)):
+            raise TmallBrandError(f"{where}: delexed[{i}] needs 'targets' [intent, next step, button, ...]")
+        messages.append((message[0], message[1].strip(), targets[2]))
+    return messages
+
+
+def _agent_turns(messages: list[tuple[str, str, Any]]) -> tuple[list[tuple[str, str, Any, str]], str]:
+    """([(kind, reply, button, customer text before)], customer text after the last turn). An agent's consecutive
+    messages are one turn (its reply); every action message is a turn of its own."""
+    turns, pending = [], []
+    for speaker, text, button in messages:
+        if speaker == "customer":
+            pending.append(text)
+        elif speaker == "agent" and turns and turns[-1][0] == "agent" and not pending:
+            kind, reply, _, before = turns[-1]
+            turns[-1] = (kind, f"{reply} {text}", None, before)
+        else:
+            turns.append((speaker, text, button, " ".join(pending)))
+            pending = []
+    return turns, " ".join(pending)
+
+
+def _logged_conversation(record: Any, where: str, sops: dict) -> LoggedConversation:
+    """One ABCD conversation as logged turns labelled by the module doc's rules."""
+    messages = _messages(record, where)
+    if not messages:
+        raise TmallBrandError(f"{where}: the conversation has no messages; the record is truncated: re-fetch the file")
+    subflow = record["delexed"][0]["targets"][0]
+    if subflow not in sops:
+        raise TmallBrandError(f"{where}: intent {subflow!r} is not a kb.json subflow; the conversation and kb.json "
+                              "are from different ABCD versions")
+    scenario = record.get("scenario") if isinstance(record.get("scenario"), dict) else {}
+    known = {k: v for part in ("personal", "order") if isinstance(scenario.get(part), dict)
+             for k, v in scenario[part].items()}
+    facts = [str(known[k]).lower() for k in SCENARIO_FACTS if str(known.get(k, "")).strip()]
+    turns, after_last = _agent_turns(messages)
+    out = []
+    for j, (kind, reply, button, before) in enumerate(turns):
+        after = turns[j + 1][3] if j + 1 < len(turns) else after_last
+        if kind == "action":
+            strategy = _strategy_of(str(button))[0]
+            if strategy not in STRATEGIES:
+                raise TmallBrandError(f"{where}: action {reply!r:.60} is annotated with button {button!r}, which has "
+                                      "no strategy in this world")
+            label = strategy
+        elif j == 0:
+            label = "greet"
+        elif j == len(turns) - 1:
+            label = "close"
+        elif any(f in after.lower() for f in facts):
+            label = "ask_info"
+        else:
+            label = None
+        out.append(logged.LoggedTurn(customer=before, reply=reply, label=label))
+    return LoggedConversation(str(record.get("convo_id", "")), subflow, tuple(out))
+
+
+def _read_full_corpus(path: pathlib.Path) -> list:
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            corpus = json.load(f)
+    except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TmallBrandError(f"{path}: not a readable gzipped JSON file ({e}); re-fetch it (the git blob id in "
+                              f"{path.parent / 'README.md'} verifies a copy)") from None
+    if not isinstance(corpus, dict) or not isinstance(corpus.get(LOGGED_SPLIT), list):
+        raise TmallBrandError(f"{path}: expected an object {{train, dev, test}} of conversation lists")
+    return corpus[LOGGED_SPLIT]
+
+
+def load_logged_conversations(data_dir: str | pathlib.Path | None, sops: dict) -> tuple:
+    """ABCD's logged conversations: the full corpus's training split if FULL_CORPUS is in the folder, else SAMPLE."""
+    data_dir = SOURCE.resolve(data_dir)
+    full, sample = data_dir / FULL_CORPUS, data_dir / SAMPLE
+    if full.exists():
+        path, records = full, _read_full_corpus(full)
+    elif sample.exists():
+        path, records = sample, SOURCE.read_json(sample)
+    else:
+        raise MissingEnvData(f"{sample}: not found (nor {FULL_CORPUS}). TmallBrand's logged demonstrations read "
+                             f"ABCD's logged conversations: {SAMPLE} of shared/data/abcd (see its README.md), or the "
+                             f"full corpus {FULL_CORPUS} placed next to it; set env.data_dir to that folder")
+    if not isinstance(records, list) or not records:
+        raise TmallBrandError(f"{path}: expected a non-empty list of conversations")
+    return tuple(_logged_conversation(r, f"{path}: conversation #{i}", sops) for i, r in enumerate(records))
+
+
 @dataclasses.dataclass
 class _Episode:
     scenario: Scenario
@@ -345,9 +497,7 @@ class TmallBrandEnv(HostEnv):
 
     def _context(self) -> str:
         ep = self._ep
-        told = ", ".join(f"{f}={ep.facts[f]}" for f in sorted(ep.told)) or "nothing yet"
-        return ("Brand store after-sales service (ABCD guidelines): follow the required actions of the customer's "
-                f"issue in order. Customer facts known: {told}.")
+        return business_context({f: ep.facts[f] for f in ep.told})
 
     def _obs(self) -> HostObs:
         ep = self._ep
@@ -468,8 +618,36 @@ class TmallBrandEnv(HostEnv):
                 yield t.customer
                 yield t.reply
 
+    # --------------------------------------------------------------------------------- logged demonstrations
+
+    def _logged_conversations(self) -> tuple:
+        """ABCD's logged conversations (read once per folder)."""
+        key = str(self.data.data_dir)
+        if key not in _LOGGED_CACHE:
+            _LOGGED_CACHE[key] = load_logged_conversations(self.data.data_dir, self.data.sops)
+        return _LOGGED_CACHE[key]
+
+    def replay_logged(self, conversation: LoggedConversation) -> list[logged.ReplayedTurn]:
+        """The conversation's turns with their demonstrated strategy, R's reading and the stage of its subflow's
+        automaton (stage indices are per subflow, like the world's)."""
+        return logged.replay(conversation.turns, self.data.sops[conversation.subflow], self.realise)
+
+    def logged_demonstrations(self, num_episodes: int, seed: int) -> list[Demonstration]:
+        """SFT demonstrations from ABCD's logged conversations (module doc), in a seed-shuffled order, cycling when
+        more are asked for than exist."""
+        conversations = self._logged_conversations()
+        return [logged.demonstration(business_context({}), self.replay_logged(conversations[i]), STRATEGIES)
+                for i in logged.episode_order(len(conversations), num_episodes, seed)]
+
+    def logged_report(self) -> dict:
+        """How ABCD's logged turns fit this world (the numbers in the module doc; see logged.report)."""
+        conversations = self._logged_conversations()
+        replayed = [r for c in conversations for r in self.replay_logged(c)]
+        return logged.report(replayed, STRATEGIES, dialogues=len(conversations))
+
 
 _DATA_CACHE: dict = {}
+_LOGGED_CACHE: dict = {}
 
 
 def make_env(data_dir: str | pathlib.Path | None = None, split: str = "all", *,

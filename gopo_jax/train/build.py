@@ -20,12 +20,12 @@ from gopo_jax.algorithms.gopo import GOPOHyper
 from gopo_jax.algorithms.sft import make_warm_start_loss
 from gopo_jax.dialogue.rollout import SamplingConfig
 from gopo_jax.metrics.episode import EpisodeMetricSettings
-from gopo_jax.models import qwen3
+from gopo_jax.models import hf_io, qwen3
 from gopo_jax.train import schedule
 from gopo_jax.train.methods import Method, MethodContext, make_method
 from gopo_jax.train.schedule import Schedule
 from gopo_jax.train.step import LossFn, make_optimizer
-from gopo_jax.train.world import World, build_world
+from gopo_jax.train.world import World, build_world, pretrained_sources
 
 _AGENTS = ("expert", "cs")  # the parameters the warm start trains
 
@@ -62,6 +62,8 @@ def validate_config(config) -> None:
          "train.epochs must be <= 100 and train.steps < 5000 (the key schedule of gopo_jax.train.schedule gives "
          "every shuffle its own key up to there)"),
         (config.sft.steps >= 0 and config.sft.batch_size >= 1, "sft.steps >= 0 and sft.batch_size >= 1"),
+        (config.sft.source in ("rollout", "logged"),
+         "sft.source: 'rollout' (the world's demonstrator) or 'logged' (its logged human dialogues)"),
         (0.0 <= config.sft.noise <= 1.0, "sft.noise must be in [0, 1]"),
         (0.0 < config.sft.heldout_fraction < 1.0, "sft.heldout_fraction must be in (0, 1)"),
         (config.sft.steps == 0 or (config.sft.episodes >= 1 and demo_split(config)[0] >= 1),
@@ -80,20 +82,37 @@ def validate_config(config) -> None:
 
 def model_fingerprint(world: World) -> dict:
     """What a checkpoint must agree with to be restored into a run of this world."""
-    return {"model_config": dataclasses.asdict(world.model_config), "env": world.spec.name,
+    return {"model_config": dataclasses.asdict(world.model_config),
+            "expert_config": dataclasses.asdict(world.expert_config), "env": world.spec.name,
             "layout": dataclasses.asdict(world.layout), "strategies": list(world.spec.strategies)}
 
 
-def agent_graphdefs(model_config: qwen3.Qwen3Config) -> tuple[Any, Any]:
-    """(Expert, CS) graph definitions; independent of the initialisation, so taken from an abstract model."""
-    gd = nnx.split(nnx.eval_shape(lambda: qwen3.Qwen3(model_config, rngs=nnx.Rngs(0))), nnx.Param)[0]
-    return gd, gd
+def _graphdef(model_config: qwen3.Qwen3Config):
+    return nnx.split(nnx.eval_shape(lambda: qwen3.Qwen3(model_config, rngs=nnx.Rngs(0))), nnx.Param)[0]
 
 
-def init_agent_params(model_config: qwen3.Qwen3Config, seed: int) -> dict:
-    """{"expert", "cs"}: two independently initialised models (seeds `seed` and `seed + 1`)."""
-    return {name: nnx.split(qwen3.Qwen3(model_config, rngs=nnx.Rngs(seed + i)), nnx.Param)[1]
-            for i, name in enumerate(_AGENTS)}
+def agent_graphdefs(world: World) -> tuple[Any, Any]:
+    """(Expert, CS) graph definitions; independent of the initialisation, so taken from abstract models."""
+    expert = _graphdef(world.expert_config)
+    return expert, (expert if world.model_config == world.expert_config else _graphdef(world.model_config))
+
+
+def init_agent_params(world: World, seed: int, sources: dict[str, str] | None = None, mesh=None) -> dict:
+    """{"expert", "cs"}: each agent from its Hugging Face folder in `sources` (`world.pretrained_sources`; the same
+    weights for every seed, loaded straight onto `mesh`, marker rows set to the mean row) or randomly initialised
+    from its config (seeds `seed` and `seed + 1`)."""
+    sources = sources or {}
+    params = {}
+    for i, agent in enumerate(_AGENTS):
+        cfg = world.agent_config(agent)
+        if sources.get(agent):
+            from gopo_jax.models import markers  # TODO(integration): top-level once markers.py lands
+            model = hf_io.from_pretrained(sources[agent], mesh=mesh, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+            model = markers.grow_embeddings(model, cfg.vocab_size, world.new_marker_rows)
+        else:
+            model = qwen3.Qwen3(cfg, rngs=nnx.Rngs(seed + i))
+        params[agent] = nnx.split(model, nnx.Param)[1]
+    return params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +145,7 @@ class Components:
 
     def init_params(self, seed: int) -> dict:
         """The agents and the method's extra parameters at initialisation, for `seed`."""
-        params = init_agent_params(self.world.model_config, seed)
+        params = init_agent_params(self.world, seed, pretrained_sources(self.config), self.mesh)
         params.update(self.method.init_extra_params(schedule.extra_params_key(seed)))
         return params
 
@@ -149,7 +168,7 @@ def build(config, workdir: str | pathlib.Path | None) -> Components:
     hyper = hyper_from_config(config)
     settings = EpisodeMetricSettings.from_config(config, spec_max_relevance=world.spec.max_relevance,
                                                  t_max=world.spec.max_turns)
-    expert_gd, cs_gd = agent_graphdefs(world.model_config)
+    expert_gd, cs_gd = agent_graphdefs(world)
     method = make_method(config.method, MethodContext(config=config, world=world, expert_gd=expert_gd, cs_gd=cs_gd,
                                                       hyper=hyper, metric_settings=settings))
     train_sampling = SamplingConfig(temperature=config.sampling.temperature, top_k=config.sampling.top_k,
@@ -170,8 +189,7 @@ def build(config, workdir: str | pathlib.Path | None) -> Components:
                                              use_expert=method.use_expert, sop_mask=hyper.sop_mask),
         rollout=world.make_rollout(method.make_agents(train_sampling)),
         eval_rollout=world.make_rollout(method.make_agents(eval_sampling)),
-        demo_rollout=world.make_rollout(world.demo_agents(config.sft.noise, emit_decision=method.use_expert,
-                                                          kind=config.sft.noise_kind)),
+        demo_rollout=world.demo_rollout(config, emit_decision=method.use_expert),
         reference_rollout=world.make_rollout(world.reference_agents()),
     )
 

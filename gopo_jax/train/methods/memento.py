@@ -24,7 +24,7 @@ def make_memento(ctx: MethodContext) -> Method:
         num_strategies=sop.num_strategies, num_stages=len(sop.stages), max_turns=w.layout.max_turns, top_k=s.top_k,
         retrieval_temperature=s.retrieval_temperature, alpha=s.alpha, gamma=s.gamma, shaping=s.shaping,
         steps_per_iteration=cfg.train.epochs * cfg.train.minibatches, write_steps=cfg.train.minibatches)
-    embed_dim = w.model_config.hidden_size + hyper.num_stages + 1
+    embed_dim = w.expert_config.hidden_size + hyper.num_stages + 1  # the frozen Expert embeds the states
 
     def init_q(key):
         return {"q": memento.init_q_params(key, embed_dim + 2 * hyper.num_strategies, s.hidden, hyper.num_strategies)}

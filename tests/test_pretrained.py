@@ -1,0 +1,82 @@
+"""A run from a Hugging Face Qwen3 checkpoint with a real 151k-token Qwen vocabulary: the world takes the
+checkpoint's tokenizer and chat template, puts the marker tokens in free embedding rows, loads the weights, and the
+whole pipeline (SFT -> GOPO -> evaluation) runs on it."""
+import jax
+import numpy as np
+import pytest
+
+from configs.tmallbrand import get_config
+from gopo_jax.dialogue.rollout import ModelAgents, SamplingConfig
+from gopo_jax.models import hf_io
+from gopo_jax.train.driver import train_run
+from tests.hf_fixtures import QWEN3_EMBEDDING_ROWS, qwen3_tok, tiny_qwen3  # noqa: F401  (fixtures)
+from tests.helpers import world_and_agents
+
+QWEN3_TOKENS = 151_669
+
+
+def pretrained_config(shared_data, checkpoint, **overrides):
+    c = get_config()
+    c.unlock()
+    c.env.data_dir = str(shared_data / "abcd")
+    c.model.init_from = str(checkpoint)
+    # Qwen's chat pieces take ids of their own: "<|im_start|>system\n" ... "<|im_end|>", the think block.
+    c.layout.context_len, c.layout.customer_len, c.layout.reply_len, c.layout.max_turns = 48, 40, 32, 4
+    for k, v in overrides.items():
+        section, key = k.split("__")
+        c[section][key] = v
+    c.lock()
+    return c
+
+
+@pytest.fixture(scope="module")
+def pretrained(shared_data, tiny_qwen3, tmp_path_factory):
+    return world_and_agents(pretrained_config(shared_data, tiny_qwen3), tmp_path_factory.mktemp("pre"))
+
+
+def test_world_takes_the_checkpoints_tokenizer_template_and_free_rows(pretrained, qwen3_tok):
+    world = pretrained[0]
+    n_markers = len(world.vocab.strategy_ids) + len(world.vocab.stage_ids)
+    assert len(world.tokenizer) == QWEN3_TOKENS + n_markers
+    # Qwen3 has 267 embedding rows past its tokenizer: the markers take them, the embedding keeps its size.
+    assert world.model_config.vocab_size == world.expert_config.vocab_size == QWEN3_EMBEDDING_ROWS
+    assert sorted([*world.vocab.strategy_ids, *world.vocab.stage_ids]) == list(
+        range(QWEN3_TOKENS, QWEN3_TOKENS + n_markers))
+    assert world.chat_format.eot == qwen3_tok.convert_tokens_to_ids("<|im_end|>")
+    assert qwen3_tok.decode(world.vocab.header_open) == "\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert world.model_config.hidden_size == 64 and world.model_config.num_layers == 2
+
+
+def test_loaded_agents_have_the_checkpoints_weights(pretrained, tiny_qwen3):
+    world, _, _, params = pretrained
+    reference = hf_io.from_pretrained(tiny_qwen3)
+    emb = np.asarray(params["cs"]["embed_tokens"]["embedding"][...])
+    np.testing.assert_array_equal(emb[:QWEN3_TOKENS], np.asarray(reference.embed_tokens.embedding[...])[:QWEN3_TOKENS])
+    # The markers' rows (never trained in the checkpoint) start at the mean of the checkpoint's other rows.
+    markers = [*world.vocab.strategy_ids, *world.vocab.stage_ids]
+    others = np.delete(emb, markers, axis=0)
+    np.testing.assert_allclose(emb[markers], np.broadcast_to(others.mean(0), (len(markers), emb.shape[1])),
+                               atol=1e-6)
+
+
+def test_rollout_renders_the_chat_template(pretrained, qwen3_tok):
+    world, ge, gc, params = pretrained
+    rollout = world.make_rollout(ModelAgents(ge, gc, world.vocab, world.layout, SamplingConfig()))
+    traj = rollout(params, world.eval_episodes(0, 2), jax.random.key(0))
+    tokens, valid = np.asarray(traj.tokens[0]), np.asarray(traj.valid[0])
+    text = world.tokenizer.decode(tokens[valid])
+    assert text.startswith("<|im_start|>system\n")
+    assert "<|im_end|>\n<|im_start|>user\n" in text
+    assert "<|im_start|>assistant\n<think>\n\n</think>\n\n<stage:" in text
+    # Every reply ends on <|im_end|> or fills its slot; nothing re-tokenised: the record is the sampled ids.
+    assert np.isfinite(np.asarray(traj.cs_logprob)).all()
+
+
+@pytest.mark.slow
+def test_pipeline_runs_from_a_pretrained_checkpoint(shared_data, tiny_qwen3, tmp_path):
+    c = pretrained_config(shared_data, tiny_qwen3, sft__steps=2, sft__episodes=8, sft__batch_size=4,
+                          train__steps=1, train__groups=2, train__group_size=2, train__minibatches=1,
+                          train__epochs=1, eval__episodes=4)
+    summary = train_run(c, tmp_path)
+    assert np.isfinite(summary["gopo"]["gre"]["mean"])
+    assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
