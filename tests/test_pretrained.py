@@ -9,7 +9,7 @@ from configs.tmallbrand import get_config
 from gopo_jax.dialogue.rollout import ModelAgents, SamplingConfig
 from gopo_jax.models import hf_io
 from gopo_jax.train.driver import train_run
-from tests.hf_fixtures import QWEN3_EMBEDDING_ROWS, qwen3_tok, tiny_qwen3  # noqa: F401  (fixtures)
+from tests.hf_fixtures import QWEN3_EMBEDDING_ROWS, qwen3_tok, tiny_qwen3  # noqa: F401, F811  (fixtures)
 from tests.helpers import world_and_agents
 
 QWEN3_TOKENS = 151_669
@@ -74,7 +74,9 @@ def test_rollout_renders_the_chat_template(pretrained, qwen3_tok):
 
 @pytest.mark.slow
 def test_pipeline_runs_from_a_pretrained_checkpoint(shared_data, tiny_qwen3, tmp_path):
-    c = pretrained_config(shared_data, tiny_qwen3, sft__steps=2, sft__episodes=8, sft__batch_size=4,
+    # The warm start reads ABCD's logged agent turns, rendered with Qwen3's chat template.
+    c = pretrained_config(shared_data, tiny_qwen3, sft__source="logged", sft__steps=2, sft__episodes=8,
+                          sft__batch_size=4,
                           train__steps=1, train__groups=2, train__group_size=2, train__minibatches=1,
                           train__epochs=1, eval__episodes=4)
     summary = train_run(c, tmp_path)

@@ -20,12 +20,12 @@ from gopo_jax.algorithms.gopo import GOPOHyper
 from gopo_jax.algorithms.sft import make_warm_start_loss
 from gopo_jax.dialogue.rollout import SamplingConfig
 from gopo_jax.metrics.episode import EpisodeMetricSettings
-from gopo_jax.models import hf_io, qwen3
+from gopo_jax.models import hf_io, markers, qwen3
 from gopo_jax.train import schedule
 from gopo_jax.train.methods import Method, MethodContext, make_method
 from gopo_jax.train.schedule import Schedule
 from gopo_jax.train.step import LossFn, make_optimizer
-from gopo_jax.train.world import World, build_world, pretrained_sources
+from gopo_jax.train.world import World, build_world, lora_agents, pretrained_sources
 
 _AGENTS = ("expert", "cs")  # the parameters the warm start trains
 
@@ -106,7 +106,6 @@ def init_agent_params(world: World, seed: int, sources: dict[str, str] | None = 
     for i, agent in enumerate(_AGENTS):
         cfg = world.agent_config(agent)
         if sources.get(agent):
-            from gopo_jax.models import markers  # TODO(integration): top-level once markers.py lands
             model = hf_io.from_pretrained(sources[agent], mesh=mesh, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
             model = markers.grow_embeddings(model, cfg.vocab_size, world.new_marker_rows)
         else:
@@ -137,6 +136,7 @@ class Components:
     eval_rollout: Any
     demo_rollout: Any
     reference_rollout: Any
+    lora_agents: tuple[str, ...] = ()  # agents that train LoRA adapters only (`world.lora_agents`)
 
     @property
     def pure_world(self) -> bool:
@@ -191,6 +191,7 @@ def build(config, workdir: str | pathlib.Path | None) -> Components:
         eval_rollout=world.make_rollout(method.make_agents(eval_sampling)),
         demo_rollout=world.demo_rollout(config, emit_decision=method.use_expert),
         reference_rollout=world.make_rollout(world.reference_agents()),
+        lora_agents=lora_agents(config),
     )
 
 

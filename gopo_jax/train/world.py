@@ -23,7 +23,7 @@ from gopo_jax.dialogue.host_rollout import (HostScriptedAgents, TextAgents, Text
 from gopo_jax.dialogue.layout import Layout
 from gopo_jax.dialogue.rollout import AgentVocab, ScriptedAgents, jax_env_layout, make_rollout
 from gopo_jax.envs import policies, registry
-from gopo_jax.models import hf_io, qwen3
+from gopo_jax.models import hf_io, markers, qwen3
 from gopo_jax.models.chat_format import ChatFormat
 from gopo_jax.models.tokenizer import (ROLE_TOKENS, load_tokenizer, save_tokenizer, stage_token, strategy_token,
                                        train_tokenizer)
@@ -63,7 +63,6 @@ class World(abc.ABC):
                          + [stage_token(s) for s in stage_names])
         base = {agent: _checkpoint_config(folder) for agent, folder in sources.items() if folder}
         if base:
-            from gopo_jax.models import markers  # TODO(integration): top-level once markers.py lands
             plan = markers.add_markers(tokenizer, marker_tokens, min(c.vocab_size for c in base.values()),
                                        allow_resize=config.model.resize_embeddings)
             tokenizer, vocab_size, new_rows = plan.tokenizer, plan.vocab_size, tuple(plan.new_rows)
@@ -73,7 +72,7 @@ class World(abc.ABC):
         vocab = AgentVocab.from_tokenizer(tokenizer, env.spec.sop, stage_names=tuple(stage_names),
                                           chat_format=chat_format)
         layout = make_layout(vocab)
-        configs = {agent: _agent_config(config, base.get(agent), vocab_size, layout) for agent in _AGENTS}
+        configs = {agent: _agent_config(config, agent, base.get(agent), vocab_size, layout) for agent in _AGENTS}
         return cls(env=env, tokenizer=tokenizer, chat_format=chat_format, layout=layout, vocab=vocab,
                    model_config=configs["cs"], expert_config=configs["expert"], new_marker_rows=new_rows)
 
@@ -251,12 +250,25 @@ def _embedded_vocab_size(config, tokenizer) -> int:
     return vocab_size
 
 
-def _agent_config(config, pretrained: qwen3.Qwen3Config | None, vocab_size: int, layout: Layout) -> qwen3.Qwen3Config:
+def lora_agents(config) -> tuple[str, ...]:
+    """The agents that train LoRA adapters only (`model.lora.agents`, when `model.lora.rank` > 0)."""
+    lora = config.model.lora
+    agents = tuple(a.strip() for a in lora.agents.split(",") if a.strip())
+    if set(agents) - set(_AGENTS):
+        raise ValueError(f"bad config: model.lora.agents={lora.agents!r} names agents other than {_AGENTS}")
+    return agents if lora.rank > 0 else ()
+
+
+def _agent_config(config, agent: str, pretrained: qwen3.Qwen3Config | None, vocab_size: int,
+                  layout: Layout) -> qwen3.Qwen3Config:
     """One agent's architecture: a checkpoint's (its embedding grown to `vocab_size` if the markers need rows) or
-    the preset's; the run's dtype policy, remat, attention and head chunking either way."""
+    the preset's; the run's dtype policy, remat, attention, head chunking and LoRA adapters either way."""
     m = config.model
     run = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_unroll=m.scan_unroll,
                attention=m.attention, logits_chunk=m.logits_chunk)
+    if agent in lora_agents(config):
+        run.update(lora_rank=m.lora.rank, lora_alpha=m.lora.alpha,
+                   lora_targets=tuple(t.strip() for t in m.lora.targets.split(",") if t.strip()))
     if pretrained is not None:
         return pretrained.replace(vocab_size=max(pretrained.vocab_size, vocab_size),
                                   max_position_embeddings=max(pretrained.max_position_embeddings, layout.length),
