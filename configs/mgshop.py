@@ -43,6 +43,14 @@ def get_config() -> ml_collections.ConfigDict:
     # Marker tokens (<s:NAME>, <stage:NAME>) take a checkpoint's reserved tokens or free embedding rows; when there
     # are too few, True grows the embedding (new rows = the mean row), False stops with an error.
     c.model.resize_embeddings = True
+    # LoRA adapters on the decoder projections of the agents named in `agents` (rank 0: full fine-tune). The
+    # reference policy of a LoRA agent is its base with the adapters off (no copy kept); the warm start's adapters
+    # are merged into the base before the method starts, so that base is the SFT policy.
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0
+    c.model.lora.alpha = 16.0
+    c.model.lora.targets = "q,k,v,o,gate,up,down"
+    c.model.lora.agents = "expert,cs"
     # -1: the preset's own size.
     c.model.hidden_size = -1
     c.model.num_layers = -1

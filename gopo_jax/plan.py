@@ -50,14 +50,14 @@ from jax.sharding import AbstractMesh, AxisType
 
 from gopo_jax import parallel
 from gopo_jax.dialogue.layout import Layout, Trajectory
-from gopo_jax.dialogue.rollout import HEADER_LEN, SamplingConfig
+from gopo_jax.dialogue.rollout import SamplingConfig
 from gopo_jax.metrics.episode import EpisodeMetricSettings
 from gopo_jax.models import qwen3
 from gopo_jax.train.build import agent_graphdefs, hyper_from_config, init_agent_params, validate_config
 from gopo_jax.train.methods import MethodContext, make_method
 from gopo_jax.train.state import create_train_state
 from gopo_jax.train.step import make_optimizer
-from gopo_jax.train.world import build_world
+from gopo_jax.train.world import build_world, lora_agents
 
 # --------------------------------------------------------------------------------------------------------------
 # bytes of abstract trees
@@ -313,21 +313,22 @@ class PlanInputs:
 
 
 def _method_for(config, world, model_config):
-    w = dataclasses.replace(world, model_config=model_config)
+    # The plan sizes both agents as `model_config` (the CS's; a smaller Expert only lowers the bytes).
+    w = dataclasses.replace(world, model_config=model_config, expert_config=model_config)
     hyper = hyper_from_config(config)
     settings = EpisodeMetricSettings.from_config(config, spec_max_relevance=w.spec.max_relevance,
                                                  t_max=w.spec.max_turns)
-    expert_gd, cs_gd = agent_graphdefs(model_config)
+    expert_gd, cs_gd = agent_graphdefs(w)
     return make_method(config.method, MethodContext(config=config, world=w, expert_gd=expert_gd, cs_gd=cs_gd,
                                                     hyper=hyper, metric_settings=settings)), expert_gd, cs_gd
 
 
-def abstract_state(method, model_config, tx):
+def abstract_state(method, world, tx):
     """The method's TrainState as ShapeDtypeStructs inside nnx Variables (partition metadata kept), built by the
     trainer's own functions: `Components.init_params` (the agents + the method's extra parameters), then
     `create_train_state` with the method's optimizer."""
     def init():
-        params = {**init_agent_params(model_config, 0), **method.init_extra_params(jax.random.key(0))}
+        params = {**init_agent_params(world, 0), **method.init_extra_params(jax.random.key(0))}
         return create_train_state(params, tx, extras=method.init_extras(), rng=jax.random.key(0))
 
     return jax.eval_shape(init)
@@ -340,12 +341,14 @@ def plan_inputs(config, mesh_sizes: Mapping[str, int], world=None) -> PlanInputs
     method, _, _ = _method_for(config, world, world.model_config)
     device_cfg = tensor_split_config(world.model_config, sizes["tensor"])
     device_method = method if device_cfg == world.model_config else _method_for(config, world, device_cfg)[0]
-    tx = make_optimizer(dict(method.learning_rates), clip_norm=config.train.clip_norm)
+    tx = make_optimizer(dict(method.learning_rates), clip_norm=config.train.clip_norm,
+                        lora_groups=lora_agents(config))
     t = config.train
     rows = t.groups * t.group_size
     return PlanInputs(config=config, mesh_sizes=sizes, model_config=world.model_config, device_config=device_cfg,
                       layout=world.layout, method=method, device_method=device_method, tx=tx,
-                      state=abstract_state(method, world.model_config, tx), rollout_rows=rows,
+                      state=abstract_state(method, dataclasses.replace(world, expert_config=world.model_config), tx),
+                      rollout_rows=rows,
                       minibatch_rows=rows // t.minibatches, num_strategies=world.spec.sop.num_strategies, world=world)
 
 
@@ -364,7 +367,8 @@ def device_state(inp: PlanInputs):
     """The abstract state with the device (tensor-split) model's parameter shapes, for tracing one device's share."""
     if inp.device_config == inp.model_config:
         return inp.state
-    return abstract_state(inp.device_method, inp.device_config, inp.tx)
+    world = dataclasses.replace(inp.world, model_config=inp.device_config, expert_config=inp.device_config)
+    return abstract_state(inp.device_method, world, inp.tx)
 
 
 def kv_cache_bytes(cfg: qwen3.Qwen3Config, rows: int, max_len: int, agents: int) -> int:
@@ -462,7 +466,8 @@ USABLE = 0.95  # XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 (JAX preallocates 75% by de
 FIT_MESH = {"data": 1, "fsdp": 8, "tensor": 1}
 FIT_TRAIN = {"groups": 16, "group_size": 4, "minibatches": 2}  # 64 dialogues per rollout, 32 per train step
 LORA_RANK = 16
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_TARGETS = qwen3.LORA_TARGETS
+LORA_BASE_DTYPE = "bfloat16"  # the published checkpoints' dtype, which hf_io.from_pretrained keeps by default
 FIT_REMAT = "full"  # Qwen3Config.remat of the planned runs
 
 
@@ -476,30 +481,43 @@ def fit_world(base_config, preset: str):
                         num_layers=-1, intermediate_size=-1)
     world = build_world(config, None)
     lay = config.layout
-    layout = Layout(context_len=lay.context_len, customer_len=lay.customer_len, header_len=HEADER_LEN,
+    layout = Layout(context_len=lay.context_len, customer_len=lay.customer_len, header_len=world.vocab.header_len,
                     reply_len=lay.reply_len, max_turns=lay.max_turns)
     model = world.model_config.replace(vocab_size=qwen3.PRESETS[preset].vocab_size)
-    return config, dataclasses.replace(world, layout=layout, model_config=model)
+    return config, dataclasses.replace(world, layout=layout, model_config=model, expert_config=model)
 
 
-def lora_bytes(cfg: qwen3.Qwen3Config, shards: int) -> dict[str, int]:
-    """LoRA (not implemented in the code; planned here): ONE frozen bf16 base shared by both agents (they start from
-    the same checkpoint) and the reference (= base + the frozen SFT adapters), fp32 rank-r adapters on q, k, v, o,
-    gate, up, down for each agent, Adam on the adapters, gradients of the adapters only; activations and KV caches
-    as in the full fine-tune (the same forward and backward through the base)."""
-    d, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    dims = {"q": (d, cfg.num_heads * hd), "k": (d, cfg.num_kv_heads * hd), "v": (d, cfg.num_kv_heads * hd),
-            "o": (cfg.num_heads * hd, d), "gate": (d, i), "up": (d, i), "down": (i, d)}
-    per_agent = cfg.num_layers * sum(LORA_RANK * (a + b) for a, b in (dims[t] for t in LORA_TARGETS))
-    adapters = 2 * per_agent * 4 // shards  # two agents, fp32, split over fsdp
-    base = count_base_params(cfg) * 2 // shards  # bf16
-    return {"base (bf16, shared)": base, "adapters": adapters, "reference adapters": adapters,
-            "optimizer": 2 * adapters, "gradients": adapters}
+def lora_config(cfg: qwen3.Qwen3Config) -> qwen3.Qwen3Config:
+    """The planned LoRA run's model: `cfg` with rank-`LORA_RANK` adapters on `LORA_TARGETS` (fp32, the
+    Qwen3Config default) over a frozen base kept in the checkpoint's dtype (`LORA_BASE_DTYPE`)."""
+    return cfg.replace(lora_rank=LORA_RANK, lora_targets=LORA_TARGETS, param_dtype=LORA_BASE_DTYPE)
 
 
-def count_base_params(cfg: qwen3.Qwen3Config) -> int:
+def lora_bytes(cfg: qwen3.Qwen3Config, mesh_sizes: Mapping[str, int], *, agents: tuple[str, ...] = ("expert", "cs"),
+               shared_base: bool = False) -> dict[str, int]:
+    """Bytes per device of what a LoRA run (cfg.lora_rank > 0) holds besides activations, from the code's own
+    objects: the abstract agent (`qwen3.Qwen3(cfg)`) and the trainer's optimizer with every agent in `lora_groups`
+    (`step.make_optimizer`), placed on the mesh by `parallel.param_shardings`.
+
+    * base: each agent's frozen base in cfg.param_dtype (one for all agents when `shared_base`);
+    * adapters: each agent's A and B (cfg.lora_param_dtype);
+    * optimizer: AdamW's state of the adapters only (the base gets `optax.set_to_zero()`: no state);
+    * reference: the B zeros of `lora.adapters_off`: the reference is the base with its adapters off, so the
+      weights are not copied;
+    * gradients: the adapters' only (the train step keeps the base behind `stop_gradient`).
+    Activations and KV caches are the full fine-tune's: the same forward, and the backward through the base."""
+    if not cfg.lora_rank:
+        raise ValueError("lora_bytes: cfg.lora_rank is 0 (no adapters); plan it with lora_config(cfg)")
+    mesh = abstract_mesh(mesh_sizes)
     abstract = nnx.eval_shape(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    agent = nnx.state(abstract, nnx.Param)
+    adapters = sharded_bytes(nnx.state(abstract, nnx.LoRAParam), mesh)
+    tx = make_optimizer({a: 1e-5 for a in agents}, lora_groups=agents)
+    opt_state = jax.eval_shape(tx.init, {a: agent for a in agents})
+    b_zeros = sharded_bytes(nnx.state(abstract, nnx.PathContains("lora_b")), mesh)
+    return {"base": (1 if shared_base else len(agents)) * (sharded_bytes(agent, mesh) - adapters),
+            "adapters": len(agents) * adapters, "optimizer": sharded_bytes(opt_state, mesh),
+            "reference": len(agents) * b_zeros, "gradients": len(agents) * adapters}
 
 
 def _fit_config(base_config):
@@ -513,14 +531,14 @@ def fit_table(base_config) -> str:
     `base_config`'s layout and training batch with each published model."""
     config = _fit_config(base_config)
     lines = []
-    shards = FIT_MESH["data"] * FIT_MESH["fsdp"]
     budget = USABLE * H100_BYTES
     t = config.train
     lines.append(f"GOPO on one 8 x H100 80 GB host: mesh {FIT_MESH}; {t.groups} groups x {t.group_size} = "
           f"{t.groups * t.group_size} dialogues per rollout, {t.groups * t.group_size // t.minibatches} per train "
           f"step; MG-ShopDial layout (configs/mgshop.py layout.*); fp32 master weights + AdamW, bf16 compute and KV "
           f"cache; remat={FIT_REMAT!r}; budget {USABLE:.0%} of 80 GB = {budget / GB:.1f} GB per GPU; "
-          f"LoRA rank {LORA_RANK} on {','.join(LORA_TARGETS)} (planned, not implemented)")
+          f"LoRA: rank {LORA_RANK} fp32 adapters on {','.join(LORA_TARGETS)} of each agent over its own frozen "
+          f"{LORA_BASE_DTYPE} base, AdamW and gradients of the adapters only, reference = adapters off (no copy)")
     lines.append(f"{'model':<12} {'mode':<6} {'params':>8} {'optim':>8} {'ref':>8} {'grads':>8} {'act':>8} {'kv':>8} "
           f"{'peak GB':>8}  verdict")
     for preset in ("qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-14b"):
@@ -531,16 +549,16 @@ def fit_table(base_config) -> str:
         act = max(b["train_activations"] + b["train_batch"], b["reference_pass"] + b["trajectory"],
                   b["kv_caches"] + b["trajectory"])
         full_peak = p.peak_bytes
-        lo = lora_bytes(world.model_config, shards)
-        # LoRA: the persistent part is the shared base + adapters (+ copies); the phases' own bytes are unchanged
-        # except the full-size gradients, which become adapter gradients.
+        lo = lora_bytes(lora_config(world.model_config), FIT_MESH)
+        # LoRA: the persistent part is the bases + adapters + their optimizer state + the reference's B zeros; the
+        # phases' own bytes are the full fine-tune's except the full-size gradients, which become adapter gradients.
         lora_phase = max(b["train_activations"] + b["train_batch"] + lo["gradients"],
                          b["reference_pass"] + b["trajectory"], b["kv_caches"] + b["trajectory"])
-        lora_peak = lo["base (bf16, shared)"] + lo["adapters"] + lo["reference adapters"] + lo["optimizer"] + lora_phase
+        lora_peak = lo["base"] + lo["adapters"] + lo["reference"] + lo["optimizer"] + lora_phase
         for mode, peak, row in (
                 ("full", full_peak, (b["params"], b["optimizer"], b["reference"], b["gradients"])),
-                ("lora", lora_peak, (lo["base (bf16, shared)"] + lo["adapters"], lo["optimizer"],
-                                     lo["reference adapters"], lo["gradients"]))):
+                ("lora", lora_peak, (lo["base"] + lo["adapters"], lo["optimizer"], lo["reference"],
+                                     lo["gradients"]))):
             verdict = (f"FITS (headroom {(budget - peak) / GB:.1f} GB)" if peak <= budget
                        else f"DOES NOT FIT (short by {(peak - budget) / GB:.1f} GB)")
             lines.append(f"{preset:<12} {mode:<6} " + " ".join(f"{x / GB:>8.2f}" for x in row)

@@ -210,3 +210,24 @@ def qwen3_tok() -> transformers.PreTrainedTokenizerFast:
 def tiny_qwen3(qwen3_tok, tmp_path_factory) -> pathlib.Path:
     """A tiny tied-embedding Qwen3 checkpoint folder with Qwen3's tokenizer (151,936 rows, 151,669 tokens)."""
     return tiny_qwen3_checkpoint(tmp_path_factory.mktemp("tiny_qwen3"), tokenizer=qwen3_tok)
+
+
+def main(argv=None) -> None:
+    """`python -m tests.hf_fixtures --out DIR [--untied] [--hidden_size N] ...`: a tiny Qwen3 folder to run the
+    pretrained path end to end without a download (README "Post-train a pretrained Qwen3")."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="the folder to write (config.json, safetensors, tokenizer)")
+    parser.add_argument("--untied", action="store_true", help="an untied lm_head")
+    for name, default in (("hidden_size", 64), ("intermediate_size", 128), ("num_layers", 2), ("num_heads", 4),
+                          ("num_kv_heads", 2), ("head_dim", 16), ("seed", 0)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    args = parser.parse_args(argv)
+    sizes = {k: v for k, v in vars(args).items() if k not in ("out", "untied")}
+    folder = tiny_qwen3_checkpoint(args.out, tie_word_embeddings=not args.untied, **sizes)
+    print(f"wrote a tiny Qwen3 ({sizes}, tied={not args.untied}) with the 151,669-token Qwen3 tokenizer to {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -70,3 +70,26 @@ def test_host_worlds_accept_no_expert(shared_data):
         k, reply = env.reference_turn()
         _, sig = env.step(-1, reply)
         assert sig.realised == k and sig.aligned == 1 and sig.rel == 2, (env.spec.name, sig)
+
+
+def test_logged_demonstrations_become_the_warm_starts_buffer(host_world, shared_data):
+    """sft.source="logged": the logged human turns in the rollout's layout, teacher-forced (nothing played)."""
+    world = host_world[0]
+    demos = world.env.logged_demonstrations(4, 0)
+    rollout = world.demo_rollout(_tiny(shared_data, sft__source="logged"), emit_decision=True)
+    traj = rollout({}, np.arange(4), jax.random.key(0))
+    traj.check(world.layout, world.spec.num_strategies)
+    codec = world.codec()
+    for i, demo in enumerate(demos):
+        turns = min(len(demo.turns), world.layout.max_turns)
+        assert int(np.asarray(traj.turn_mask[i]).sum()) == turns
+        assert int(np.asarray(traj.ea_mask[i]).sum()) == turns  # one Expert decision per logged turn
+        for t in range(turns):
+            turn = demo.turns[t]
+            k = world.spec.sop.strategy_index(turn.strategy)
+            assert int(traj.strategy[i, t]) == k and bool(traj.allowed[i, t, k])
+            r0 = world.layout.reply_start(t)
+            ids, valid = codec.reply_ids(turn.reply)
+            np.testing.assert_array_equal(np.asarray(traj.tokens[i, r0:r0 + world.layout.reply_len])[valid],
+                                          ids[valid])
+

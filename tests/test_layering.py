@@ -37,6 +37,8 @@ LAYERS = {
     "clients": 4,
     "report": 4,
     "serve": 4,
+    "export": 4,  # a run's agents as Hugging Face folders
+    "chat": 4,  # a terminal dialogue with a run's agents; loads the run as the export does
     # 5 - the one entry point that turns a config into a run: the trainer, or for `method=prompted` the clients'
     # evaluation of an external chat model; experiments call it, nothing in gopo_jax does.
     "launch": 5,
@@ -46,6 +48,7 @@ LAYERS = {
 SAME_LEVEL = {
     ("metrics", "models"),  # the G-Eval judge loads its Hugging Face weights through models.hf_io
     ("sampling", "models"),  # the sampler drives the decoder's prefill and KV-cache decode
+    ("chat", "export"),  # the chat restores a run with the export's `load_run`
 }
 
 

@@ -1,6 +1,7 @@
 """The memory planner (gopo_jax.plan) against the real arrays of a built tiny run and XLA's own accounting."""
 from __future__ import annotations
 
+import math
 import pathlib
 import subprocess
 import sys
@@ -12,9 +13,10 @@ from flax import nnx
 
 from experiments.compare import apply_overrides, load_config_file, parse_overrides
 from gopo_jax import parallel, plan
-from gopo_jax.models import qwen3
+from gopo_jax.models import lora, qwen3
 from gopo_jax.train.build import init_agent_params
 from gopo_jax.train.state import create_train_state
+from gopo_jax.train.step import make_optimizer
 from gopo_jax.train.world import build_world
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -36,7 +38,7 @@ def world():
 
 def real_state(config, world, inp: plan.PlanInputs):
     """The method's TrainState with real initialised arrays (what the trainer builds)."""
-    params = init_agent_params(world.model_config, 0)
+    params = init_agent_params(world, 0)
     params.update(inp.method.init_extra_params(jax.random.key(1)))
     return create_train_state(params, inp.tx, extras=inp.method.init_extras(), rng=jax.random.key(0))
 
@@ -173,3 +175,34 @@ def test_reference_pass_prediction_within_ten_percent_of_xla():
     b = {k: v.bytes for k, v in p.items.items()}
     predicted = b["reference"] + b["params"] + b["trajectory"] + b["reference_pass"]
     assert max(predicted / measured, measured / predicted) < 1.1, (predicted, measured)
+
+
+@pytest.mark.parametrize("sizes", [{"data": 1}, {"fsdp": 8}, {"fsdp": 2, "tensor": 4}])
+def test_lora_bytes_are_the_placed_arrays_of_a_lora_run(sizes):
+    """Two LoRA agents as the trainer holds them: each its own frozen base and adapters, AdamW state of the adapters
+    only (`make_optimizer(lora_groups=...)`), the reference = adapters off (only its B zeros are new arrays)."""
+    sizes = {a: sizes.get(a, 1) for a in parallel.AXES}
+    mesh = parallel.make_mesh(sizes, devices=jax.devices()[:math.prod(sizes.values())])
+    cfg = plan.lora_config(qwen3.get_config("tiny"))
+    agents = ("expert", "cs")
+    params = {a: nnx.split(qwen3.Qwen3(cfg, rngs=nnx.Rngs(i)), nnx.Param)[1] for i, a in enumerate(agents)}
+    tx = make_optimizer({a: 1e-5 for a in agents}, lora_groups=agents)
+    params, opt_state = parallel.shard_params((params, tx.init(params)), mesh)
+    reference = lora.adapters_off(params)
+    device = jax.devices()[0]
+
+    def on_device(arrays):
+        return sum(s.data.nbytes for x in arrays for s in x.addressable_shards if s.device == device)
+
+    def leaves(tree, adapters):
+        return [v.get_value() for a in agents for p, v in nnx.to_flat_state(tree[a]) if lora.is_adapter(p) == adapters]
+
+    got = plan.lora_bytes(cfg, sizes)
+    assert got["base"] == on_device(leaves(params, adapters=False))
+    assert got["adapters"] == got["gradients"] == on_device(leaves(params, adapters=True))
+    assert got["optimizer"] == on_device(leaf_values(opt_state))
+    assert got["reference"] == on_device([v.get_value() for a in agents for p, v in nnx.to_flat_state(reference[a])
+                                          if p[-1] == "lora_b"])
+    assert plan.lora_bytes(cfg, sizes, shared_base=True)["base"] == got["base"] // 2
+    with pytest.raises(ValueError, match="lora_rank is 0"):
+        plan.lora_bytes(qwen3.get_config("tiny"), sizes)

@@ -19,7 +19,7 @@ def pretrained_config(shared_data, checkpoint, **overrides):
     c = get_config()
     c.unlock()
     c.env.data_dir = str(shared_data / "abcd")
-    c.model.init_from = str(checkpoint)
+    c.model.init_from = str(checkpoint)  # "" leaves it to the per-agent keys
     # Qwen's chat pieces take ids of their own: "<|im_start|>system\n" ... "<|im_end|>", the think block.
     c.layout.context_len, c.layout.customer_len, c.layout.reply_len, c.layout.max_turns = 48, 40, 32, 4
     for k, v in overrides.items():
@@ -82,3 +82,57 @@ def test_pipeline_runs_from_a_pretrained_checkpoint(shared_data, tiny_qwen3, tmp
     summary = train_run(c, tmp_path)
     assert np.isfinite(summary["gopo"]["gre"]["mean"])
     assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("shape", [dict(tie_word_embeddings=False, num_heads=8, num_kv_heads=2, head_dim=32),
+                                   dict(tie_word_embeddings=True, num_heads=4, num_kv_heads=4, head_dim=8)],
+                         ids=["untied-gqa4-hd32", "tied-mha-hd8"])
+def test_other_checkpoint_shapes_roll_out_on_policy(shape, shared_data, qwen3_tok, tmp_path):
+    """Untied heads, other GQA ratios and head sizes: the rollout's log-probs are the training forward's."""
+    from flax import nnx
+
+    from gopo_jax.dialogue import scoring
+    from tests.hf_fixtures import tiny_qwen3_checkpoint
+
+    folder = tiny_qwen3_checkpoint(tmp_path / "ckpt", tokenizer=qwen3_tok, **shape)
+    world, ge, gc, params = world_and_agents(pretrained_config(shared_data, folder), tmp_path / "run")
+    assert world.model_config.tie_word_embeddings == shape["tie_word_embeddings"]
+    assert (world.model_config.num_kv_heads, world.model_config.head_dim) == (shape["num_kv_heads"],
+                                                                              shape["head_dim"])
+    rollout = world.make_rollout(ModelAgents(ge, gc, world.vocab, world.layout, SamplingConfig()))
+    traj = rollout(params, world.eval_episodes(0, 2), jax.random.key(1))
+    cs_logp, _ = scoring.cs_token_log_probs(nnx.merge(gc, params["cs"]), traj, world.layout)
+    m = np.asarray(traj.cs_mask)
+    np.testing.assert_allclose(np.asarray(cs_logp)[m], np.asarray(traj.cs_logprob)[m], atol=2e-4)
+
+
+def test_agents_of_different_sizes_share_the_tokenizer(shared_data, qwen3_tok, tiny_qwen3, tmp_path):
+    """A small Expert beside a larger CS of the same family (per-agent init_from)."""
+    from tests.hf_fixtures import tiny_qwen3_checkpoint
+
+    cs_folder = tiny_qwen3_checkpoint(tmp_path / "cs", tokenizer=qwen3_tok, hidden_size=96, num_layers=3, seed=1)
+    config = pretrained_config(shared_data, "", model__expert_init_from=str(tiny_qwen3),
+                               model__cs_init_from=str(cs_folder))
+    world, ge, gc, params = world_and_agents(config, tmp_path / "run")
+    assert (world.expert_config.hidden_size, world.expert_config.num_layers) == (64, 2)
+    assert (world.model_config.hidden_size, world.model_config.num_layers) == (96, 3)
+    rollout = world.make_rollout(ModelAgents(ge, gc, world.vocab, world.layout, SamplingConfig()))
+    traj = rollout(params, world.eval_episodes(0, 2), jax.random.key(2))
+    assert int(np.asarray(traj.ea_mask).sum()) > 0 and np.isfinite(np.asarray(traj.ea_logprob)).all()
+
+
+def test_the_synthetic_shop_runs_on_a_checkpoints_tokenizer(tiny_qwen3, tmp_path):
+    """The pure-JAX shop with Qwen3's tokenizer: its words are id sequences, its slots sized for them."""
+    from configs.mgshop import get_config as shop_config
+
+    c = shop_config()
+    with c.unlocked():
+        c.model.init_from = str(tiny_qwen3)
+        c.layout.reply_len = 24
+    world, ge, gc, params = world_and_agents(c, tmp_path)
+    assert world.kind == "jax" and world.layout.reply_len == 24
+    traj = world.make_rollout(world.reference_agents())({}, world.eval_episodes(0, 4), jax.random.key(0))
+    assert np.asarray(traj.aligned)[np.asarray(traj.turn_mask)].mean() == 1.0
+    rollout = world.make_rollout(ModelAgents(ge, gc, world.vocab, world.layout, SamplingConfig()))
+    traj = rollout(params, world.eval_episodes(0, 2), jax.random.key(3))
+    assert np.isfinite(np.asarray(traj.cs_logprob)).all()

@@ -1,4 +1,6 @@
-"""Tests for gopo_jax/envs/synthetic_shop.py: the pure-JAX embedded world."""
+"""Tests for gopo_jax/envs/synthetic_shop.py: the pure-JAX embedded world (its embedded tokenizer; other tokenizers:
+test_synthetic_shop_tokenizers.py)."""
+import hashlib
 import json
 
 import chex
@@ -197,11 +199,26 @@ def test_premature_recommendation_costs_engagement(env):
     assert float(late.quality) == 1.0  # with the preferences known the scripted assistant finds the ideal product
 
 
-def test_config_errors_are_clear():
-    with pytest.raises(ValueError, match="reply_len"):
-        ss.make_env(ss.SyntheticShopConfig(reply_len=5))
+def test_config_errors_are_clear(env):
+    with pytest.raises(ValueError, match=r"reply_len=5 is too short .* set reply_len >= 12"):
+        ss.make_env(ss.SyntheticShopConfig(reply_len=5), tokenizer=env.tokenizer)
+    with pytest.raises(ValueError, match="customer_len=0 must be >= 1, or -1"):
+        ss.make_env(ss.SyntheticShopConfig(customer_len=0), tokenizer=env.tokenizer)
     with pytest.raises(ValueError, match="num_categories"):
         ss.make_env(ss.SyntheticShopConfig(num_categories=0))
+
+
+def test_lengths_of_minus_one_are_the_longest_filling(env):
+    fitted = ss.make_env(ss.SyntheticShopConfig(customer_len=-1, reply_len=-1, context_len=-1), tokenizer=env.tokenizer)
+    # The embedded tokenizer writes each world word as one id: the longest customer utterance is the role token, 11
+    # words and <|eot|>, the longest reply 11 words and <|eot|>, the context the role token and 5 words.
+    assert (fitted.customer_len, fitted.reply_len, fitted.context_len) == (13, 12, 6)
+    assert (env.customer_len, env.reply_len, env.context_len) == (16, 14, 8)  # the defaults stay as they were
+    key = jax.random.PRNGKey(0)
+    _, ctx, ctx_valid, _ = fitted.reset(key)
+    _, ctx_default, ctx_valid_default, _ = env.reset(key)
+    np.testing.assert_array_equal(ctx[ctx_valid], ctx_default[ctx_valid_default])
+    assert fitted.config.reply_len == -1
 
 
 def test_demonstrations_text_and_noise(env, tmp_path):
@@ -218,6 +235,46 @@ def test_demonstrations_text_and_noise(env, tmp_path):
     chosen_allowed = np.take_along_axis(noisy["allowed"], noisy["strategy"][..., None], -1)[..., 0]
     assert chosen_allowed[live].all()  # noise draws SOP-allowed strategies only
     assert (noisy["rel"][live] < 3).any()  # and they differ from the reference
+
+
+# sha256 prefixes of every array of two scripted rollouts with the embedded tokenizer (`_digests`), computed with the
+# shop as it was before it learned multi-token words (commit 555d0ae): the embedded world's episodes, and so the
+# main experiment's numbers, must stay bitwise the same. Reference: the `ref_rollout` keys; demonstrator: 50% random
+# deviations on split(PRNGKey(1), 64).
+EMBEDDED_ROLLOUT_DIGESTS = {
+    "reference": {
+        'aligned': '809ecc7b0863f2d8', 'allowed': 'c48a9e3889b49c1f', 'cont': 'edf2a44d8bf11ea3',
+        'context': '9c72f02a7e8a7d96', 'context_valid': 'e20def0e02dd35dc', 'customer': 'c4a8bad229d8da3d',
+        'customer_valid': '82503f4983871276', 'fcr': '0542f581071759f6', 'gain': '8fe3e370d362a6fc',
+        'outcome': '0542f581071759f6', 'quality': '809ecc7b0863f2d8', 'reaction': '234a51962bd69bd3',
+        'reaction_valid': 'cefd7cc1626d16a3', 'realised': 'e12e1061bfb18b85', 'rel': 'a45a17576ef23408',
+        'reply': 'c12e9a837f08d384', 'reply_valid': 'd24f0e98737f5ef3', 'satisfaction': '27bdd9f2551a5cc1',
+        'sop_valid': '809ecc7b0863f2d8', 'stage': 'dddd6cabd5edb143', 'strategy': 'e12e1061bfb18b85',
+        'turn_mask': 'cc54fb03230544b7',
+    },
+    "demonstrator": {
+        'aligned': 'f8ad6ee5edaec08f', 'allowed': '4d8e78a29e156f05', 'cont': 'bf00811351d005e6',
+        'context': '9c562addeb7443f8', 'context_valid': 'e20def0e02dd35dc', 'customer': '698142a709e447b1',
+        'customer_valid': '6cca38e365e2d186', 'fcr': '3e1df5387a141326', 'gain': 'b9143169526a1a7b',
+        'outcome': 'e74e1af4b51f5db6', 'quality': '0cb8bd48c77e8f41', 'reaction': '10c01628fee538b0',
+        'reaction_valid': '9aa125da557f52eb', 'realised': '6d531abcf162c2a4', 'rel': '1a7dc2131ab0593f',
+        'reply': 'c256e65fdc0793e4', 'reply_valid': '2f6cfe9b738cd7b9', 'satisfaction': '79b3abc6ae85dac6',
+        'sop_valid': 'f8ad6ee5edaec08f', 'stage': 'b00052cc3fbb2868', 'strategy': '6d531abcf162c2a4',
+        'turn_mask': '15ea01661fa5a7a0',
+    },
+}
+
+
+def _digests(arrays) -> dict[str, str]:
+    return {f: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()[:16] for f, v in arrays.items()}
+
+
+def test_embedded_rollouts_are_bitwise_unchanged(env, ref_rollout):
+    demo = jax.device_get(policies.demonstration_arrays(env, jax.random.split(jax.random.PRNGKey(1), 64), noise=0.5))
+    for name, arrays in (("reference", ref_rollout), ("demonstrator", demo)):
+        want, got = EMBEDDED_ROLLOUT_DIGESTS[name], _digests(arrays)
+        changed = sorted(f for f in want if got.get(f) != want[f])
+        assert not changed and set(got) == set(want), f"{name} rollout: {changed} changed (fields {sorted(got)})"
 
 
 @pytest.mark.slow

@@ -142,7 +142,7 @@ PolicyFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, jax.Array, jax.Array
 def _compiled_rollout(env, policy_fn: PolicyFn):
     """The one rollout driver (`dialogue.rollout.make_rollout`) with `policy_fn` as scripted agents, compiled once
     per (env, policy) pair; the policies here are frozen dataclasses that compare equal per env."""
-    vocab = AgentVocab.from_tokenizer(env.tokenizer, env.spec.sop)
+    vocab = AgentVocab.from_tokenizer(env.tokenizer, env.spec.sop, chat_format=env.chat_format)
     layout = jax_env_layout(env, vocab)
     return layout, vocab, make_rollout(env, layout, vocab, ScriptedAgents(policy_fn, vocab))
 

@@ -24,11 +24,20 @@ def _max_turns(config) -> dict:
 
 def _synthetic_shop(config, data_dir, tokenizer):
     from gopo_jax.envs import synthetic_shop
+    from gopo_jax.models.tokenizer import is_embedded
 
     shop = synthetic_shop.SyntheticShopConfig()
+    preamble = ""
     if config is not None:
         shop = dataclasses.replace(shop, vocab_size=config.tokenizer.vocab_size, **_max_turns(config))
-    return synthetic_shop.make_env(shop, tokenizer=tokenizer)
+        if tokenizer is not None and not is_embedded(tokenizer):
+            # A checkpoint's tokenizer spells world words in several ids: the context and customer slots take the
+            # longest filling; the reply slot is the run's (a pretrained CS writes more than the templates).
+            shop = dataclasses.replace(shop, context_len=-1, customer_len=-1, reply_len=config.layout.reply_len)
+        if config.layout.sop_in_system:
+            sop = synthetic_shop.load_sop(synthetic_shop.SOP_PATH)
+            preamble = sop.prompt(tuple(synthetic_shop.DESCRIPTIONS.get(k, k) for k in sop.strategies))
+    return synthetic_shop.make_env(shop, tokenizer=tokenizer, system_preamble=preamble)
 
 
 def _mg_shopdial(config, data_dir, tokenizer):

@@ -8,6 +8,25 @@ the reply's ids: the first strategy *cue word* decides the strategy (else UNRECO
 the product it talks about. The customer reacts to the realised strategy and its content, and answers with a
 template utterance filled from precomputed id tables (no text inside jit).
 
+Any tokenizer (the embedded BPE, or a checkpoint's, e.g. Qwen3's): every word of running text is the id sequence
+of `encode(" " + word)` (the first word of a message without the space where the chat template writes contents as
+they are), and a content is the concatenation of its words' sequences. Construction checks that this equals how
+the tokenizer encodes the whole text, and raises if it does not (a pre-tokenizer that merges across words cannot
+be filled word by word). The embedded BPE makes every world word one id; Qwen's splits a product name into a few.
+Utterances are framed by the tokenizer's chat template (`gopo_jax.models.chat_format`): context = system_open +
+[preamble, blank line] + content + system_close, customer = user_open + content + user_close, scripted reply =
+content + eot. Templates are filled inside jit from padded per-piece id rows (literal runs and slot values of
+varying length), and R matches each world word's id sequence at every reply position (first by position; the
+longest at one position; a word's bare form only at the reply's start). R reads the world's words as the world
+writes them (lowercase: "Hello" is not "hello"). With the embedded tokenizer every pattern is one id, so R and the
+filled utterances are exactly those of the one-id lookup tables this replaced (tests/test_synthetic_shop.py pins
+them).
+
+Slot lengths (`customer_len`, `reply_len`, `context_len`): a number, checked against the longest filling of every
+template with this tokenizer (a clear error names the field and the length needed), or -1 for exactly that longest
+filling. The defaults fit the embedded tokenizer (and keep its buffer layout); a checkpoint's tokenizer needs -1 or
+larger numbers. A model-written reply is cut at `reply_len`.
+
 Signals (GOPO.md §1); where they come from (a designed world, not data):
 * gain g_t: need learned 0.05, preferences learned 0.05, first recommendation in the right category 0.10, plus 0.10 ×
   the rise in the best attribute match, product explained 0.05, price settled (objection handled or a discount
@@ -30,9 +49,9 @@ recommend the best match, handle a price objection, explain, close) does not.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import chex
 import flax.struct
@@ -43,6 +62,7 @@ import numpy as np
 from gopo_jax.dialogue.env_protocol import EnvSpec, EpisodeOutcome, JaxObs, TurnSignals
 from gopo_jax.dialogue.sop import SOP, UNRECOGNISED, load_sop
 from gopo_jax.models import tokenizer as tokenizer_lib
+from gopo_jax.models.chat_format import ChatFormat
 
 SOP_PATH = pathlib.Path(__file__).parent / "sops" / "shop.json"
 
@@ -140,6 +160,7 @@ class SyntheticShopConfig:
     num_attributes: int = 3
     values_per_attribute: int = 4
     max_turns: int = 8
+    # Slot lengths in tokens; -1: the longest filling with the env's tokenizer (see the module docstring).
     customer_len: int = 16
     reply_len: int = 14
     context_len: int = 8
@@ -161,6 +182,10 @@ class SyntheticShopConfig:
             raise fail("products_per_category and max_turns must be >= 1")
         if not 0.0 <= self.promo_probability <= 1.0:
             raise fail(f"promo_probability={self.promo_probability} must be in [0, 1]")
+        for field in ("customer_len", "reply_len", "context_len"):
+            value = getattr(self, field)
+            if value != -1 and value < 1:
+                raise fail(f"{field}={value} must be >= 1, or -1 for the longest filling with the tokenizer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +223,7 @@ def _all_template_words() -> list[str]:
 
 
 def world_words(config: SyntheticShopConfig) -> list[str]:
-    """Every word the world can say: each becomes one token (the id tables and the realisation check need it)."""
+    """Every word the world can say; the embedded tokenizer makes each one id (`train_tokenizer(added_words=...)`)."""
     cat = make_catalogue(config)
     words = [*_all_template_words(), *CATEGORIES[:config.num_categories], *PRICES, *STORES, *PROMO_WORDS,
              *cat.names]
@@ -214,11 +239,11 @@ def corpus(config: SyntheticShopConfig | None = None) -> list[str]:
     values = [v for _, vs in ATTRIBUTES[:config.num_attributes] for v in vs[:config.values_per_attribute]]
     texts = []
     for i, name in enumerate(cat.names):
-        fill = dict(store=cat.store, cat=CATEGORIES[cat.category[i]], attr=ATTRIBUTES[0][0], product=name,
-                    val=values[i % len(values)], price=PRICES[cat.price[i]], budget=PRICES[cat.price[i]],
-                    prefs=" ".join(ATTRIBUTES[a][1][cat.attrs[i, a]] for a in range(config.num_attributes)))
-        texts += [t.format(**fill) for v in REPLIES.values() for t in v]
-        texts += [t.format(**fill) for t in CUSTOMER.values()]
+        filling = dict(store=cat.store, cat=CATEGORIES[cat.category[i]], attr=ATTRIBUTES[0][0], product=name,
+                       val=values[i % len(values)], price=PRICES[cat.price[i]], budget=PRICES[cat.price[i]],
+                       prefs=" ".join(ATTRIBUTES[a][1][cat.attrs[i, a]] for a in range(config.num_attributes)))
+        texts += [t.format(**filling) for v in REPLIES.values() for t in v]
+        texts += [t.format(**filling) for t in CUSTOMER.values()]
     texts += [CONTEXT_TEMPLATE.format(store=cat.store, promo=p) for p in PROMO_WORDS]
     texts += world_words(config)
     return texts
@@ -227,6 +252,196 @@ def corpus(config: SyntheticShopConfig | None = None) -> list[str]:
 def special_tokens(sop: SOP) -> list[str]:
     return ([tokenizer_lib.strategy_token(k) for k in sop.strategies]
             + [tokenizer_lib.stage_token(s) for s in sop.stages])
+
+
+# -------------------------------------------------------------------- words as id sequences (any tokenizer)
+class Words(NamedTuple):
+    """Id sequences padded to a common width: ids int32[..., W] (pad past each length), lens int32[...]."""
+
+    ids: Any
+    lens: Any
+
+
+class Pieces(NamedTuple):
+    """Templates cut into pieces, each a literal run of ids or a slot: ids int32[n, P, W] and lens int32[n, P] of the
+    literal runs, slot int32[n, P] (the slot's index, -1 for a literal run); unused pieces are empty literals."""
+
+    ids: Any
+    lens: Any
+    slot: Any
+
+
+class Patterns(NamedTuple):
+    """Word id sequences the realisation check looks for: ids int32[N, W] (-1 past each length), lens int32[N],
+    start_only bool[N] (the bare form of a word, which only opens a message), labels int32[N, len(PATTERN_KINDS)]
+    (what the word is of each kind, -1 if it is not of that kind)."""
+
+    ids: Any
+    lens: Any
+    start_only: Any
+    labels: Any
+
+
+PATTERN_KINDS = ("cue", "product", "value")
+
+
+def word_sequence(tokenizer, chat_format: ChatFormat, word: str, *, opens_message: bool) -> tuple[int, ...]:
+    """The ids of `word` in running text: `encode(" " + word)`, or `encode(word)` for the first word of a message
+    when the chat format writes contents without a leading space (as `ChatFormat.content_ids` does)."""
+    bare = opens_message and not chat_format.content_space
+    ids = tuple(tokenizer.encode(word if bare else " " + word, add_special_tokens=False))
+    if not ids:
+        raise ValueError(f"synthetic shop: the tokenizer encodes the word {word!r} as no ids")
+    return ids
+
+
+def template_pieces(text: str, slot_names: Sequence[str], encode) -> list[tuple[int, ...] | int]:
+    """A template's content as pieces: runs of literal ids (consecutive words merged) and slot indices.
+    `encode(word, opens_message)` gives a literal word's ids."""
+    pieces: list[tuple[int, ...] | int] = []
+    run: list[int] = []
+    for position, word in enumerate(text.split()):
+        if word.startswith("{"):
+            if position == 0:
+                # A slot's values are encoded as running text (with their space), so none may open a message.
+                raise ValueError(f"synthetic shop: template {text!r} starts with a slot; start it with a word")
+            if run:
+                pieces.append(tuple(run))
+                run = []
+            pieces.append(slot_names.index(word[1:-1]))
+        else:
+            run += encode(word, position == 0)
+    if run:
+        pieces.append(tuple(run))
+    return pieces
+
+
+def framed(pieces: list, opening: Sequence[int], closing: Sequence[int]) -> list:
+    """The pieces with the chat format's opening and closing ids as literal runs around them."""
+    return ([tuple(opening)] if opening else []) + list(pieces) + ([tuple(closing)] if closing else [])
+
+
+def pad_words(seqs: Sequence[Sequence[int]], width: int, pad: int = 0) -> Words:
+    ids = np.full((len(seqs), width), pad, np.int32)
+    for i, seq in enumerate(seqs):
+        ids[i, :len(seq)] = seq
+    return Words(ids, np.array([len(s) for s in seqs], np.int32))
+
+
+def pad_pieces(templates: Sequence[list], width: int) -> Pieces:
+    n_pieces = max(len(p) for p in templates)
+    ids = np.zeros((len(templates), n_pieces, width), np.int32)
+    lens = np.zeros((len(templates), n_pieces), np.int32)
+    slot = np.full((len(templates), n_pieces), -1, np.int32)
+    for i, pieces in enumerate(templates):
+        for j, piece in enumerate(pieces):
+            if isinstance(piece, int):
+                slot[i, j] = piece
+            else:
+                ids[i, j, :len(piece)], lens[i, j] = piece, len(piece)
+    return Pieces(ids, lens, slot)
+
+
+def fill(pieces: Pieces, slot_words: Words, length: int, pad_id: int) -> tuple[jax.Array, jax.Array]:
+    """One template's pieces (ids [P, W], lens [P], slot [P]) with slot j filled by `slot_words` row j, laid end to
+    end into `length` slots -> (ids int32[length], valid bool[length]: exactly the filled ids, a prefix)."""
+    chex.assert_rank([pieces.ids, slot_words.ids], 2)
+    is_slot = pieces.slot >= 0
+    row = jnp.clip(pieces.slot, 0, slot_words.lens.shape[0] - 1)
+    ids = jnp.where(is_slot[:, None], slot_words.ids[row], pieces.ids)
+    lens = jnp.where(is_slot, slot_words.lens[row], pieces.lens)
+    ends = jnp.cumsum(lens)
+    k = jnp.arange(length)
+    # Position k lies in the first piece that ends after it (empty pieces end where they start and are skipped).
+    piece = jnp.minimum(jnp.sum(k[:, None] >= ends[None, :], axis=1), lens.shape[0] - 1)
+    offset = jnp.clip(k - (ends - lens)[piece], 0, ids.shape[1] - 1)
+    valid = k < ends[-1]
+    return jnp.where(valid, ids[piece, offset], pad_id).astype(jnp.int32), valid
+
+
+def longest_match(reply: jax.Array, reply_valid: jax.Array, patterns: Patterns) -> jax.Array:
+    """int32[L]: at each reply position, the longest pattern whose ids start there (every id valid; a start-only
+    pattern at position 0 alone), -1 where none does. A static loop over the pattern width, vectorised over
+    positions and patterns."""
+    chex.assert_rank([reply, reply_valid], 1)
+    length = reply.shape[0]
+    width = patterns.ids.shape[1]
+    match = jnp.ones((length, patterns.lens.shape[0]), bool)
+    for j in range(width):
+        ids = jnp.full((length,), -1, jnp.int32).at[:max(length - j, 0)].set(reply[j:].astype(jnp.int32))
+        ok = jnp.zeros((length,), bool).at[:max(length - j, 0)].set(reply_valid[j:])
+        hit = (ids[:, None] == patterns.ids[None, :, j]) & ok[:, None]
+        match &= (j >= patterns.lens)[None, :] | hit
+    match &= ~patterns.start_only[None, :] | (jnp.arange(length) == 0)[:, None]
+    matched_len = jnp.where(match, patterns.lens[None, :], 0)
+    return jnp.where(matched_len.max(axis=1) > 0, jnp.argmax(matched_len, axis=1), -1).astype(jnp.int32)
+
+
+def first_label(best: jax.Array, labels: jax.Array) -> jax.Array:
+    """The label (>= 0) of the first position whose matched word has one, else -1. `best` from `longest_match`."""
+    hits = jnp.where(best >= 0, labels[jnp.clip(best, 0)], -1)
+    idx = jnp.argmax(hits >= 0)
+    return jnp.where(hits[idx] >= 0, hits[idx], -1).astype(jnp.int32)
+
+
+def realisation_patterns(entries: Sequence[tuple[str, str, int]], tokenizer, chat_format: ChatFormat) -> Patterns:
+    """Patterns of (word, kind, label) entries: each word's running-text ids, plus its bare form where a message
+    opens without a space (a reply may start with it). A word of several kinds is one pattern with several labels."""
+    table: dict[tuple[tuple[int, ...], bool], list[int]] = {}
+    words_of: dict[tuple[tuple[int, ...], bool], str] = {}
+    for word, kind, label in entries:
+        spaced = word_sequence(tokenizer, chat_format, word, opens_message=False)
+        bare = word_sequence(tokenizer, chat_format, word, opens_message=True)
+        forms = [(spaced, False)] + ([(bare, True)] if bare != spaced else [])
+        for form in forms:
+            labels = table.setdefault(form, [-1] * len(PATTERN_KINDS))
+            column = PATTERN_KINDS.index(kind)
+            if labels[column] not in (-1, label):
+                raise ValueError(f"synthetic shop: the tokenizer encodes {word!r} and {words_of[form]!r} as the same "
+                                 f"ids {list(form[0])}; the realisation check cannot tell them apart")
+            labels[column] = label
+            words_of[form] = word
+    forms = list(table)
+    width = max(len(ids) for ids, _ in forms)
+    padded = pad_words([ids for ids, _ in forms], width, pad=-1)
+    return Patterns(ids=padded.ids, lens=padded.lens, start_only=np.array([s for _, s in forms], bool),
+                    labels=np.array([table[f] for f in forms], np.int32))
+
+
+def with_preamble(preamble: str, text: str) -> str:
+    """A system message's content: instructions (the SOP), a blank line, the business context; as host worlds
+    write it (`dialogue.host_rollout.TextCodec.context`)."""
+    return f"{preamble}\n\n{text}" if preamble else text
+
+
+def check_word_by_word(tokenizer, chat_format: ChatFormat, text: str, pieces: list,
+                       fillers: dict[str, list[tuple[str, tuple[int, ...]]]], *, preamble: str = "") -> None:
+    """Raises unless `pieces` (from `template_pieces`), filled with every value of each of its slots in turn, are
+    the ids `chat_format.content_ids` gives the filled text (after `preamble`): the buffer is assembled word by
+    word inside jit, the model reads (and writes) whole texts."""
+    names = list(fillers)
+    used = sorted({p for p in pieces if isinstance(p, int)})
+    for i in range(max([len(fillers[names[s]]) for s in used], default=1)):
+        choice = {s: fillers[names[s]][i % len(fillers[names[s]])] for s in used}
+        filled = text.format(**{names[s]: word for s, (word, _) in choice.items()})
+        by_words = [t for p in pieces for t in (choice[p][1] if isinstance(p, int) else p)]
+        whole = chat_format.content_ids(tokenizer, with_preamble(preamble, filled))
+        if by_words != whole:
+            raise ValueError(
+                f"synthetic shop: this tokenizer encodes {filled!r} as {whole}, but word by word as {by_words}. The "
+                "shop fills its utterances word by word inside jit, so it cannot run on a tokenizer whose "
+                "pre-tokenizer merges across words (a byte-level BPE that splits before every space-led word, like "
+                "GPT-2's or Qwen's, works)")
+
+
+def _as_jax(tree):
+    return jax.tree.map(jnp.asarray, tree)
+
+
+def _stack_words(*tables: Words, rows) -> Words:
+    """Words row `rows[j]` of `tables[j]`, stacked: the slot values of one template, slot j from table j."""
+    return Words(jnp.stack([t.ids[r] for t, r in zip(tables, rows, strict=True)]),
+                 jnp.stack([t.lens[r] for t, r in zip(tables, rows, strict=True)]))
 
 
 @flax.struct.dataclass
@@ -266,10 +481,14 @@ class ShopState:
 class SyntheticShop:
     """The synthetic shop as a `JaxEnv` (see gopo_jax/envs/base.py). Construct with `make_env`."""
 
-    def __init__(self, config: SyntheticShopConfig, tokenizer, sop: SOP):
+    def __init__(self, config: SyntheticShopConfig, tokenizer, sop: SOP, chat_format: ChatFormat,
+                 system_preamble: str = ""):
         config.validate()
-        self.config = config
+        self.config = config  # as given: a length of -1 stays -1 here; the env's own lengths are resolved
         self.tokenizer = tokenizer
+        self.chat_format = chat_format
+        self.system_preamble = system_preamble
+        self.pad_id, self.eot_id = chat_format.pad, chat_format.eot
         self.catalogue = make_catalogue(config)
         missing = [k for k in STRATEGY_NAMES if k not in sop.strategies]
         if missing:
@@ -277,7 +496,6 @@ class SyntheticShop:
                              f"{list(STRATEGY_NAMES)}")
         self.spec = EnvSpec(name="synthetic_shop", sop=sop, max_turns=config.max_turns, max_relevance=3,
                             strategy_descriptions=tuple(DESCRIPTIONS.get(k, k) for k in sop.strategies))
-        self.customer_len, self.reply_len, self.context_len = config.customer_len, config.reply_len, config.context_len
         self._sop = sop.as_jax()
         self._k = {name: sop.strategy_index(name) for name in STRATEGY_NAMES}
         self._build_tables()
@@ -287,82 +505,91 @@ class SyntheticShop:
 
     # ---------------------------------------------------------------- id tables (host side, once)
     def _build_tables(self) -> None:
-        tok, cfg, cat = self.tokenizer, self.config, self.catalogue
-        sid = tokenizer_lib.special_ids(tok)
-        for t in (tokenizer_lib.CONTEXT, tokenizer_lib.CUSTOMER, tokenizer_lib.EOT, tokenizer_lib.PAD):
-            if t not in sid:
-                raise ValueError(f"synthetic shop: tokenizer lacks special token {t}; train it with "
-                                 "synthetic_shop.make_env() or tokenizer.train_tokenizer(special_tokens=...)")
-        self.pad_id, self.eot_id = sid[tokenizer_lib.PAD], sid[tokenizer_lib.EOT]
-        self.customer_id, self.context_id = sid[tokenizer_lib.CUSTOMER], sid[tokenizer_lib.CONTEXT]
-        w = functools.partial(tokenizer_lib.word_id, tok)
-        vocab = len(tok)
+        tok, fmt, cfg, cat = self.tokenizer, self.chat_format, self.config, self.catalogue
         n_attr, n_val = cfg.num_attributes, cfg.values_per_attribute
-        cue = np.full((vocab,), UNRECOGNISED, np.int32)
-        for name, word in CUE_WORDS.items():
-            cue[w(word)] = self._k[name]
-        product_of = np.full((vocab,), -1, np.int32)
-        for p, name in enumerate(cat.names):
-            product_of[w(name)] = p
-        value_ids = np.array([[w(ATTRIBUTES[a][1][v]) for v in range(n_val)] for a in range(n_attr)], np.int32)
-        value_of = np.full((vocab,), -1, np.int32)  # a * n_val + v
-        for a in range(n_attr):
-            for v in range(n_val):
-                value_of[value_ids[a, v]] = a * n_val + v
-        self._cue = jnp.asarray(cue)
-        self._product_of = jnp.asarray(product_of)
-        self._value_of = jnp.asarray(value_of)
-        self._value_ids = jnp.asarray(value_ids)
-        self._category_ids = jnp.asarray([w(c) for c in CATEGORIES[:cfg.num_categories]], jnp.int32)
-        self._product_ids = jnp.asarray([w(n) for n in cat.names], jnp.int32)
-        self._price_ids = jnp.asarray([w(p) for p in PRICES], jnp.int32)
-        self._p_cat = jnp.asarray(cat.category)
-        self._p_attrs = jnp.asarray(cat.attrs)
-        self._p_price = jnp.asarray(cat.price)
-        self._store_id = w(cat.store)
-        self._attr_name_ids = jnp.asarray([w(ATTRIBUTES[a][0]) for a in range(n_attr)], jnp.int32)
-        self._promo_ids = jnp.asarray([w(p) for p in PROMO_WORDS], jnp.int32)
+        values = [ATTRIBUTES[a][1][v] for a in range(n_attr) for v in range(n_val)]  # index a * n_val + v
+        vocabulary = {"category": CATEGORIES[:cfg.num_categories], "product": cat.names, "price": PRICES,
+                      "value": values, "attr": [name for name, _ in ATTRIBUTES[:n_attr]], "store": [cat.store],
+                      "promo": PROMO_WORDS}
+        # What each slot is filled with: (word, its ids in running text).
+        said = {name: [(w, word_sequence(tok, fmt, w, opens_message=False)) for w in words]
+                for name, words in vocabulary.items()}
 
         prefs = " ".join(f"{{a{a}}}" for a in range(n_attr))
-        customer = [CUSTOMER[k].replace("{prefs}", prefs) for k in CUSTOMER_KEYS]
-        self._cust_codes, self._cust_valid = self._compile(
-            customer, _CUSTOMER_SLOTS, cfg.customer_len, prefix=self.customer_id, what="customer utterance",
-            field="customer_len")
-        replies = [t for k in self.spec.strategies for t in REPLIES.get(k, ())]
+        customer_fillers = {"cat": said["category"],
+                            **{f"a{a}": said["value"][a * n_val:(a + 1) * n_val] if a < n_attr else []
+                               for a in range(len(ATTRIBUTES))},
+                            "budget": said["price"], "product": said["product"]}
+        assert tuple(customer_fillers) == _CUSTOMER_SLOTS
+        customer, self.customer_len = self._compile(
+            [CUSTOMER[k].replace("{prefs}", prefs) for k in CUSTOMER_KEYS], customer_fillers, fmt.user_open,
+            fmt.user_close, cfg.customer_len, what="customer utterance", field="customer_len")
         self._n_variants = len(REPLIES[GREET])
         if any(len(REPLIES.get(k, ())) != self._n_variants for k in self.spec.strategies):
             raise ValueError("synthetic shop: every strategy of the SOP needs the same number of reply templates")
-        self._reply_codes, self._reply_valid = self._compile(
-            replies, _REPLY_SLOTS, cfg.reply_len, prefix=None, what="reply", field="reply_len")
-        ctx_codes, ctx_valid = self._compile([CONTEXT_TEMPLATE], ("store", "promo"), cfg.context_len,
-                                             prefix=self.context_id, what="context", field="context_len",
-                                             eot=False)
-        self._ctx_codes, self._ctx_valid = ctx_codes[0], ctx_valid[0]
+        # Scripted replies name the first attribute only (`scripted_reply`).
+        reply_fillers = {"store": said["store"], "cat": said["category"], "attr": said["attr"][:1],
+                         "product": said["product"], "val": said["value"], "price": said["price"]}
+        assert tuple(reply_fillers) == _REPLY_SLOTS
+        replies, self.reply_len = self._compile(
+            [t for k in self.spec.strategies for t in REPLIES.get(k, ())], reply_fillers, (), (fmt.eot,),
+            cfg.reply_len, what="reply", field="reply_len")
+        context, self.context_len = self._compile(
+            [CONTEXT_TEMPLATE], {"store": said["store"], "promo": said["promo"]}, fmt.system_open, fmt.system_close,
+            cfg.context_len, what="context", field="context_len", preamble=self.system_preamble)
 
-    def _compile(self, templates, slots, length, *, prefix, what, field, eot=True):
-        """Templates -> (codes int32[n, length], valid bool[n, length]); code >= 0 is a token id, -1-j slot j."""
-        codes = np.full((len(templates), length), self.pad_id, np.int32)
-        valid = np.zeros((len(templates), length), bool)
-        for i, text in enumerate(templates):
-            row = [] if prefix is None else [prefix]
-            for word in text.split():
-                if word.startswith("{"):
-                    row.append(-1 - slots.index(word[1:-1]))
-                else:
-                    row.append(tokenizer_lib.word_id(self.tokenizer, word))
-            if eot:
-                row.append(self.eot_id)
-            if len(row) > length:
-                raise ValueError(f"SyntheticShopConfig.{field}={length} is too short for the {what} {text!r} "
-                                 f"({len(row)} tokens); raise {field}")
-            codes[i, :len(row)] = row
-            valid[i, :len(row)] = True
-        return jnp.asarray(codes), jnp.asarray(valid)
+        # One width for every literal run and every slot value, so that a template's slots fill from any table.
+        width = max([len(p) for t in customer + replies + context for p in t if isinstance(p, tuple)]
+                    + [len(ids) for words in said.values() for _, ids in words])
+        self._customer_pieces = _as_jax(pad_pieces(customer, width))
+        self._reply_pieces = _as_jax(pad_pieces(replies, width))
+        self._context_pieces = jax.tree.map(lambda x: x[0], _as_jax(pad_pieces(context, width)))
+        words = {name: _as_jax(pad_words([ids for _, ids in seqs], width)) for name, seqs in said.items()}
+        self._category_words, self._product_words, self._price_words = (
+            words["category"], words["product"], words["price"])
+        self._value_words, self._attr_words = words["value"], words["attr"]
+        self._store_words, self._promo_words = words["store"], words["promo"]
+        self._no_word_table = Words(jnp.zeros((1, width), jnp.int32), jnp.zeros((1,), jnp.int32))
 
-    @staticmethod
-    def _fill(codes, valid, slot_ids):
-        filled = jnp.where(codes >= 0, codes, slot_ids[jnp.clip(-1 - codes, 0, slot_ids.shape[0] - 1)])
-        return filled.astype(jnp.int32), valid
+        entries = ([(CUE_WORDS[name], "cue", self._k[name]) for name in CUE_WORDS]
+                   + [(name, "product", p) for p, name in enumerate(cat.names)]
+                   + [(value, "value", i) for i, value in enumerate(values)])
+        self._patterns = _as_jax(realisation_patterns(entries, tok, fmt))
+        self._p_cat = jnp.asarray(cat.category)
+        self._p_attrs = jnp.asarray(cat.attrs)
+        self._p_price = jnp.asarray(cat.price)
+
+    def _compile(self, templates, fillers, opening, closing, configured, *, what, field, preamble=""):
+        """Templates -> (their framed pieces, the slot length: `configured`, or the longest filling if -1).
+        A `preamble` opens each content (`with_preamble`): the first word is encoded with it.
+
+        Raises if a template filled word by word is not how the tokenizer encodes the filled text, or if its
+        longest filling (each slot at its longest value) does not fit `configured`."""
+        tok, fmt = self.tokenizer, self.chat_format
+        names = list(fillers)
+
+        def encode(word, opens_message):
+            if opens_message and preamble:
+                return tuple(fmt.content_ids(tok, with_preamble(preamble, word)))
+            return word_sequence(tok, fmt, word, opens_message=opens_message)
+
+        compiled, needed, longest = [], 0, ""
+        for text in templates:
+            content = template_pieces(text, names, encode)
+            check_word_by_word(tok, fmt, text, content, fillers, preamble=preamble)
+            pieces = framed(content, opening, closing)
+            size = sum(len(p) if isinstance(p, tuple) else max((len(ids) for _, ids in fillers[names[p]]), default=0)
+                       for p in pieces)
+            if size > needed:
+                needed, longest = size, text
+            compiled.append(pieces)
+        if configured == -1:
+            return compiled, needed
+        if configured < needed:
+            raise ValueError(f"SyntheticShopConfig.{field}={configured} is too short for this tokenizer: the {what} "
+                             f"{longest!r} fills up to {needed} tokens; set {field} >= {needed}, or -1 for the "
+                             "longest filling")
+        return compiled, configured
 
     # ---------------------------------------------------------------- the customer and the catalogue
     def _match(self, state: ShopState, product) -> jax.Array:
@@ -407,17 +634,21 @@ class SyntheticShop:
             anchored=jnp.bool_(False), haggled=jnp.bool_(False), price_settled=jnp.bool_(False),
             close_fails=jnp.int32(0), purchased=jnp.bool_(False), progress=jnp.float32(0.0),
             engagement=jnp.float32(1.0))
-        ctx_slots = jnp.stack([jnp.int32(self._store_id), self._promo_ids[state.promo.astype(jnp.int32)]])
-        ctx, ctx_valid = self._fill(self._ctx_codes, self._ctx_valid, ctx_slots)
+        ctx_slots = _stack_words(self._store_words, self._promo_words, rows=(0, state.promo.astype(jnp.int32)))
+        ctx, ctx_valid = fill(self._context_pieces, ctx_slots, self.context_len, self.pad_id)
         opener = jnp.where(jax.random.bernoulli(k_open), _C["open0"], _C["open1"])
         return state, ctx, ctx_valid, self._obs(state, opener)
 
     def _customer_ids(self, state: ShopState, template, product):
-        prefs = jnp.concatenate([self._value_ids[jnp.arange(state.prefs.shape[0]), state.prefs],
-                                 jnp.full((4 - state.prefs.shape[0],), self.pad_id, jnp.int32)])
-        slots = jnp.concatenate([self._category_ids[state.need][None], prefs, self._price_ids[state.budget][None],
-                                 self._product_ids[jnp.clip(product, 0, self._product_ids.shape[0] - 1)][None]])
-        return self._fill(self._cust_codes[template], self._cust_valid[template], slots)
+        n_attr, n_val = state.prefs.shape[0], self.config.values_per_attribute
+        # Slots a{n_attr}.. are in no template: empty.
+        unused = len(ATTRIBUTES) - n_attr
+        slots = _stack_words(self._category_words, *[self._value_words] * n_attr, *[self._no_word_table] * unused,
+                             self._price_words, self._product_words,
+                             rows=(state.need, *(a * n_val + state.prefs[a] for a in range(n_attr)), *[0] * unused,
+                                   state.budget, jnp.clip(product, 0, self._product_words.lens.shape[0] - 1)))
+        return fill(jax.tree.map(lambda x: x[template], self._customer_pieces), slots, self.customer_len,
+                    self.pad_id)
 
     def _obs(self, state: ShopState, template, product=-1) -> JaxObs:
         ids, valid = self._customer_ids(state, template, product)
@@ -426,16 +657,15 @@ class SyntheticShop:
 
     # ---------------------------------------------------------------- realisation check R (pure JAX)
     def realise(self, reply: jax.Array, reply_valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """R(reply ids) -> (strategy or UNRECOGNISED, first product id or -1, first attribute value a*V+v or -1)."""
+        """R(reply ids) -> (strategy or UNRECOGNISED, first product id or -1, first attribute value a*V+v or -1).
+
+        Words are matched as id sequences (`longest_match`): the first cue word decides the strategy, the first
+        product name and attribute value are what the reply talks about."""
         chex.assert_rank([reply, reply_valid], 1)
-
-        def first(table):
-            hits = jnp.where(reply_valid, table[reply], -1)
-            idx = jnp.argmax(hits >= 0)
-            return jnp.where(hits[idx] >= 0, hits[idx], -1).astype(jnp.int32)
-
-        strategy = first(self._cue)
-        return jnp.where(strategy >= 0, strategy, UNRECOGNISED), first(self._product_of), first(self._value_of)
+        best = longest_match(reply, reply_valid, self._patterns)
+        cue, product, value = (first_label(best, self._patterns.labels[:, PATTERN_KINDS.index(kind)])
+                               for kind in PATTERN_KINDS)
+        return jnp.where(cue >= 0, cue, UNRECOGNISED), product, value
 
     # ---------------------------------------------------------------- the reference policy and relevance
     def reference_strategy(self, state: ShopState) -> jax.Array:
@@ -483,12 +713,13 @@ class SyntheticShop:
         product = jnp.where(strategy == self._k[RECOMMEND], self._best_product(state), product)
         attrs = self._p_attrs[product]
         a = jax.random.randint(key, (), 0, attrs.shape[0])
-        slots = jnp.stack([jnp.int32(self._store_id), self._category_ids[state.need], self._attr_name_ids[0],
-                           self._product_ids[product], self._value_ids[a, attrs[a]],
-                           self._price_ids[self._p_price[product]]])
+        slots = _stack_words(self._store_words, self._category_words, self._attr_words, self._product_words,
+                             self._value_words, self._price_words,
+                             rows=(0, state.need, 0, product, a * self.config.values_per_attribute + attrs[a],
+                                   self._p_price[product]))
         variant = jax.random.randint(jax.random.fold_in(key, 1), (), 0, self._n_variants)
         row = jnp.clip(strategy, 0, self.spec.num_strategies - 1) * self._n_variants + variant
-        return self._fill(self._reply_codes[row], self._reply_valid[row], slots)
+        return fill(jax.tree.map(lambda x: x[row], self._reply_pieces), slots, self.reply_len, self.pad_id)
 
     def reference_turn(self, state: ShopState, key: jax.Array):
         strategy = self.reference_strategy(state)
@@ -679,8 +910,14 @@ class SyntheticShop:
                               fcr=(state.purchased & (state.close_fails == 0)).astype(jnp.float32))
 
 
-def make_env(config: SyntheticShopConfig | None = None, tokenizer=None, *, sop_path=SOP_PATH) -> SyntheticShop:
-    """The synthetic shop; trains its byte-level BPE on `corpus(config)` when no tokenizer is given."""
+def make_env(config: SyntheticShopConfig | None = None, tokenizer=None, *, chat_format: ChatFormat | None = None,
+             system_preamble: str = "", sop_path=SOP_PATH) -> SyntheticShop:
+    """The synthetic shop; trains its byte-level BPE on `corpus(config)` when no tokenizer is given.
+
+    `tokenizer` may be any Hugging Face tokenizer with a chat template (a checkpoint's); `chat_format` defaults to
+    `ChatFormat.from_tokenizer(tokenizer)`. With a tokenizer that writes world words as several ids, set the slot
+    lengths to -1 (or large enough: the error says how large). `system_preamble` (e.g. `sop.prompt(...)`) opens
+    the system message before the business context (`with_preamble`); context_len must then hold it too."""
     config = config or SyntheticShopConfig()
     config.validate()
     sop = load_sop(sop_path)
@@ -688,4 +925,5 @@ def make_env(config: SyntheticShopConfig | None = None, tokenizer=None, *, sop_p
         tokenizer = tokenizer_lib.train_tokenizer(corpus(config), vocab_size=config.vocab_size,
                                                   special_tokens=special_tokens(sop),
                                                   added_words=world_words(config))
-    return SyntheticShop(config, tokenizer, sop)
+    return SyntheticShop(config, tokenizer, sop, chat_format or ChatFormat.from_tokenizer(tokenizer),
+                         system_preamble)

@@ -12,6 +12,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
+import jax
 import optax
 from flax import nnx
 
@@ -97,6 +98,11 @@ def agent_graphdefs(world: World) -> tuple[Any, Any]:
     return expert, (expert if world.model_config == world.expert_config else _graphdef(world.model_config))
 
 
+# Qwen3Config fields a run sets on top of a checkpoint's architecture (`world._agent_config`); vocab_size and
+# max_position_embeddings follow the markers and the layout, and dtypes go through from_pretrained's own arguments.
+_RUN_FIELDS = ("remat", "scan_unroll", "attention", "logits_chunk", "lora_rank", "lora_alpha", "lora_targets")
+
+
 def init_agent_params(world: World, seed: int, sources: dict[str, str] | None = None, mesh=None) -> dict:
     """{"expert", "cs"}: each agent from its Hugging Face folder in `sources` (`world.pretrained_sources`; the same
     weights for every seed, loaded straight onto `mesh`, marker rows set to the mean row) or randomly initialised
@@ -106,7 +112,11 @@ def init_agent_params(world: World, seed: int, sources: dict[str, str] | None = 
     for i, agent in enumerate(_AGENTS):
         cfg = world.agent_config(agent)
         if sources.get(agent):
-            model = hf_io.from_pretrained(sources[agent], mesh=mesh, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+            # The checkpoint's architecture with the run's own fields (remat, attention, LoRA adapters drawn from
+            # the agent's seed); the markers' rows are added after loading.
+            own = {f: getattr(cfg, f) for f in _RUN_FIELDS}
+            model = hf_io.from_pretrained(sources[agent], mesh=mesh, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                          config_overrides=own, adapter_key=jax.random.key(seed + i))
             model = markers.grow_embeddings(model, cfg.vocab_size, world.new_marker_rows)
         else:
             model = qwen3.Qwen3(cfg, rngs=nnx.Rngs(seed + i))
@@ -176,6 +186,7 @@ def build(config, workdir: str | pathlib.Path | None) -> Components:
                                     use_expert=method.use_expert)
     eval_sampling = dataclasses.replace(train_sampling, temperature=0.0, expert_greedy=True)
     lrs = dict(method.learning_rates)
+    lora_groups = lora_agents(config)
     # The warm start trains the two agents only (a method's extra parameters keep their initial values), so it is
     # the same for every method and can be shared (`gopo_jax.train.warm_start`).
     sft_lrs = {k: (config.sft.learning_rate if k in _AGENTS else 0.0) for k in lrs}
@@ -183,15 +194,15 @@ def build(config, workdir: str | pathlib.Path | None) -> Components:
         config=config, world=world, mesh=parallel.make_mesh(config.mesh), hyper=hyper, metric_settings=settings,
         method=method, schedule=Schedule.from_config(config, trains=method.trains),
         expert_gd=expert_gd, cs_gd=cs_gd,
-        tx=make_optimizer(lrs, clip_norm=config.train.clip_norm),
-        sft_tx=make_optimizer(sft_lrs, clip_norm=config.train.clip_norm),
+        tx=make_optimizer(lrs, clip_norm=config.train.clip_norm, lora_groups=lora_groups),
+        sft_tx=make_optimizer(sft_lrs, clip_norm=config.train.clip_norm, lora_groups=lora_groups),
         warm_start_loss=make_warm_start_loss(expert_gd, cs_gd, world.layout, world.vocab.strategy_ids,
                                              use_expert=method.use_expert, sop_mask=hyper.sop_mask),
         rollout=world.make_rollout(method.make_agents(train_sampling)),
         eval_rollout=world.make_rollout(method.make_agents(eval_sampling)),
         demo_rollout=world.demo_rollout(config, emit_decision=method.use_expert),
         reference_rollout=world.make_rollout(world.reference_agents()),
-        lora_agents=lora_agents(config),
+        lora_agents=lora_groups,
     )
 
 

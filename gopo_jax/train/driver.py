@@ -76,6 +76,14 @@ class _Executor:
     def reference_eval(self):
         return self._reference_eval(self.seed)
 
+    def start_method(self, sft_params):
+        """(the method's initial parameters, the reference to keep): `Phases.start_method`, on fresh buffers."""
+        params, kept = self._start_method(sft_params, self.seed)
+        return _copy(params), _copy(kept)
+
+    def reference(self, kept, params):
+        return self._reference(kept, params)
+
     def evaluate(self, params, extras):
         return self._evaluate(params, extras, self.seed)
 
@@ -106,6 +114,8 @@ class _OneSeed(_Executor):
 
         self._sft_block = jit(p.sft_block, static_argnums=4, donate_argnums=0)
         self._sft_heldout = jit(p.sft_heldout)
+        self._start_method = jit(p.start_method)
+        self._reference = jit(p.reference)
         if c.pure_world:
             self._iteration = jit(p.iteration, donate_argnums=0)
         else:  # the rollout is a Python turn loop; only the update after it is jitted
@@ -155,6 +165,8 @@ class _VmappedSeeds(_Executor):
         self._sft_block = jax.jit(jax.vmap(p.sft_block, in_axes=(0, 0, 0, None, None)), static_argnums=4,
                                   donate_argnums=0)
         self._sft_heldout = jax.jit(jax.vmap(p.sft_heldout))
+        self._start_method = jax.jit(jax.vmap(p.start_method))
+        self._reference = jax.jit(jax.vmap(p.reference))
         self._reference_eval = jax.jit(jax.vmap(p.reference_eval))
         self._evaluate = jax.jit(jax.vmap(p.evaluate))
         self._iteration = jax.jit(jax.vmap(p.iteration, in_axes=(0, 0, 0, None)), donate_argnums=0)
@@ -219,7 +231,7 @@ class Trainer:
             return ex.stack([method.init_extras() for _ in self.seeds])
 
         state = ex.sft_state(_copy(init_params), init_extras())
-        ref_params, step = init_params, 0
+        ref_params, step = Phases(c).kept_reference(init_params), 0
         restored = checkpoint.restore_checkpoint(self.ckpt_dir, {"state": state, "ref": ref_params,
                                                                  "iteration": np.int64(0)},
                                                  expected_metadata=self.fingerprint)
@@ -243,8 +255,9 @@ class Trainer:
                         for record in records:
                             logger.log(record["step"], {k: v for k, v in record.items()
                                                         if k not in ("step", "time") and v is not None}, prefix="")
-                    ref_params = {**state.params, **ex.stack([agents for agents, _ in hits])}
-                    state = ex.method_state(_copy(ref_params), init_extras())
+                    start, ref_params = ex.start_method({**state.params,
+                                                         **ex.stack([agents for agents, _ in hits])})
+                    state = ex.method_state(start, init_extras())
                     step = sched.sft_steps
                     self._save(step, state, ref_params)
             while step < sched.sft_steps:
@@ -261,18 +274,20 @@ class Trainer:
                 step = end
                 if step == sched.sft_steps:
                     # The SFT agents become the reference policy; the method starts with a fresh optimizer.
-                    ref_params = _copy(state.params)
-                    state = ex.method_state(_copy(ref_params), init_extras())
-                    self._save(step, state, ref_params)
                     for i, cache in enumerate(caches or []):
-                        cache.store(step, agent_params(ex.seed_slice(ref_params, i)), loggers[i].records(step))
+                        cache.store(step, agent_params(ex.seed_slice(state.params, i)), loggers[i].records(step))
+                    start, ref_params = ex.start_method(state.params)
+                    state = ex.method_state(start, init_extras())
+                    self._save(step, state, ref_params)
                 elif should_stop():
                     self._save(step, state, ref_params)
                     return self._stopped(loggers, step)
             if sched.sft_steps == 0 and step == 0:
-                ref_params = _copy(state.params)
+                # No warm start: the initial agents are the reference, and the method has its own optimizer.
+                start, ref_params = ex.start_method(state.params)
+                state = ex.method_state(start, init_extras())
 
-            sft_eval, sft_head = ex.evaluate(ref_params, init_extras())
+            sft_eval, sft_head = ex.evaluate(ex.reference(ref_params, state.params), init_extras())
             sft_eval = ex.host(sft_eval)
             self._log_eval(loggers, sched.sft_steps, sft_eval, reference)
             # ---- method iterations ----
@@ -385,16 +400,18 @@ def train_seeds(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence
     return Trainer(c, configs, workdirs, group_dir / "checkpoints", vmapped=True).run()
 
 
-def restore_agents(workdir: str | pathlib.Path, config: ml_collections.ConfigDict):
-    """(components, acting parameters, step) of the newest checkpoint of a single run's workdir, for serving or
-    export; None when the run has no checkpoint yet. Nothing is trained or compiled."""
+def restore_agents(workdir: str | pathlib.Path, config: ml_collections.ConfigDict, step: int | None = None):
+    """(components, acting parameters, iteration) of checkpoint `step` (default: the newest) of a single run's
+    workdir, for serving or export; None when the run has no checkpoint yet. Nothing is trained or compiled."""
     workdir = pathlib.Path(workdir)
     c = build(config, workdir)
     params = c.init_params(int(config.seed))
-    state = Phases(c).method_state(params, c.method.init_extras(), int(config.seed))
+    phases = Phases(c)
+    state = phases.method_state(params, c.method.init_extras(), int(config.seed))
     restored = checkpoint.restore_checkpoint(workdir / "checkpoints",
-                                             {"state": state, "ref": params, "iteration": np.int64(0)},
-                                             expected_metadata=c.fingerprint())
+                                             {"state": state, "ref": phases.kept_reference(params),
+                                              "iteration": np.int64(0)},
+                                             expected_metadata=c.fingerprint(), step=step)
     if restored is None:
         return None
     payload, _ = restored

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from gopo_jax.algorithms.sft import DemoBatch
 from gopo_jax.dialogue.layout import Trajectory
 from gopo_jax.metrics.episode import episode_metrics
+from gopo_jax.models import lora
 from gopo_jax.parallel import BATCH_AXES, batch_split_axes, constrain_rows, param_shardings
 from gopo_jax.train import schedule
 from gopo_jax.train.build import Components, demo_split
@@ -111,7 +112,7 @@ class Phases:
         return self._constrain_batch(traj)
 
     def _step(self, loss, tx):
-        update = pure_train_step(loss, tx)
+        update = pure_train_step(loss, tx, lora_groups=self.c.lora_agents)
 
         def step(state, batch):
             state, metrics = update(self._constrain_params(state), self._constrain_batch(batch))
@@ -174,12 +175,33 @@ class Phases:
         _, (metrics, _) = self.c.warm_start_loss(self._constrain_params(params), {}, batch, None)
         return metrics
 
+    # --- the reference policy ---
+    def start_method(self, sft_params, seed):
+        """(the method's initial parameters, the reference to keep) after the warm start. The reference policy is
+        the SFT policy: a kept copy for fully fine-tuned agents; a LoRA agent merges its warm-start adapters into
+        its base and starts with fresh adapters (B = 0: the same policy), so its reference is that base with the
+        adapters off and no copy is kept (`reference`)."""
+        params = dict(sft_params)
+        for i, agent in enumerate(self.c.lora_agents):
+            params[agent] = lora.merge_adapters(params[agent], self.c.world.agent_config(agent),
+                                                schedule.fresh_adapters_key(seed, i))
+        return params, self.kept_reference(params)
+
+    def kept_reference(self, params):
+        """What of `params` a run stores as its reference: all but the LoRA agents."""
+        return {k: v for k, v in params.items() if k not in self.c.lora_agents}
+
+    def reference(self, kept, params):
+        """The reference policy's parameters: the kept ones and each LoRA agent's base with its adapters off."""
+        return {**kept, **{agent: lora.adapters_off(params[agent]) for agent in self.c.lora_agents}}
+
     # --- method iterations ---
     def rollout_inputs(self, state: TrainState, ref_params, seed, it):
         """(acting params, customers, agents' key) of iteration `it`'s rollout."""
         t, method = self.c.config.train, self.c.method
         episodes_key, agents_key = schedule.iteration_keys(seed, it)
-        acting = method.acting_params(method.rollout_params(state.params, ref_params), state.extras)
+        reference = self.reference(ref_params, state.params)
+        acting = method.acting_params(method.rollout_params(state.params, reference), state.extras)
         return acting, self.c.world.group_episodes(episodes_key, t.groups, t.group_size), agents_key
 
     def rollout(self, state: TrainState, ref_params, seed, it) -> Trajectory:
@@ -189,7 +211,8 @@ class Phases:
     def prepare(self, traj: Trajectory, ref_params, params):
         """The method's batch of a rollout — the reference pass and the scoring over the whole rollout — with the
         trajectory, the parameters and the result in their layouts."""
-        batch = self.c.method.prepare_batch(self._constrain_batch(traj), self._constrain_params(ref_params),
+        reference = self.reference(ref_params, params)
+        batch = self.c.method.prepare_batch(self._constrain_batch(traj), self._constrain_params(reference),
                                             self._constrain_params(params))
         return self._constrain_batch(batch)
 

@@ -54,6 +54,11 @@ def epoch_key(seed, iteration, epoch) -> jax.Array:
     return phase_key(seed, METHOD, 10_000 + iteration * 100 + epoch)
 
 
+def fresh_adapters_key(seed, agent_index: int) -> jax.Array:
+    """The LoRA adapters a LoRA agent starts the method with, after its warm-start adapters are merged."""
+    return phase_key(seed, METHOD, _STATE_RNG + 1 + agent_index)
+
+
 def eval_key(seed) -> jax.Array:
     """The agents' key on the held-out customers (greedy agents ignore it)."""
     return phase_key(seed, EVAL, 0)

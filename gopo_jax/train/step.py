@@ -14,10 +14,14 @@ Non-finite guard: if the loss or the global gradient norm is NaN/inf, the step k
 state and extras (the step counter and rng still advance, so the next batch is tried with a fresh key) and
 reports `nonfinite = 1`. One bad batch therefore costs one skipped update instead of NaN parameters for the
 rest of the run; the caller decides whether too many skips should stop training.
+
+LoRA: agents named in `lora_groups` (built with lora_rank > 0) train their adapters only. Give the same names to
+`make_optimizer` (no update and no optimizer state for their base) and to the step (their base sits behind
+`stop_gradient`, so its gradients are never computed and `grad_norm` is the adapters').
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import jax
@@ -26,6 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gopo_jax.models import lora
 from gopo_jax.parallel import batch_sharding, param_shardings
 from gopo_jax.train.state import TrainState
 
@@ -38,14 +43,30 @@ def _constrain(tree, shardings):
     return jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)
 
 
-def pure_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
+def _is_frozen(path, lora_groups: Collection[str]) -> bool:
+    """A base (non-adapter) leaf of a LoRA group of the params dict; `path` is its jax key path."""
+    return path[0].key in lora_groups and not lora.is_adapter(path)
+
+
+def pure_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, lora_groups: Collection[str] = ()):
     """The update of `make_train_step` as a plain function `step(state, batch) -> (new_state, metrics)`: no jit, no
-    layout constraints, so callers can vmap it (one update per seed, `gopo_jax.train.phases`) or scan it."""
+    layout constraints, so callers can vmap it (one update per seed, `gopo_jax.train.phases`) or scan it.
+    `lora_groups`: the agents whose base is frozen (the same as `make_optimizer`'s), differentiated through their
+    adapters only."""
+
+    def loss_with_frozen_base(params, extras, batch, rng):
+        # The base's gradient is a symbolic zero: XLA never computes the [in, out] weight gradients of a frozen
+        # base (measured: the temp bytes of a LoRA step fall to a third, tests/test_lora.py), only what flows on to
+        # the adapters.
+        params = jax.tree_util.tree_map_with_path(
+            lambda path, x: jax.lax.stop_gradient(x) if _is_frozen(path, lora_groups) else x, params)
+        return loss_fn(params, extras, batch, rng)
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         rng, loss_rng = jax.random.split(state.rng)
-        (loss, (metrics, new_extras)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.extras, batch, loss_rng)
+        (loss, (metrics, new_extras)), grads = jax.value_and_grad(
+            loss_with_frozen_base if lora_groups else loss_fn, has_aux=True)(state.params, state.extras, batch,
+                                                                             loss_rng)
         if jax.tree.structure(new_extras) != jax.tree.structure(state.extras):
             raise ValueError(f"loss_fn returned new_extras with structure {jax.tree.structure(new_extras)} but "
                              f"state.extras has {jax.tree.structure(state.extras)}; return the same keys "
@@ -73,16 +94,17 @@ def pure_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: Mesh,
-                    state_shardings: TrainState | None = None, donate: bool = True):
+                    state_shardings: TrainState | None = None, donate: bool = True,
+                    lora_groups: Collection[str] = ()):
     """Returns the jitted `step(state, batch) -> (new_state, metrics)`.
 
     `state_shardings` (e.g. `param_shardings(state, mesh)`) pins the jit's input and output layouts. Without
     it the layouts are derived inside the trace from the same annotations, so the step also accepts a state
     that has not been placed yet (it is resharded on entry). Metrics add `loss`, `grad_norm` (global, before
-    any clipping in `tx`) and `nonfinite` (int32 0/1) to the loss's own.
+    any clipping in `tx`) and `nonfinite` (int32 0/1) to the loss's own. `lora_groups`: see `pure_train_step`.
     """
     data_sharding = batch_sharding(mesh)
-    update = pure_train_step(loss_fn, tx)
+    update = pure_train_step(loss_fn, tx, lora_groups=lora_groups)
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         shardings = param_shardings(state, mesh)
@@ -110,29 +132,58 @@ def _group_tx(name: str, cfg: Any) -> optax.GradientTransformation:
     return optax.adamw(**{**_ADAMW_DEFAULTS, **cfg})
 
 
-def make_optimizer(cfg_by_group: Mapping[str, Any], clip_norm: float | None = 1.0) -> optax.GradientTransformation:
+# The optimizer label of the frozen base leaves of a LoRA group (`make_optimizer(lora_groups=...)`).
+FROZEN = "frozen"
+
+
+def make_optimizer(cfg_by_group: Mapping[str, Any], clip_norm: float | None = 1.0, *,
+                   lora_groups: Collection[str] = ()) -> optax.GradientTransformation:
     """AdamW with its own settings per top-level group of the params dict, after global-norm clipping.
 
     `cfg_by_group` maps each top-level key of `params` (e.g. "expert", "cs") to a learning rate (float or optax
     schedule) or a mapping with `learning_rate` and optionally `weight_decay`, `b1`, `b2`, `eps`. Clipping
     is over all groups together, so one agent's exploding gradient scales both updates. `clip_norm=None`
     disables it.
+
+    `lora_groups` names the groups (agents built with lora_rank > 0) of which only the LoRA adapters train
+    (`gopo_jax.models.lora.is_adapter`): their base leaves get `optax.set_to_zero()` (no optimizer state) and are
+    left out of the clipping norm, so nothing of the update reads their gradients (pass the same `lora_groups` to
+    the train step, which then does not compute them).
     """
     if not cfg_by_group:
         raise ValueError("make_optimizer: cfg_by_group is empty; give one entry per top-level params key")
     groups = sorted(cfg_by_group)
+    unknown = sorted(set(lora_groups) - set(groups))
+    if unknown:
+        raise ValueError(f"make_optimizer: lora_groups {unknown} are not optimizer groups {groups}; name agents of "
+                         f"the params dict")
+    if lora_groups and FROZEN in groups:
+        raise ValueError(f"make_optimizer: a group is called {FROZEN!r}, the label of the frozen LoRA base; rename it")
 
     def labels(params):
         top = set(params) if isinstance(params, Mapping) else None
         if top != set(groups):
             raise ValueError(f"make_optimizer: params top-level keys {sorted(top) if top else type(params)} must "
                              f"equal the optimizer groups {groups}; wrap a single model as {{'policy': params}}")
-        return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key, params)
+        bare = [g for g in lora_groups if not any(jax.tree.leaves(lora.adapter_mask(params[g])))]
+        if bare:
+            raise ValueError(f"make_optimizer: lora_groups {bare} have no LoRA adapter leaves; build those agents "
+                             f"with lora_rank > 0 or leave them out of lora_groups")
 
-    tx = optax.multi_transform({name: _group_tx(name, cfg_by_group[name]) for name in groups}, labels)
+        def label(path, _):
+            return FROZEN if _is_frozen(path, lora_groups) else path[0].key
+
+        return jax.tree_util.tree_map_with_path(label, params)
+
+    def trainable(params):
+        return jax.tree.map(lambda name: name != FROZEN, labels(params))
+
+    txs = {name: _group_tx(name, cfg_by_group[name]) for name in groups}
+    tx = optax.multi_transform({**txs, FROZEN: optax.set_to_zero()} if lora_groups else txs, labels)
     if clip_norm is None:
         return tx
-    return optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    clip = optax.clip_by_global_norm(clip_norm)
+    return optax.chain(optax.masked(clip, trainable) if lora_groups else clip, tx)
 
 
 def split_minibatches(batch: Any, num: int) -> Any:

@@ -40,11 +40,16 @@ class World(abc.ABC):
     expert_config: qwen3.Qwen3Config
     # Ids of marker rows a pretrained embedding gains (new or never trained): set to the mean row at initialisation.
     new_marker_rows: tuple[int, ...]
+    system_preamble: str = ""  # the SOP as instructions before every business context (`layout.sop_in_system`)
     kind: ClassVar[str]  # the registry's kind of this world: "jax" | "host"
 
     @property
     def spec(self):
         return self.env.spec
+
+    def codec(self) -> TextCodec:
+        """Text <-> the slots of the layout (contexts, customer turns, replies), in the run's chat template."""
+        return TextCodec(self.tokenizer, self.chat_format, self.layout, self.vocab, self.system_preamble)
 
     def agent_config(self, agent: str) -> qwen3.Qwen3Config:
         return self.expert_config if agent == "expert" else self.model_config
@@ -150,7 +155,6 @@ class HostWorld(World):
     tokenizer is trained on the world's corpus (with the role, strategy and stage tokens) on the first run."""
 
     kind: ClassVar[str] = "host"
-    system_preamble: str = ""  # the SOP as instructions before every business context (`layout.sop_in_system`)
 
     @classmethod
     def build(cls, config, tokenizer) -> HostWorld:
@@ -180,9 +184,6 @@ class HostWorld(World):
 
     def eval_episodes(self, seed: int, n: int):
         return seed + np.arange(n)
-
-    def codec(self) -> TextCodec:
-        return TextCodec(self.tokenizer, self.chat_format, self.layout, self.vocab, self.system_preamble)
 
     def make_rollout(self, agents):
         codec = self.codec()

@@ -1,0 +1,6 @@
+"""qwen3-14b on 8 x H100: LoRA rank 16 (configs/qwen3/common.py; the plan: python -m gopo_jax.plan --config configs/qwen3/qwen3_14b.py)."""
+from configs.qwen3.common import qwen3_config
+
+
+def get_config():
+    return qwen3_config("qwen3-14b", lora_rank=16, learning_rate=1e-4, sft_learning_rate=2e-4)

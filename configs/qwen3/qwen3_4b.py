@@ -1,0 +1,6 @@
+"""qwen3-4b on 8 x H100: full fine-tune (configs/qwen3/common.py; the plan: python -m gopo_jax.plan --config configs/qwen3/qwen3_4b.py)."""
+from configs.qwen3.common import qwen3_config
+
+
+def get_config():
+    return qwen3_config("qwen3-4b", lora_rank=0, learning_rate=5e-7, sft_learning_rate=5e-6)
