@@ -69,7 +69,7 @@ def strategy_distribution(agents: ModelAgents, params, carry: ModelAgentsState, 
     chunk_valid = jnp.concatenate([inp.customer_valid, inp.header_valid], axis=1)
     positions = carry.num_valid[:, None] + qwen3.positions_from_valid(chunk_valid)
     h, _ = expert.hidden(chunk, positions, chunk_valid, carry.expert_cache)
-    logits = heads.row_logits(h[:, -1, :], expert.output_embedding(),
+    logits = heads.row_logits(h[:, -1, :], expert.head_embedding(),
                               jnp.asarray(agents.vocab.strategy_ids, jnp.int32))
     allowed = inp.allowed if agents.sampling.sop_mask else jnp.ones_like(inp.allowed)
     return jnp.exp(masked_strategy_log_softmax(logits, allowed))

@@ -386,11 +386,21 @@ def make_plan(config, mesh_sizes: Mapping[str, int], world=None, *, trace_rollou
     params_b = sharded_bytes(state.params, mesh)
     opt_b = sharded_bytes(state.opt_state, mesh) + sharded_bytes((state.step, state.extras, state.rng), mesh)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+    # A LoRA agent's reference is its base with the adapters off (only B zeros, made in the step); the trained
+    # parameters (and so the gradients) of a LoRA agent are its adapters.
+    lora_groups = lora_agents(config)
+    trained = {k: (nnx.state(v, nnx.LoRAParam) if k in lora_groups else v) for k, v in state.params.items()}
+    reference_b = (sharded_bytes({k: v for k, v in state.params.items() if k not in lora_groups}, mesh)
+                   + sharded_bytes({k: nnx.state(state.params[k], nnx.PathContains("lora_b")) for k in lora_groups},
+                                   mesh))
+    reference_note = ("frozen copy of state.params held by the driver" if not lora_groups else
+                      f"copy of the fully trained agents; {', '.join(lora_groups)}: base with adapters off (B zeros)")
+    grads_b = sharded_bytes(trained, mesh)
     items = {
         "params": Item("params", params_b, f"{' + '.join(state.params)} ({n_params / 1e6:.2f}M parameters, "
                                            f"{inp.model_config.param_dtype})"),
         "optimizer": Item("optimizer", opt_b, "AdamW mu + nu per group (+ counters, step, extras, rng)"),
-        "reference": Item("reference", params_b, "frozen copy of state.params held by the driver"),
+        "reference": Item("reference", reference_b, reference_note),
     }
     phases = {}
     dstate = device_state(inp)
@@ -410,7 +420,8 @@ def make_plan(config, mesh_sizes: Mapping[str, int], world=None, *, trace_rollou
         # The walk counts the gradients it produces; they are their own row (sharded like the params).
         act = max(act - tree_bytes(dstate.params), act_logits)
         scale = mb_rows / mb_traced
-        items["gradients"] = Item("gradients", params_b, "same shapes, dtypes and layout as params")
+        items["gradients"] = Item("gradients", grads_b, "same shapes, dtypes and layout as the trained params"
+                                  + (" (LoRA: adapters)" if lora_groups else ""))
         items["train_batch"] = Item("train_batch", round(tree_bytes(batch) * scale),
                                     f"one minibatch, {mb_rows} rows per device")
         items["train_activations"] = Item(

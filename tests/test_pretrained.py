@@ -73,15 +73,43 @@ def test_rollout_renders_the_chat_template(pretrained, qwen3_tok):
 
 
 @pytest.mark.slow
-def test_pipeline_runs_from_a_pretrained_checkpoint(shared_data, tiny_qwen3, tmp_path):
-    # The warm start reads ABCD's logged agent turns, rendered with Qwen3's chat template.
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+def test_sft_gopo_eval_export_reload_from_a_pretrained_checkpoint(lora_rank, shared_data, tiny_qwen3, tmp_path):
+    """The whole path on the real-vocabulary checkpoint: SFT on ABCD's logged agent turns rendered with Qwen3's
+    chat template -> GOPO -> evaluation -> export -> transformers gives our logits."""
+    import torch
+    import transformers
+    from flax import nnx
+
+    from gopo_jax import export
+
     c = pretrained_config(shared_data, tiny_qwen3, sft__source="logged", sft__steps=2, sft__episodes=8,
-                          sft__batch_size=4,
-                          train__steps=1, train__groups=2, train__group_size=2, train__minibatches=1,
-                          train__epochs=1, eval__episodes=4)
-    summary = train_run(c, tmp_path)
+                          sft__batch_size=4, train__steps=1, train__groups=2, train__group_size=2,
+                          train__minibatches=1, train__epochs=1, eval__episodes=4)
+    with c.unlocked():
+        c.model.lora.rank = lora_rank
+    summary = train_run(c, tmp_path / "run")
     assert np.isfinite(summary["gopo"]["gre"]["mean"])
-    assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
+    out = export.export_run(tmp_path / "run", tmp_path / "hf")
+    run = export.load_run(tmp_path / "run")
+    world = run.components.world
+    if lora_rank:
+        # The markers' rows trained with the adapters: they no longer all hold the same (mean) row.
+        rows = np.asarray(export.agent_model(run, "expert").embed_tokens.embedding[...])[
+            list(world.vocab.strategy_ids)]
+        assert np.abs(rows - rows[0]).max() > 0
+    ids = world.tokenizer.apply_chat_template([{"role": "system", "content": "welcome"},
+                                               {"role": "user", "content": "my order is late"}],
+                                              add_generation_prompt=True, enable_thinking=False)
+    ids = [*ids, world.vocab.stage_ids[0], world.vocab.strategy_ids[1]]
+    tokens = np.asarray([ids], np.int32)
+    for agent in ("expert", "cs"):
+        ours = nnx.merge(run.components.expert_gd if agent == "expert" else run.components.cs_gd, run.params[agent])
+        mine = np.asarray(ours(tokens, np.arange(len(ids))[None], np.ones_like(tokens, bool))[0])
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out[agent], dtype=torch.float32).eval()
+        with torch.no_grad():
+            theirs = hf(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+        assert np.abs(mine - theirs).max() < 1e-3, agent
 
 
 @pytest.mark.parametrize("shape", [dict(tie_word_embeddings=False, num_heads=8, num_kv_heads=2, head_dim=32),

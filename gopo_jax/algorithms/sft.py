@@ -54,7 +54,7 @@ def sft_loss(graphdef: nnx.GraphDef, params: Any, batch: Mapping[str, jax.Array]
     # Each slot is predicted from its previous valid slot's hidden state; the chunked head turns those into one
     # log-prob and one arg-max per slot without ever holding [B, L, V] logits.
     h_prev = jnp.take_along_axis(h, prev[..., None], axis=1)
-    logp, argmax = heads.token_log_probs_and_argmax(h_prev, model.output_embedding(), tokens,
+    logp, argmax = heads.token_log_probs_and_argmax(h_prev, model.head_embedding(), tokens,
                                                     chunk=model.config.logits_chunk)
     correct = argmax == tokens
 

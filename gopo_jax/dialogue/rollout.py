@@ -154,7 +154,7 @@ class ModelAgents:
             h, expert_cache = expert.hidden(chunk, pos, chunk_valid, expert_cache)
             allowed = inp.allowed if cfg.sop_mask else jnp.ones_like(inp.allowed)
             # The decision is predicted from the chunk's last slot (the header's stage token), n_k rows only.
-            strategy_logits = heads.row_logits(h[:, -1, :], expert.output_embedding(), strategy_ids)
+            strategy_logits = heads.row_logits(h[:, -1, :], expert.head_embedding(), strategy_ids)
             logp_all = masked_strategy_log_softmax(strategy_logits, allowed)
             if cfg.expert_greedy:
                 strategy = jnp.argmax(logp_all, axis=-1).astype(jnp.int32)

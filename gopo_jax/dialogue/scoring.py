@@ -39,7 +39,7 @@ def expert_strategy_log_probs(expert, traj: Trajectory, layout: Layout, strategy
     mask ablation, matching what the rollout sampled from)."""
     h, _ = expert.hidden(traj.tokens, positions_from_valid(traj.valid), traj.valid)
     at_decisions = h[:, decision_logit_positions(layout), :]  # [B, T, D]
-    strategy_logits = heads.row_logits(at_decisions, expert.output_embedding(), jnp.asarray(strategy_ids, jnp.int32))
+    strategy_logits = heads.row_logits(at_decisions, expert.head_embedding(), jnp.asarray(strategy_ids, jnp.int32))
     allowed = traj.allowed if sop_mask else jnp.ones_like(traj.allowed)
     return masked_strategy_log_softmax(strategy_logits, allowed & traj.turn_mask[..., None])
 
@@ -62,7 +62,7 @@ def cs_token_log_probs(cs, traj: Trajectory, layout: Layout) -> tuple[jax.Array,
     prev, has_prev = previous_valid_slot(traj.valid)
     prev, has_prev = prev[:, slots], has_prev[:, slots]  # [B, R]
     h_prev = jnp.take_along_axis(h, prev[..., None], axis=1)  # [B, R, D]: the hidden state that predicts each slot
-    logp, entropy = heads.token_log_probs_and_entropy(h_prev, cs.output_embedding(), traj.tokens[:, slots],
+    logp, entropy = heads.token_log_probs_and_entropy(h_prev, cs.head_embedding(), traj.tokens[:, slots],
                                                       chunk=cs.config.logits_chunk)
     zeros = jnp.zeros(traj.tokens.shape, jnp.float32)
 

@@ -9,28 +9,96 @@ plus a logsumexp and an entropy per reply slot. These heads compute just that:
 * `token_log_probs_and_entropy`: full-vocabulary log p(target) and entropy for N rows, `chunk` rows at a time
   under a rematerialised `lax.scan`, so neither the forward nor the backward pass holds more than [chunk, V];
   `token_log_probs_and_argmax` is the same scan with the arg-max token instead (SFT's accuracy).
+* `all_logits`: every vocabulary column at every given row (sampling a token, `Qwen3.logits`).
+
+Each takes the output embedding as a plain [V, D] table or as an `EditedEmbedding`: a table with a few rows replaced
+(a LoRA model's trained marker rows, `Qwen3.head_embedding`). The heads compute with the table and patch the edited
+rows or columns in, so the edited [V, D] table is never built: building it would copy the table at every call (every
+decode step) and, in the backward pass, make the head compute the full [V, D] gradient of the table only to read its
+n edited rows.
 
 Matmuls run in h's (compute) dtype; logsumexp, log-probs and entropies are fp32.
 """
 from __future__ import annotations
 
 import chex
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def row_logits(h: jax.Array, embedding: jax.Array, ids: jax.Array) -> jax.Array:
+@flax.struct.dataclass
+class EditedEmbedding:
+    """The output embedding `table` [V, D] with its rows `row_ids` replaced by `rows` [n, D]."""
+
+    table: jax.Array
+    rows: jax.Array
+    # Static: which rows are edited is part of the model's architecture (Qwen3Config.trainable_rows), and the heads
+    # skip the patching altogether when there are none.
+    row_ids: tuple[int, ...] = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def unedited(cls, table: jax.Array) -> EditedEmbedding:
+        return cls(table=table, rows=table[:0], row_ids=())
+
+    def dense(self) -> jax.Array:
+        """The edited [V, D] table itself (a copy of `table` when rows are edited)."""
+        if not self.row_ids:
+            return self.table
+        return self.table.at[np.asarray(self.row_ids, np.int32)].set(self.rows.astype(self.table.dtype))
+
+    def astype(self, dtype) -> EditedEmbedding:
+        return self.replace(table=self.table.astype(dtype), rows=self.rows.astype(dtype))
+
+
+def _edited(embedding: jax.Array | EditedEmbedding) -> EditedEmbedding:
+    return embedding if isinstance(embedding, EditedEmbedding) else EditedEmbedding.unedited(embedding)
+
+
+def replace_rows(values: jax.Array, ids: jax.Array, row_ids: tuple[int, ...], rows: jax.Array) -> jax.Array:
+    """values [..., D] (a table's rows `ids` [...]) with each row whose id is in `row_ids` replaced by its row of
+    `rows` [n, D] (cast to values' dtype). An [..., n] comparison, not an int[V] map from ids to edited rows."""
+    if not row_ids:
+        return values
+    chex.assert_shape(rows, (len(row_ids), values.shape[-1]))
+    match = ids[..., None] == jnp.asarray(row_ids, ids.dtype)
+    replacement = rows.astype(values.dtype)[jnp.argmax(match, axis=-1)]
+    return jnp.where(jnp.any(match, axis=-1)[..., None], replacement, values)
+
+
+def all_logits(h: jax.Array, embedding: jax.Array | EditedEmbedding) -> jax.Array:
+    """f32[..., V]: every vocabulary column from hidden states h [..., D]; the matmul runs in h's dtype and accumulates
+    into fp32 (no bf16 rounding of the logits). An edited row's column is the table's plus h·(edited row) - h·(table
+    row), to fp32 rounding of the logit."""
+    e = _edited(embedding)
+    chex.assert_rank(e.table, 2)
+    chex.assert_equal(h.shape[-1], e.table.shape[-1])
+    logits = jnp.einsum("...d,vd->...v", h, e.table.astype(h.dtype), preferred_element_type=jnp.float32)
+    if not e.row_ids:
+        return logits
+    ids = np.asarray(e.row_ids, np.int32)
+    edited = jnp.einsum("...d,nd->...n", h, e.rows.astype(h.dtype), preferred_element_type=jnp.float32)
+    unedited = jnp.einsum("...d,nd->...n", h, e.table[ids].astype(h.dtype), preferred_element_type=jnp.float32)
+    # A correction added onto the matmul's output (in place) rather than the columns replaced: the cotangent of an
+    # add passes to the matmul unmasked, where a replacement's masked copy cost the chunked head's backward pass one
+    # more [chunk, V] buffer (measured by tests/test_lora.py's LoRA step).
+    return logits.at[..., ids].add(edited - unedited)
+
+
+def row_logits(h: jax.Array, embedding: jax.Array | EditedEmbedding, ids: jax.Array) -> jax.Array:
     """f32[..., n]: logits of vocabulary rows `ids` (int[n]) from hidden states h [..., D]; E is [V, D]."""
-    chex.assert_rank([embedding, ids], [2, 1])
+    e = _edited(embedding)
+    chex.assert_rank([e.table, ids], [2, 1])
     chex.assert_type(ids, int)
-    chex.assert_equal(h.shape[-1], embedding.shape[-1])
-    rows = embedding[ids].astype(h.dtype)  # [n, D]
+    chex.assert_equal(h.shape[-1], e.table.shape[-1])
+    rows = replace_rows(e.table[ids], ids, e.row_ids, e.rows).astype(h.dtype)  # [n, D]
     # Accumulated in fp32, as `Qwen3.logits`: a row's logit is the same number whichever head computes it.
     return jnp.einsum("...d,nd->...n", h, rows, preferred_element_type=jnp.float32)
 
 
-def token_log_probs_and_entropy(h: jax.Array, embedding: jax.Array, targets: jax.Array, *, chunk: int
-                                ) -> tuple[jax.Array, jax.Array]:
+def token_log_probs_and_entropy(h: jax.Array, embedding: jax.Array | EditedEmbedding, targets: jax.Array, *,
+                                chunk: int) -> tuple[jax.Array, jax.Array]:
     """(log softmax(h E^T)[target] f32[B, N], entropy of softmax(h E^T) f32[B, N]) for h [B, N, D], E [V, D],
     targets int[B, N] (or h [N, D], targets int[N] without the batch axis).
 
@@ -44,8 +112,8 @@ def token_log_probs_and_entropy(h: jax.Array, embedding: jax.Array, targets: jax
     return logp, entropy
 
 
-def token_log_probs_and_argmax(h: jax.Array, embedding: jax.Array, targets: jax.Array, *, chunk: int
-                               ) -> tuple[jax.Array, jax.Array]:
+def token_log_probs_and_argmax(h: jax.Array, embedding: jax.Array | EditedEmbedding, targets: jax.Array, *,
+                               chunk: int) -> tuple[jax.Array, jax.Array]:
     """(log softmax(h E^T)[target] f32[B, N], argmax_v (h E^T)[v] int32[B, N]): `token_log_probs_and_entropy`'s
     scan, with the most likely token (first of ties, as `jnp.argmax`) in place of the entropy."""
     logp, _, argmax = _chunked_token_statistics(h, embedding, targets, chunk=chunk)
@@ -58,10 +126,12 @@ def _chunked_token_statistics(h, embedding, targets, *, chunk):
     unbatched = h.ndim == 2
     if unbatched:
         h, targets = h[None], targets[None]
-    chex.assert_rank([h, embedding, targets], [3, 2, 2])
+    # Cast once, outside the chunk loop.
+    output = _edited(embedding).astype(h.dtype)
+    chex.assert_rank([h, output.table, targets], [3, 2, 2])
     chex.assert_type(targets, int)
     chex.assert_equal_shape_prefix([h, targets], 2)
-    chex.assert_equal(h.shape[2], embedding.shape[1])
+    chex.assert_equal(h.shape[2], output.table.shape[1])
     b, n, d = h.shape
     num_chunks = max(-(-n // max(chunk // b, 1)), 1)
     span = max(-(-n // num_chunks), 1)  # positions per chunk, spread evenly: 112 at chunk 32 run as 4 x 28
@@ -69,11 +139,10 @@ def _chunked_token_statistics(h, embedding, targets, *, chunk):
     pad = num_chunks * span - n
     h_chunks = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, num_chunks, span, d).swapaxes(0, 1)
     t_chunks = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad))).reshape(b, num_chunks, span).swapaxes(0, 1)
-    table = embedding.astype(h.dtype)
 
     def one_chunk(hc, tc):
         # [B, span, V]: the only vocabulary-wide buffer; the matmul accumulates in fp32.
-        logits = jnp.einsum("bsd,vd->bsv", hc, table, preferred_element_type=jnp.float32)
+        logits = all_logits(hc, output)
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         probs = jnp.exp(logits - lse[..., None])

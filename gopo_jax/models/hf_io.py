@@ -9,14 +9,23 @@ assembled on the host from its num_layers tensors) with `jax.device_put(host_arr
 model never passes through a single device. `save_pretrained` writes a folder that
 `transformers.Qwen3ForCausalLM.from_pretrained` loads.
 
+LoRA: `from_pretrained(..., config_overrides={"lora_rank": r, ...})` builds the model with adapters, fills its base
+from the checkpoint and starts the adapters afresh (`lora.fresh_adapter`: A random, B and the row deltas of
+`trainable_rows` zero, so the loaded model computes the checkpoint's function). `save_pretrained` of a model with
+adapters writes the merged plain model (`lora.merged_model`): what Hugging Face loads is the function the adapted
+model computes.
+
 Every problem a person can cause (wrong folder, other architecture, a shape or name mismatch, a tokenizer with
 more ids than the model) raises one `HFModelError` naming the file/tensor and what to do.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +34,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from gopo_jax.models import lora
 from gopo_jax.models.qwen3 import Qwen3, Qwen3Config
 
 SINGLE_FILE = "model.safetensors"
@@ -142,20 +152,39 @@ def _weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
         f"re-save them with safetensors)")
 
 
+# Qwen3Config fields a checkpoint fixes (config.json); `from_pretrained`'s config_overrides may set the others.
+_CHECKPOINT_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+    "rope_theta", "rms_norm_eps", "tie_word_embeddings"})
+
+
 def from_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None,
-                    param_dtype: str | None = None) -> Qwen3:
+                    param_dtype: str | None = None, config_overrides: Mapping[str, Any] | None = None,
+                    adapter_key: jax.Array | None = None) -> Qwen3:
     """Loads a local Qwen3ForCausalLM folder. With `mesh` (axes "data", "fsdp", "tensor") every parameter is
     placed straight onto its NamedSharding from the model's partition annotations.
 
     param_dtype defaults to the checkpoint's torch_dtype (float32 if it is something else); dtype (compute)
-    defaults to param_dtype.
+    defaults to param_dtype. `config_overrides` sets Qwen3Config fields the checkpoint does not fix (remat,
+    scan_unroll, attention, lora_rank, lora_alpha, lora_targets, trainable_rows, ...). With lora_rank > 0 the
+    adapters are not in the checkpoint: they start afresh from `adapter_key` (default `jax.random.key(0)`), B and the
+    row deltas zero.
     """
     folder = pathlib.Path(path)
     hf = _read_config(folder)
+    overrides = dict(config_overrides or {})
+    fields = {f.name for f in dataclasses.fields(Qwen3Config)}
+    fixed = sorted(set(overrides) & _CHECKPOINT_FIELDS)
+    unknown = sorted(set(overrides) - fields)
+    if fixed or unknown or {"dtype", "param_dtype"} & set(overrides):
+        raise HFModelError(
+            f"from_pretrained config_overrides: {fixed} are fixed by {folder / 'config.json'}, {unknown} are not "
+            f"Qwen3Config fields (dtype / param_dtype are arguments of their own); overridable: "
+            f"{sorted(fields - _CHECKPOINT_FIELDS - {'dtype', 'param_dtype'})}")
     stored = hf.get("torch_dtype") or hf.get("dtype")
     param_dtype = param_dtype or (stored if stored in ("float32", "bfloat16", "float16") else "float32")
     try:
-        config = Qwen3Config.from_hf_dict(hf, dtype=dtype or param_dtype, param_dtype=param_dtype)
+        config = Qwen3Config.from_hf_dict(hf, dtype=dtype or param_dtype, param_dtype=param_dtype, **overrides)
     except ValueError as e:
         raise HFModelError(f"{folder / 'config.json'}: {e}") from None
     if mesh is not None and not set(MESH_AXES) <= set(mesh.axis_names):
@@ -174,10 +203,13 @@ def from_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, dtype: str |
     targets = {_dotted(p): (p, v) for p, v in nnx.to_flat_state(abs_state)}
     specs = {_dotted(p): v.get_value() for p, v in nnx.to_flat_state(nnx.get_partition_spec(abs_state))}
 
+    # The LoRA adapters are ours alone: no checkpoint tensor fills them.
+    adapters = {ours for ours, (p, _) in targets.items() if lora.is_adapter(p)}
     # One slot per HF tensor: (our path, None) or, for the stacked layers, (our path, layer index).
     slots = {(ours, i): var.shape[1:] for ours, (_, var) in targets.items() if _is_stacked(ours)
-             for i in range(var.shape[0])}
-    slots.update({(ours, None): var.shape for ours, (_, var) in targets.items() if not _is_stacked(ours)})
+             and ours not in adapters for i in range(var.shape[0])}
+    slots.update({(ours, None): var.shape for ours, (_, var) in targets.items() if not _is_stacked(ours)
+                  and ours not in adapters})
     plan, unexpected = {}, []
     for name in sorted(files):
         ours, layer, transform = hf_to_ours(name)
@@ -215,9 +247,12 @@ def from_pretrained(path, *, mesh: jax.sharding.Mesh | None = None, dtype: str |
         with safe_open(files[name], framework="np") as f:
             return transform(f.get_tensor(name)).astype(target_dtype)
 
+    adapter_key = jax.random.key(0) if adapter_key is None else adapter_key
     flat = []
     for ours, (path, var) in targets.items():
-        if _is_stacked(ours):
+        if ours in adapters:
+            host = np.asarray(lora.fresh_adapter(tuple(map(str, path)), var.shape, var.dtype, adapter_key))
+        elif _is_stacked(ours):
             # One stacked parameter at a time is assembled on the host ([num_layers, ...] of one kind).
             host = np.empty(var.shape, target_dtype)
             for layer in range(var.shape[0]):
@@ -236,10 +271,12 @@ def save_pretrained(model: Qwen3, path, *, max_shard_bytes: int = 4 * 2**30) -> 
     """Writes config.json and model.safetensors (or numbered shards + index above max_shard_bytes).
 
     Older weight files of ours in the folder (model.safetensors, model-*-of-*.safetensors, the index) are removed
-    first so a loader never mixes two saves. Parameters are fetched to host one at a time.
+    first so a loader never mixes two saves. Parameters are fetched to host one at a time. A model with LoRA
+    adapters is saved merged (`lora.merged_model`, which holds a merged copy of the adapted kernels meanwhile).
     """
     folder = pathlib.Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    model = lora.merged_model(model)
     config = model.config
     entries = []  # (HF name, transform, our value, layer slice or None, bytes)
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):

@@ -38,8 +38,19 @@ logical axis names "fsdp" and "tensor", which are also the mesh axis names used 
     lm_head.kernel          [D, V]         ("fsdp", "tensor")
     layer RMSNorm scales    [NL, D/hd]     (None, None)               replicated
     final norm scale        [D]            (None,)
+    *.lora_a (LoRA A)       [NL, in, r]    (None, kernel's in-axis name, None)
+    *.lora_b (LoRA B)       [NL, r, out]   (None, None, kernel's out-axis name)
+    row_delta, head_row_delta [n, D]       (None, "fsdp")             like the embedding's D axis
 
 (NL = num_layers: the stacked layer axis is never sharded.)
+
+LoRA (`lora_rank > 0`): the projections named in `lora_targets` are `LoRALinear`s, x W + (alpha / r) (x A) B with
+A, B `nnx.LoRAParam`s; `gopo_jax.models.lora` has the functions over their parameters (adapters off, merging).
+Under LoRA the embedding and the head are frozen, yet the agents' marker tokens start with identical rows (a
+checkpoint's new rows all hold the mean row, `gopo_jax.models.markers`): the vocabulary ids in `trainable_rows` get a
+`row_delta` [n, D] (and, for an untied head, a `head_row_delta` [n, D]), `nnx.LoRAParam`s starting at zero. The
+effective table is the embedding (head) with row trainable_rows[i] replaced by `rows_plus_delta` of it and delta i:
+the input lookup and every head (`head_embedding`) use it without building the edited [V, D] table.
 
 The annotations are applied eagerly only when a mesh is active (`with jax.set_mesh(mesh):`) at construction;
 outside a mesh the model is built unsharded and the metadata is still there for `nnx.get_partition_spec`.
@@ -64,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gopo_jax.models import attention
+from gopo_jax.models import attention, heads
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -86,6 +97,9 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+# The decoder projections a LoRA adapter can sit on (`Qwen3Config.lora_targets`), by short name.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +130,26 @@ class Qwen3Config:
     # Rows of hidden states turned into full-vocabulary logits at a time by the chunked heads
     # (`gopo_jax.models.heads`): bounds the fp32 [rows, V] buffer, never [B, L, V].
     logits_chunk: int = 4096
+    # LoRA adapters (`LoRALinear`) on the decoder projections named in `lora_targets` (short names of
+    # `LORA_TARGETS`); their output is scaled by lora_alpha / lora_rank. lora_rank = 0: no adapters, the plain model.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    # Storage dtype of the adapters, float32 by default whatever param_dtype is: on a bf16 base, bf16 adapters would
+    # round away AdamW's small updates (a step of 1e-5 on an entry of 0.02 is below bf16's resolution).
+    lora_param_dtype: str = "float32"
+    # Vocabulary ids whose embedding rows (and untied head columns) train with the adapters (lora_rank > 0): the
+    # marker tokens. Ignored without adapters, where every row trains anyway.
+    trainable_rows: tuple[int, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # the field was a bool before the policies existed
             object.__setattr__(self, "remat", "full" if self.remat else "none")
+        # Configs (ml_collections, JSON) hand sequences over as lists; the config must stay hashable (it is static
+        # metadata of the model's graphdef).
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        object.__setattr__(self, "trainable_rows", tuple(self.trainable_rows))
+        self._validate_lora()
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"Qwen3Config.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         if self.attention not in attention.IMPLEMENTATIONS:
@@ -137,9 +167,43 @@ class Qwen3Config:
                 f"({self.num_kv_heads}) for grouped-query attention")
         if self.head_dim % 2:
             raise ValueError(f"Qwen3Config.head_dim must be even for RoPE, got {self.head_dim}")
-        for name in ("dtype", "param_dtype"):
+        for name in ("dtype", "param_dtype", "lora_param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"Qwen3Config.{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
+        self._validate_trainable_rows()
+
+    def _validate_lora(self):
+        rank, alpha, targets = self.lora_rank, self.lora_alpha, self.lora_targets
+        if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 0:
+            raise ValueError(f"Qwen3Config.lora_rank must be an int >= 0 (0 = no adapters), got {rank!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)) \
+                or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"Qwen3Config.lora_alpha must be a finite number > 0 (the adapter scale is "
+                             f"lora_alpha / lora_rank), got {alpha!r}")
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if not targets or unknown or len(set(targets)) != len(targets):
+            raise ValueError(f"Qwen3Config.lora_targets must be distinct names from {LORA_TARGETS}, at least one; "
+                             f"got {targets!r}")
+
+    def _validate_trainable_rows(self):
+        rows = self.trainable_rows
+        bad = [r for r in rows if not isinstance(r, (int, np.integer)) or isinstance(r, bool)
+               or not 0 <= r < self.vocab_size]
+        if bad or len(set(rows)) != len(rows):
+            raise ValueError(f"Qwen3Config.trainable_rows must be distinct vocabulary ids in [0, {self.vocab_size}); "
+                             f"got {rows!r}")
+        # Plain ints: the config is compared, hashed and written to JSON.
+        object.__setattr__(self, "trainable_rows", tuple(int(r) for r in rows))
+
+    @property
+    def has_row_deltas(self) -> bool:
+        """Whether the model holds `row_delta` (and `head_row_delta`): adapters and rows to train."""
+        return bool(self.lora_rank and self.trainable_rows)
+
+    @property
+    def lora_scale(self) -> float:
+        """alpha / r: what the adapter's x A B is multiplied by (0.0 without adapters)."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     def replace(self, **overrides: Any) -> "Qwen3Config":
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
@@ -255,9 +319,57 @@ def _partitioned(init, names: tuple[str | None, ...]):
     return nnx.with_partitioning(init, names, eager_sharding=eager)
 
 
-def _linear(cfg: Qwen3Config, d_in: int, d_out: int, names, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                      kernel_init=_partitioned(nnx.initializers.normal(0.02), names), rngs=rngs)
+def lora_a_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """A LoRA down-projection A [..., in, r]: normal with variance 1/in, so x A keeps x's scale whatever the width
+    (leading axes, e.g. the stacked layer axis, are batch)."""
+    return (jax.random.normal(key, shape, jnp.float32) * shape[-2] ** -0.5).astype(dtype)
+
+
+class LoRALinear(nnx.Linear):
+    """A bias-free `nnx.Linear` plus a low-rank adapter: y = x W + scale · (x A) B, in the compute dtype.
+
+    A [in, r] starts random (drawn from the `lora` stream of `rngs`, so the kernel's draw from `params` is the one a
+    plain `nnx.Linear` makes), B [r, out] starts at zero: a fresh adapter leaves the layer's output unchanged. A and B
+    are `nnx.LoRAParam`s (an `nnx.Param`) stored in `adapter_dtype`, annotated like the kernel along the axis they
+    share with it."""
+
+    def __init__(self, d_in: int, d_out: int, *, rank: int, scale: float, adapter_dtype, names, rngs: nnx.Rngs,
+                 **linear_kwargs):
+        super().__init__(d_in, d_out, rngs=rngs, **linear_kwargs)
+        self.lora_scale = scale
+        self.lora_a = nnx.LoRAParam(_partitioned(lora_a_init, (names[0], None))(rngs.lora(), (d_in, rank),
+                                                                                 adapter_dtype))
+        self.lora_b = nnx.LoRAParam(_partitioned(nnx.initializers.zeros, (None, names[1]))(None, (rank, d_out),
+                                                                                           adapter_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = super().__call__(x)
+        x, a, b = self.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+        return y + self.lora_scale * ((x @ a) @ b)
+
+
+def rows_plus_delta(rows: jax.Array, delta: jax.Array) -> jax.Array:
+    """rows [n, D] + delta [n, D], added in float32 and stored in rows' dtype: a trained row as the model uses it and
+    as merging it writes it into the table (`gopo_jax.models.lora`), the same numbers both ways."""
+    return (rows.astype(jnp.float32) + delta.astype(jnp.float32)).astype(rows.dtype)
+
+
+def _row_delta(cfg: Qwen3Config) -> nnx.LoRAParam:
+    """A zero [len(trainable_rows), D] delta of table rows, split along D like the embedding."""
+    init = _partitioned(nnx.initializers.zeros, (None, "fsdp"))
+    return nnx.LoRAParam(init(None, (len(cfg.trainable_rows), cfg.hidden_size), jnp.dtype(cfg.lora_param_dtype)))
+
+
+def _linear(cfg: Qwen3Config, d_in: int, d_out: int, names, rngs: nnx.Rngs,
+            lora_target: str | None = None) -> nnx.Linear:
+    """The projection `lora_target` (a `LORA_TARGETS` name; None for the head): a `LoRALinear` when the config puts an
+    adapter on it, else a plain `nnx.Linear`, so lora_rank = 0 builds exactly the model without LoRA."""
+    kwargs = {"use_bias": False, "dtype": jnp.dtype(cfg.dtype), "param_dtype": jnp.dtype(cfg.param_dtype),
+              "kernel_init": _partitioned(nnx.initializers.normal(0.02), names), "rngs": rngs}
+    if cfg.lora_rank and lora_target in cfg.lora_targets:
+        return LoRALinear(d_in, d_out, rank=cfg.lora_rank, scale=cfg.lora_scale,
+                          adapter_dtype=jnp.dtype(cfg.lora_param_dtype), names=names, **kwargs)
+    return nnx.Linear(d_in, d_out, **kwargs)
 
 
 class RMSNorm(nnx.Module):
@@ -290,10 +402,10 @@ class Attention(nnx.Module):
         self.cfg = cfg
         d, hd = cfg.hidden_size, cfg.head_dim
         pdt = jnp.dtype(cfg.param_dtype)
-        self.q_proj = _linear(cfg, d, cfg.num_heads * hd, ("fsdp", "tensor"), rngs)
-        self.k_proj = _linear(cfg, d, cfg.num_kv_heads * hd, ("fsdp", "tensor"), rngs)
-        self.v_proj = _linear(cfg, d, cfg.num_kv_heads * hd, ("fsdp", "tensor"), rngs)
-        self.o_proj = _linear(cfg, cfg.num_heads * hd, d, ("tensor", "fsdp"), rngs)
+        self.q_proj = _linear(cfg, d, cfg.num_heads * hd, ("fsdp", "tensor"), rngs, "q")
+        self.k_proj = _linear(cfg, d, cfg.num_kv_heads * hd, ("fsdp", "tensor"), rngs, "k")
+        self.v_proj = _linear(cfg, d, cfg.num_kv_heads * hd, ("fsdp", "tensor"), rngs, "v")
+        self.o_proj = _linear(cfg, cfg.num_heads * hd, d, ("tensor", "fsdp"), rngs, "o")
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, pdt)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, pdt)
 
@@ -313,9 +425,9 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, cfg: Qwen3Config, rngs: nnx.Rngs):
-        self.gate_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, ("fsdp", "tensor"), rngs)
-        self.up_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, ("fsdp", "tensor"), rngs)
-        self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, ("tensor", "fsdp"), rngs)
+        self.gate_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, ("fsdp", "tensor"), rngs, "gate")
+        self.up_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, ("fsdp", "tensor"), rngs, "up")
+        self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, ("tensor", "fsdp"), rngs, "down")
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -340,7 +452,11 @@ class DecoderLayer(nnx.Module):
 
 # Keys a `DecoderLayer` draws from its stream when built: the q, k, v, o, gate, up and down kernels (the norm scales
 # start at one and draw none). `stacked_layers` relies on it; tests/test_qwen3.py checks it against a real build.
+# A layer's LoRA A matrices draw from their own `lora` stream (at most one per projection, so as many again).
 KEY_DRAWS_PER_LAYER = 7
+# The adapters' stream key is the parameter stream's key folded with this (far beyond the counts a model's parameter
+# stream reaches), so adding adapters leaves every base weight's key where it was.
+_LORA_STREAM_TAG = 0x4C6F5241
 
 
 def stacked_layers(cfg: Qwen3Config, rngs: nnx.Rngs) -> DecoderLayer:
@@ -349,18 +465,26 @@ def stacked_layers(cfg: Qwen3Config, rngs: nnx.Rngs) -> DecoderLayer:
 
     Layer i draws its keys where building the layers one after another from `rngs` would (the stream's key folded
     with counts start + i * KEY_DRAWS_PER_LAYER, ...), and `rngs` advances past them: a seed gives the same initial
-    weights as a Python list of layers, so runs from before the layers were stacked stay comparable."""
+    weights as a Python list of layers, so runs from before the layers were stacked stay comparable. LoRA A matrices
+    (lora_rank > 0) draw from a separate stream (`_LORA_STREAM_TAG`): the base weights are the same with or without
+    adapters."""
     stream = rngs.params
     base_key, start = stream.key[...], stream.count[...]
-    counts = start + KEY_DRAWS_PER_LAYER * jnp.arange(cfg.num_layers, dtype=start.dtype)
+    layer_index = jnp.arange(cfg.num_layers, dtype=start.dtype)
+    counts = start + KEY_DRAWS_PER_LAYER * layer_index
+    lora_key = jax.random.fold_in(base_key, _LORA_STREAM_TAG)
 
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
-    def build(count):
-        layer_rngs = nnx.Rngs(params=base_key)
+    def build(count, lora_count):
+        if cfg.lora_rank:
+            layer_rngs = nnx.Rngs(params=base_key, lora=lora_key)
+            layer_rngs.lora.count[...] = lora_count
+        else:
+            layer_rngs = nnx.Rngs(params=base_key)
         layer_rngs.params.count[...] = count
         return DecoderLayer(cfg, layer_rngs)
 
-    layers = build(counts)
+    layers = build(counts, KEY_DRAWS_PER_LAYER * layer_index)
     stream.count[...] = start + KEY_DRAWS_PER_LAYER * cfg.num_layers
     return layers
 
@@ -452,6 +576,11 @@ class Qwen3(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, jnp.dtype(cfg.param_dtype))
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, ("fsdp", "tensor"), rngs)
+        if cfg.has_row_deltas:
+            # Zeros draw no key: every other parameter is what it is without them.
+            self.row_delta = _row_delta(cfg)
+            if not cfg.tie_word_embeddings:
+                self.head_row_delta = _row_delta(cfg)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, token_valid: jax.Array,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -470,21 +599,42 @@ class Qwen3(nnx.Module):
         chex.assert_type(token_valid, bool)
         if cache is not None:
             chex.assert_shape(cache.valid, (tokens.shape[0], None))
-        x, cache = run_layers(self.config, self.layers, self.embed_tokens(tokens), positions, token_valid, cache)
+        x, cache = run_layers(self.config, self.layers, self.input_embeddings(tokens), positions, token_valid, cache)
         return self.norm(x), cache
 
+    def input_embeddings(self, tokens: jax.Array) -> jax.Array:
+        """[..., D] in the compute dtype: the embedding rows of `tokens`, trained rows included."""
+        x = self.embed_tokens(tokens)
+        if not self.config.has_row_deltas:
+            return x
+        return heads.replace_rows(x, tokens, self.config.trainable_rows, self._trained_rows(
+            self.embed_tokens.embedding[...], self.row_delta))
+
+    def head_embedding(self) -> heads.EditedEmbedding:
+        """The output embedding as `gopo_jax.models.heads` takes it: the table (the tied input embedding, or the
+        untied head's kernel transposed) and the trained rows that replace some of its rows, so no edited [V, D]
+        copy is built."""
+        cfg = self.config
+        tied = cfg.tie_word_embeddings
+        table = self.embed_tokens.embedding[...] if tied else self.lm_head.kernel[...].T
+        if not cfg.has_row_deltas:
+            return heads.EditedEmbedding.unedited(table)
+        delta = self.row_delta if tied else self.head_row_delta
+        return heads.EditedEmbedding(table=table, rows=self._trained_rows(table, delta), row_ids=cfg.trainable_rows)
+
+    def _trained_rows(self, table: jax.Array, delta: nnx.LoRAParam) -> jax.Array:
+        """[n, D] in the table's dtype: rows trainable_rows of `table` [V, D] with the delta added."""
+        return rows_plus_delta(table[np.asarray(self.config.trainable_rows, np.int32)], delta[...])
+
     def output_embedding(self) -> jax.Array:
-        """[V, D]: row v is token v's output embedding (the tied input embedding, or the untied head's column)."""
-        if self.config.tie_word_embeddings:
-            return self.embed_tokens.embedding[...]
-        return self.lm_head.kernel[...].T
+        """[V, D]: row v is token v's output embedding, trained rows included. With trained rows this builds the
+        edited table (a [V, D] copy per call): heads take `head_embedding()` instead."""
+        return self.head_embedding().dense()
 
     def logits(self, h: jax.Array) -> jax.Array:
         """float32 [..., V] from hidden states: every vocabulary column (what sampling a token needs). The matmul
         runs in the compute dtype and accumulates into float32 (no bf16 rounding of the logits)."""
-        dtype = jnp.dtype(self.config.dtype)
-        return jnp.einsum("...d,vd->...v", h.astype(dtype), self.output_embedding().astype(dtype),
-                          preferred_element_type=jnp.float32)
+        return heads.all_logits(h.astype(jnp.dtype(self.config.dtype)), self.head_embedding())
 
 
 def positions_from_valid(valid: jax.Array) -> jax.Array:

@@ -8,11 +8,13 @@ phase functions (`gopo_jax.train.phases`) are built from them. Initial parameter
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -105,23 +107,42 @@ _RUN_FIELDS = ("remat", "scan_unroll", "attention", "logits_chunk", "lora_rank",
 
 def init_agent_params(world: World, seed: int, sources: dict[str, str] | None = None, mesh=None) -> dict:
     """{"expert", "cs"}: each agent from its Hugging Face folder in `sources` (`world.pretrained_sources`; the same
-    weights for every seed, loaded straight onto `mesh`, marker rows set to the mean row) or randomly initialised
-    from its config (seeds `seed` and `seed + 1`)."""
+    weights for every seed, loaded straight onto `mesh`, marker rows set to the mean row, LoRA adapters drawn from
+    the agent's seed) or randomly initialised from its config (seeds `seed` and `seed + 1`)."""
     sources = sources or {}
     params = {}
     for i, agent in enumerate(_AGENTS):
         cfg = world.agent_config(agent)
         if sources.get(agent):
-            # The checkpoint's architecture with the run's own fields (remat, attention, LoRA adapters drawn from
-            # the agent's seed); the markers' rows are added after loading.
+            # The checkpoint's architecture with the run's own fields; the markers' rows are added after loading
+            # (their ids may lie past the checkpoint's rows), then their trainable deltas.
             own = {f: getattr(cfg, f) for f in _RUN_FIELDS}
             model = hf_io.from_pretrained(sources[agent], mesh=mesh, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                                           config_overrides=own, adapter_key=jax.random.key(seed + i))
             model = markers.grow_embeddings(model, cfg.vocab_size, world.new_marker_rows)
+            params[agent] = _with_zero_leaves(nnx.split(model, nnx.Param)[1], cfg, mesh)
         else:
-            model = qwen3.Qwen3(cfg, rngs=nnx.Rngs(seed + i))
-        params[agent] = nnx.split(model, nnx.Param)[1]
+            params[agent] = nnx.split(qwen3.Qwen3(cfg, rngs=nnx.Rngs(seed + i)), nnx.Param)[1]
     return params
+
+
+def _with_zero_leaves(state, cfg: qwen3.Qwen3Config, mesh):
+    """`state` completed to `cfg`'s parameters: what it lacks (the marker rows' trainable deltas, zero at start)
+    as zeros, placed by their partition annotation."""
+    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        abstract = nnx.state(nnx.eval_shape(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    have = dict(nnx.to_flat_state(state))
+    specs = dict(nnx.to_flat_state(nnx.get_partition_spec(abstract)))
+    flat = []
+    for path, var in nnx.to_flat_state(abstract):
+        if path in have:
+            flat.append((path, have[path]))
+            continue
+        zeros = jnp.zeros(var.shape, var.dtype)
+        if mesh is not None:
+            zeros = jax.device_put(zeros, jax.sharding.NamedSharding(mesh, specs[path].get_value()))
+        flat.append((path, var.replace(zeros)))
+    return nnx.from_flat_state(flat)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,7 +77,9 @@ class World(abc.ABC):
         vocab = AgentVocab.from_tokenizer(tokenizer, env.spec.sop, stage_names=tuple(stage_names),
                                           chat_format=chat_format)
         layout = make_layout(vocab)
-        configs = {agent: _agent_config(config, agent, base.get(agent), vocab_size, layout) for agent in _AGENTS}
+        marker_ids = (*vocab.strategy_ids, *vocab.stage_ids)
+        configs = {agent: _agent_config(config, agent, base.get(agent), vocab_size, layout, marker_ids)
+                   for agent in _AGENTS}
         return cls(env=env, tokenizer=tokenizer, chat_format=chat_format, layout=layout, vocab=vocab,
                    model_config=configs["cs"], expert_config=configs["expert"], new_marker_rows=new_rows)
 
@@ -261,14 +263,16 @@ def lora_agents(config) -> tuple[str, ...]:
 
 
 def _agent_config(config, agent: str, pretrained: qwen3.Qwen3Config | None, vocab_size: int,
-                  layout: Layout) -> qwen3.Qwen3Config:
+                  layout: Layout, marker_ids: tuple[int, ...]) -> qwen3.Qwen3Config:
     """One agent's architecture: a checkpoint's (its embedding grown to `vocab_size` if the markers need rows) or
     the preset's; the run's dtype policy, remat, attention, head chunking and LoRA adapters either way."""
     m = config.model
     run = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_unroll=m.scan_unroll,
                attention=m.attention, logits_chunk=m.logits_chunk)
     if agent in lora_agents(config):
-        run.update(lora_rank=m.lora.rank, lora_alpha=m.lora.alpha,
+        # The markers' embedding rows train with the adapters: a frozen embedding would keep every new marker at
+        # the same (mean) row, and the Expert's strategy logits equal forever.
+        run.update(lora_rank=m.lora.rank, lora_alpha=m.lora.alpha, trainable_rows=marker_ids,
                    lora_targets=tuple(t.strip() for t in m.lora.targets.split(",") if t.strip()))
     if pretrained is not None:
         return pretrained.replace(vocab_size=max(pretrained.vocab_size, vocab_size),
