@@ -134,7 +134,8 @@ class Chat:
 
     @property
     def context_text(self) -> str:
-        return self.codec.reply_text(self.context_ids, self.context_valid)
+        ids = np.asarray(self.context_ids)[np.asarray(self.context_valid)]
+        return self.world.chat_format.content_text(self.world.tokenizer, ids, "system")
 
     @property
     def max_turns(self) -> int:

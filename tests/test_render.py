@@ -7,6 +7,7 @@ from gopo_jax.dialogue.layout import Layout, Trajectory
 from gopo_jax.dialogue.render import judge_samples, render_dialogue
 from gopo_jax.dialogue.sop import UNRECOGNISED
 from gopo_jax.models import tokenizer as tl
+from gopo_jax.models.chat_format import ChatFormat
 
 STRATEGIES = ("greet", "recommend", "close")
 LAYOUT = Layout(context_len=24, customer_len=24, header_len=2, reply_len=32, max_turns=3)
@@ -74,7 +75,7 @@ def test_trajectory_is_well_formed(tokenizer):
 
 
 def test_render_dialogue_exact_text(tokenizer):
-    text = render_dialogue(build(tokenizer), 0, tokenizer=tokenizer, layout=LAYOUT, strategies=STRATEGIES)
+    text = render_dialogue(build(tokenizer), 0, tokenizer=tokenizer, chat_format=ChatFormat.from_tokenizer(tokenizer), layout=LAYOUT, strategies=STRATEGIES)
     assert text.splitlines() == [
         "context: you sell laptops",
         "  customer: i need a laptop",
@@ -86,7 +87,7 @@ def test_render_dialogue_exact_text(tokenizer):
 
 
 def test_render_dialogue_marks_turns_without_an_expert_choice(tokenizer):
-    text = render_dialogue(build(tokenizer), 1, tokenizer=tokenizer, layout=LAYOUT, strategies=STRATEGIES)
+    text = render_dialogue(build(tokenizer), 1, tokenizer=tokenizer, chat_format=ChatFormat.from_tokenizer(tokenizer), layout=LAYOUT, strategies=STRATEGIES)
     lines = text.splitlines()
     assert sum(line.startswith("  customer: ") for line in lines) == 3
     assert "  agent [close -> close] goodbye   (g=0.25 c=1.00 rel=0 q=0.50)" in lines
@@ -96,7 +97,7 @@ def test_render_dialogue_marks_turns_without_an_expert_choice(tokenizer):
 
 
 def test_judge_samples_fields_and_history(tokenizer):
-    samples = judge_samples(build(tokenizer), [1, 0], tokenizer=tokenizer, layout=LAYOUT, strategies=STRATEGIES,
+    samples = judge_samples(build(tokenizer), [1, 0], tokenizer=tokenizer, chat_format=ChatFormat.from_tokenizer(tokenizer), layout=LAYOUT, strategies=STRATEGIES,
                             descriptions=("open politely", "suggest a product"))
     assert [(s["episode"], s["turn"]) for s in samples] == [(1, 0), (1, 1), (1, 2), (0, 0), (0, 1)]
     assert all(set(s) == {"episode", "turn", "context", "response", "strategy"} for s in samples)

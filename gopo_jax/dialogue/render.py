@@ -7,22 +7,25 @@ from gopo_jax.dialogue.layout import Layout, Trajectory
 from gopo_jax.dialogue.sop import UNRECOGNISED
 
 
-def _text(tokenizer, ids, valid) -> str:
-    return tokenizer.decode([int(i) for i, v in zip(ids, valid) if v], skip_special_tokens=True).strip()
+def _text(tokenizer, chat_format, ids, valid, role: str) -> str:
+    return chat_format.content_text(tokenizer, [i for i, v in zip(ids, valid) if v], role)
 
 
-def render_dialogue(traj: Trajectory, index: int, *, tokenizer, layout: Layout, strategies) -> str:
+def render_dialogue(traj: Trajectory, index: int, *, tokenizer, chat_format, layout: Layout, strategies) -> str:
     """One dialogue of a batch as text: every turn's customer utterance, chosen and realised strategy, the reply and
     its signals."""
     tokens, valid = np.asarray(traj.tokens[index]), np.asarray(traj.valid[index])
-    lines = [f"context: {_text(tokenizer, tokens[:layout.context_len], valid[:layout.context_len])}"]
+    c = layout.context_len
+    lines = [f"context: {_text(tokenizer, chat_format, tokens[:c], valid[:c], 'system')}"]
     name = lambda k: strategies[k] if 0 <= k < len(strategies) else "-"  # noqa: E731
     for t in range(layout.max_turns):
         if not bool(traj.turn_mask[index, t]):
             break
         c0, r0 = layout.turn_start(t), layout.reply_start(t)
-        customer = _text(tokenizer, tokens[c0:c0 + layout.customer_len], valid[c0:c0 + layout.customer_len])
-        reply = _text(tokenizer, tokens[r0:r0 + layout.reply_len], valid[r0:r0 + layout.reply_len])
+        customer = _text(tokenizer, chat_format, tokens[c0:c0 + layout.customer_len],
+                         valid[c0:c0 + layout.customer_len], "user")
+        reply = _text(tokenizer, chat_format, tokens[r0:r0 + layout.reply_len], valid[r0:r0 + layout.reply_len],
+                      "assistant")
         k, kr = int(traj.strategy[index, t]), int(traj.realised[index, t])
         lines.append(f"  customer: {customer}")
         lines.append(f"  agent [{name(k)} -> {name(kr) if kr != UNRECOGNISED else 'unrecognised'}] {reply}"
@@ -33,7 +36,7 @@ def render_dialogue(traj: Trajectory, index: int, *, tokenizer, layout: Layout, 
     return "\n".join(lines)
 
 
-def judge_samples(traj: Trajectory, indices, *, tokenizer, layout: Layout, strategies,
+def judge_samples(traj: Trajectory, indices, *, tokenizer, chat_format, layout: Layout, strategies,
                   descriptions=()) -> list[dict]:
     """The agent turns of dialogues `indices` as G-Eval samples (`gopo_jax.metrics.geval.Sample` fields): the
     dialogue so far as "Customer: ... / Agent: ..." lines, the reply, and the chosen strategy with its description
@@ -43,14 +46,15 @@ def judge_samples(traj: Trajectory, indices, *, tokenizer, layout: Layout, strat
     samples = []
     for i in indices:
         c = layout.context_len
-        history = [f"Business context: {_text(tokenizer, tokens[i, :c], valid[i, :c])}"]
+        history = [f"Business context: {_text(tokenizer, chat_format, tokens[i, :c], valid[i, :c], 'system')}"]
         for t in range(layout.max_turns):
             if not bool(traj.turn_mask[i, t]):
                 break
             c0, r0 = layout.turn_start(t), layout.reply_start(t)
-            history.append("Customer: " + _text(tokenizer, tokens[i, c0:c0 + layout.customer_len],
-                                                valid[i, c0:c0 + layout.customer_len]))
-            reply = _text(tokenizer, tokens[i, r0:r0 + layout.reply_len], valid[i, r0:r0 + layout.reply_len])
+            history.append("Customer: " + _text(tokenizer, chat_format, tokens[i, c0:c0 + layout.customer_len],
+                                                valid[i, c0:c0 + layout.customer_len], "user"))
+            reply = _text(tokenizer, chat_format, tokens[i, r0:r0 + layout.reply_len],
+                          valid[i, r0:r0 + layout.reply_len], "assistant")
             k = int(traj.strategy[i, t])
             strategy = f"{strategies[k]}: {described.get(strategies[k], strategies[k])}" if 0 <= k < len(
                 strategies) else ""

@@ -199,19 +199,16 @@ def demonstration_arrays(env, keys: jax.Array, noise: float) -> dict[str, jax.Ar
 def demonstrations(env, num_episodes: int, key: jax.Array, noise: float = 0.0) -> list[Demonstration]:
     """Text form of `demonstration_arrays` (decoded with the env's tokenizer), for the JSONL exporter in base.py."""
     arrays = jax.device_get(demonstration_arrays(env, jax.random.split(key, num_episodes), noise))
-    tok, names = env.tokenizer, env.spec.strategies
-
-    def text(ids, valid):
-        return tok.decode(np.asarray(ids)[np.asarray(valid)], skip_special_tokens=True).strip()
-
+    names = env.spec.strategies
     demos = []
     for b in range(num_episodes):
-        turns = [DemoTurn(customer=text(arrays["customer"][b, t], arrays["customer_valid"][b, t]),
+        turns = [DemoTurn(customer=_content(env, arrays["customer"][b, t], arrays["customer_valid"][b, t], "user"),
                           strategy=names[int(arrays["strategy"][b, t])],
-                          reply=text(arrays["reply"][b, t], arrays["reply_valid"][b, t]),
+                          reply=_content(env, arrays["reply"][b, t], arrays["reply_valid"][b, t], "assistant"),
                           stage=int(arrays["stage"][b, t]))
                  for t in range(env.spec.max_turns) if arrays["turn_mask"][b, t]]
-        demos.append(Demonstration(context=text(arrays["context"][b], arrays["context_valid"][b]), turns=turns))
+        demos.append(Demonstration(context=_content(env, arrays["context"][b], arrays["context_valid"][b], "system"),
+                                   turns=turns))
     return demos
 
 
@@ -261,25 +258,26 @@ def _host_episodes(env: HostEnv, policy: str, episodes: int, seed: int) -> dict[
     return out
 
 
+def _content(env, ids, valid, role: str) -> str:
+    """One message's text from its slot (the chat template's opening and closing cut)."""
+    return env.chat_format.content_text(env.tokenizer, np.asarray(ids)[np.asarray(valid)], role)
+
+
 def _jax_transcripts(env, arrays, count: int) -> list[dict]:
-    tok = env.tokenizer
-
-    def text(ids, valid):
-        return tok.decode(np.asarray(ids)[np.asarray(valid)], skip_special_tokens=True).strip()
-
     transcripts = []
     for b in range(min(count, arrays["strategy"].shape[0])):
         turns = []
         for t in range(env.spec.max_turns):
             if not arrays["turn_mask"][b, t]:
                 break
-            turns.append(dict(customer=text(arrays["customer"][b, t], arrays["customer_valid"][b, t]),
+            turns.append(dict(customer=_content(env, arrays["customer"][b, t], arrays["customer_valid"][b, t], "user"),
                               strategy=env.spec.strategies[int(arrays["strategy"][b, t])],
-                              reply=text(arrays["reply"][b, t], arrays["reply_valid"][b, t]),
+                              reply=_content(env, arrays["reply"][b, t], arrays["reply_valid"][b, t], "assistant"),
                               gain=float(arrays["gain"][b, t]), cont=float(arrays["cont"][b, t]),
                               rel=float(arrays["rel"][b, t])))
         # No "final": the customer's answer to the last turn reaches no agent, so the Trajectory does not hold it.
-        transcripts.append(dict(context=text(arrays["context"][b], arrays["context_valid"][b]), turns=turns))
+        transcripts.append(dict(context=_content(env, arrays["context"][b], arrays["context_valid"][b], "system"),
+                                turns=turns))
     return transcripts
 
 

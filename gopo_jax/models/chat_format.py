@@ -68,6 +68,18 @@ class ChatFormat:
     def reply_ids(self, tokenizer, text: str) -> list[int]:
         return [*self.content_ids(tokenizer, text), self.eot]
 
+    def content_text(self, tokenizer, ids, role: str) -> str:
+        """The text of one message's content from its slot's valid ids ("system" | "user" | "assistant"): the
+        template's opening and closing pieces cut, special tokens (markers) dropped."""
+        opening, closing = {"system": (self.system_open, self.system_close), "user": (self.user_open, self.user_close),
+                            "assistant": ((), (self.eot,))}[role]
+        ids = [int(i) for i in ids]
+        if opening and ids[:len(opening)] == list(opening):
+            ids = ids[len(opening):]
+        if closing and ids[len(ids) - len(closing):] == list(closing):
+            ids = ids[:len(ids) - len(closing)]
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
     @classmethod
     def from_tokenizer(cls, tokenizer, *, template_kwargs: dict[str, Any] | None = None) -> "ChatFormat":
         """Cuts `tokenizer.chat_template` into pieces by rendering a probe conversation with sentinel contents.

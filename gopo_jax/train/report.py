@@ -61,7 +61,8 @@ def write_samples(workdir: pathlib.Path, world, trajs: list[tuple[str, Trajector
     for name, traj in trajs:
         parts.append(f"## {name}\n")
         for i in range(num):
-            parts.append("```\n" + render_dialogue(traj, i, tokenizer=world.tokenizer, layout=world.layout,
+            parts.append("```\n" + render_dialogue(traj, i, tokenizer=world.tokenizer, chat_format=world.chat_format,
+                                                    layout=world.layout,
                                                     strategies=world.spec.strategies) + "\n```\n")
     (pathlib.Path(workdir) / "samples.md").write_text("\n".join(parts))
 
@@ -70,6 +71,6 @@ def write_judge_samples(workdir: pathlib.Path, world, traj: Trajectory, dialogue
     """judge_samples.jsonl: the agent turns of the first `dialogues` dialogues as G-Eval samples (one JSON object
     per line: episode, turn, context, response, strategy), read by the comparison's judge."""
     samples = judge_samples(traj, range(min(dialogues, traj.tokens.shape[0])), tokenizer=world.tokenizer,
-                            layout=world.layout, strategies=world.spec.strategies,
+                            chat_format=world.chat_format, layout=world.layout, strategies=world.spec.strategies,
                             descriptions=world.spec.strategy_descriptions)
     (pathlib.Path(workdir) / JUDGE_SAMPLES).write_text("".join(json.dumps(s) + "\n" for s in samples))
