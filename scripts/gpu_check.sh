@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# What one NVIDIA GPU (H100/H200) says about speed at scale, in about 8 minutes: the GPU's name, bf16-vs-fp32
-# parity, sampler tokens/s against Hugging Face, train-step tokens/s and FLOP utilisation, and a short GOPO run with
-# Qwen3-0.6B-shaped random weights (SFT steps + 2 GOPO iterations through the real driver, checkpoints included).
+# What one NVIDIA GPU (H100/H200) says about speed at scale, in about 9 minutes: the GPU's name, bf16-vs-fp32
+# parity, sampler tokens/s against Hugging Face, train-step tokens/s and FLOP utilisation, and a short GOPO run from a
+# Hugging Face folder of Qwen3-0.6B-shaped random weights with the real Qwen3 tokenizer and chat template
+# (`--config.model.init_from`; SFT steps + 2 GOPO iterations through the real driver, checkpoints included), then
+# its export to Hugging Face folders.
 #
 #   scripts/gpu_check.sh               # on the GPU machine, from anywhere; OUT=DIR keeps the log in DIR
 #   scripts/gpu_check.sh --cpu-smoke   # the same steps at toy sizes on the CPU (checks the script, not speed)
@@ -81,9 +83,9 @@ print('jax', jax.__version__, 'backend', jax.default_backend(), jax.devices())
 sys.exit(0 if jax.default_backend() == '$EXPECT' else f'expected the $EXPECT backend')"
 BACKEND_OK=$LAST_OK
 
-# GOPO with Qwen3-0.6B-shaped random weights (28 layers, hidden 1024, the preset's 151,936-token vocabulary) on the
-# synthetic shop: a few SFT steps and 2 GOPO iterations through experiments.mgshop, small batches; the compute is
-# bf16 over fp32 master weights.
+# GOPO from a Hugging Face Qwen3 folder (random weights, the real 151,669-token Qwen3 tokenizer and chat template;
+# tests/hf_fixtures.py) on the synthetic shop: a few SFT steps and 2 GOPO iterations through experiments.mgshop, small
+# batches; the compute is bf16 over fp32 master weights. Then the run is exported as Hugging Face folders.
 gopo_run() {  # gopo_run NAME TIMEOUT_S EXTRA_OVERRIDES...
   local name=$1 limit=$2
   shift 2
@@ -98,13 +100,19 @@ if ((SMOKE)); then
   run_step dtype_parity 300 python -m benchmarks.dtype_parity --quick
   run_step sampler_vs_hf 300 python -m benchmarks.sampler_vs_hf --quick --profile
   run_step train_mfu 600 python -m benchmarks.train_mfu --quick
-  gopo_run gopo_tiny 600 --config.model.preset=tiny
+  run_step checkpoint_tiny 120 python -m tests.hf_fixtures --out "$WORK/ckpt"
+  gopo_run gopo_pretrained_tiny 600 --config.model.init_from="$WORK/ckpt" --config.layout.reply_len=24
+  run_step export_tiny 300 python -m gopo_jax.export --workdir "$WORK/gopo_pretrained_tiny" --out "$WORK/hf"
 elif ((BACKEND_OK)); then
   run_step dtype_parity 60 python -m benchmarks.dtype_parity
   run_step sampler_vs_hf 90 python -m benchmarks.sampler_vs_hf --repeats 2 --profile
   run_step train_mfu 180 python -m benchmarks.train_mfu --presets small qwen3-0.6b --dtype bfloat16 --steps 3
-  gopo_run gopo_qwen3_0.6b 150 --config.model.preset=qwen3-0.6b --config.model.vocab_size=151936 \
+  # Qwen3-0.6B's shape (28 layers, hidden 1024, 16 heads over 8 KV heads of 128, tied 151,936-row embedding).
+  run_step checkpoint_qwen3_0.6b 180 python -m tests.hf_fixtures --out "$WORK/ckpt" --hidden_size 1024 \
+    --intermediate_size 3072 --num_layers 28 --num_heads 16 --num_kv_heads 8 --head_dim 128
+  gopo_run gopo_qwen3_0.6b 200 --config.model.init_from="$WORK/ckpt" --config.layout.reply_len=24 \
     --config.model.dtype=bfloat16 --config.model.param_dtype=float32 --config.model.scan_unroll=1
+  run_step export_qwen3_0.6b 120 python -m gopo_jax.export --workdir "$WORK/gopo_qwen3_0.6b" --out "$WORK/hf"
 else
   record benchmarks "SKIPPED: JAX does not see a GPU (see jax_devices)"
 fi

@@ -167,7 +167,8 @@ def test_tokenizer_kept_in_workdir(comps, workdir):
 def test_model_fingerprint(comps):
     fp = model_fingerprint(comps.world)
     assert fp == comps.fingerprint()
-    assert set(fp) == {"model_config", "env", "layout", "strategies"}
+    assert set(fp) == {"model_config", "expert_config", "env", "layout", "strategies"}
+    assert fp["expert_config"] == fp["model_config"]  # one preset for both agents
     assert fp["env"] == "synthetic_shop"
     mc = fp["model_config"]
     assert (mc["hidden_size"], mc["num_layers"], mc["intermediate_size"]) == (32, 1, 64)

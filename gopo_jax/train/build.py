@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import pathlib
 from typing import Any
 
@@ -84,10 +85,12 @@ def validate_config(config) -> None:
 
 
 def model_fingerprint(world: World) -> dict:
-    """What a checkpoint must agree with to be restored into a run of this world."""
-    return {"model_config": dataclasses.asdict(world.model_config),
-            "expert_config": dataclasses.asdict(world.expert_config), "env": world.spec.name,
-            "layout": dataclasses.asdict(world.layout), "strategies": list(world.spec.strategies)}
+    """What a checkpoint must agree with to be restored into a run of this world, as its JSON metadata reads back
+    (tuples such as `lora_targets` become lists)."""
+    return json.loads(json.dumps({"model_config": dataclasses.asdict(world.model_config),
+                                  "expert_config": dataclasses.asdict(world.expert_config), "env": world.spec.name,
+                                  "layout": dataclasses.asdict(world.layout),
+                                  "strategies": list(world.spec.strategies)}))
 
 
 def _graphdef(model_config: qwen3.Qwen3Config):
