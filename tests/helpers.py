@@ -37,3 +37,24 @@ def world_and_agents(config, workdir):
 
     world = build_world(config, workdir)
     return (world, *agent_graphdefs(world), init_agent_params(world, 0, pretrained_sources(config)))
+
+
+def checkpointed_run(config, workdir, edit_params=lambda params: params):
+    """A run's files without training: config, tokenizer and the method's initial state (its agents' parameters
+    passed through `edit_params`) as its one checkpoint."""
+    import numpy as np  # noqa: PLC0415
+
+    from gopo_jax.train import checkpoint  # noqa: PLC0415
+    from gopo_jax.train.build import build
+    from gopo_jax.train.metrics_log import save_config
+    from gopo_jax.train.phases import Phases
+
+    components = build(config, workdir)
+    params = edit_params(components.init_params(config.seed))
+    phases = Phases(components)
+    state = phases.method_state(params, components.method.init_extras(), config.seed)
+    save_config(workdir, config)
+    checkpoint.save_checkpoint(workdir / "checkpoints", 0, {"state": state, "ref": phases.kept_reference(params),
+                                                            "iteration": np.int64(0)},
+                               metadata=components.fingerprint())
+    return workdir

@@ -18,28 +18,10 @@ import pytest
 from gopo_jax import chat as chat_lib
 from gopo_jax.dialogue.sop import UNRECOGNISED
 from gopo_jax.export import load_run
-from tests.helpers import tiny_run_config
+from tests.helpers import checkpointed_run, tiny_run_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LINES = ["hi i need some help", "i am looking for a laptop", "i prefer red and my budget is 99"]
-
-
-def checkpointed_run(config, workdir):
-    """A run's files without training: config, tokenizer and the method's initial state as its one checkpoint."""
-    from gopo_jax.train import checkpoint
-    from gopo_jax.train.build import build
-    from gopo_jax.train.metrics_log import save_config
-    from gopo_jax.train.phases import Phases
-
-    components = build(config, workdir)
-    params = components.init_params(config.seed)
-    phases = Phases(components)
-    state = phases.method_state(params, components.method.init_extras(), config.seed)
-    save_config(workdir, config)
-    checkpoint.save_checkpoint(workdir / "checkpoints", 0, {"state": state, "ref": phases.kept_reference(params),
-                                                            "iteration": np.int64(0)},
-                               metadata=components.fingerprint())
-    return workdir
 
 
 @pytest.fixture(scope="module")

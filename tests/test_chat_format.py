@@ -52,9 +52,11 @@ def _with_markers(tokenizer, template=None):
 def _messages(fmt, system, turns):
     """The chat messages of a dialogue; contents carry the leading space where the format encodes them with one."""
     space = " " if fmt.content_space else ""
-    return fmt.render_messages(space + system, [
-        (space + customer, tl.stage_token(stage) + tl.strategy_token(strategy) + space + reply)
-        for customer, (stage, strategy), reply in turns])
+    messages = [{"role": "system", "content": space + system}]
+    for customer, (stage, strategy), reply in turns:
+        messages += [{"role": "user", "content": space + customer},
+                     {"role": "assistant", "content": tl.stage_token(stage) + tl.strategy_token(strategy) + space + reply}]
+    return messages
 
 
 def _record(fmt, tok, system, turns, *, assistant_opens=None):

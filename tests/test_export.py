@@ -22,7 +22,7 @@ from gopo_jax.dialogue.sop import load_sop
 from gopo_jax.models import lora, qwen3
 from gopo_jax.models.tokenizer import strategy_token
 from gopo_jax.train.checkpoint import CheckpointError
-from tests.helpers import tiny_run_config
+from tests.helpers import checkpointed_run, tiny_run_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SFT_STEPS = 4  # the warm start's last checkpoint step; the one GOPO iteration is the next
@@ -37,25 +37,6 @@ def tiny_config(method="gopo"):
         c.train.eval_every = c.train.checkpoint_every = 1
         c.eval.episodes = 4
     return c
-
-
-def checkpointed_run(config, workdir, edit_params=lambda params: params):
-    """A run's files without training: config, tokenizer and the method's initial state (its agents' parameters
-    passed through `edit_params`) as its one checkpoint."""
-    from gopo_jax.train import checkpoint
-    from gopo_jax.train.build import build
-    from gopo_jax.train.metrics_log import save_config
-    from gopo_jax.train.phases import Phases
-
-    components = build(config, workdir)
-    params = edit_params(components.init_params(config.seed))
-    phases = Phases(components)
-    state = phases.method_state(params, components.method.init_extras(), config.seed)
-    save_config(workdir, config)
-    checkpoint.save_checkpoint(workdir / "checkpoints", 0, {"state": state, "ref": phases.kept_reference(params),
-                                                            "iteration": np.int64(0)},
-                               metadata=components.fingerprint())
-    return workdir
 
 
 @pytest.fixture(scope="module")

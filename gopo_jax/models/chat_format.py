@@ -26,7 +26,7 @@ running text); a checkpoint's contents are encoded as they are.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 from gopo_jax.models import tokenizer as tokenizer_lib
 
@@ -150,14 +150,6 @@ class ChatFormat:
                    user_open=tuple(_ids(tokenizer, user_open)), user_close=tuple(_ids(tokenizer, user_close)),
                    assistant_open=tuple(_ids(tokenizer, gen_prompt)), eot=eot_ids[0], pad=int(pad),
                    content_space=content_space)
-
-    def render_messages(self, system: str, turns: Sequence[tuple[str, str]]) -> list[dict]:
-        """The chat messages of a dialogue (for comparing with `apply_chat_template`): `turns` are (customer text,
-        assistant content) pairs, the assistant content already holding the marker tokens."""
-        messages = [{"role": "system", "content": system}]
-        for customer, assistant in turns:
-            messages += [{"role": "user", "content": customer}, {"role": "assistant", "content": assistant}]
-        return messages
 
 
 def _ids(tokenizer, text: str) -> list[int]:

@@ -131,6 +131,16 @@ def _read_config(folder: pathlib.Path) -> dict:
     return hf
 
 
+def checkpoint_config(path) -> Qwen3Config:
+    """The architecture in a Hugging Face folder's config.json (no weights read)."""
+    folder = pathlib.Path(path)
+    hf = _read_config(folder)
+    try:
+        return Qwen3Config.from_hf_dict(hf)
+    except ValueError as e:
+        raise HFModelError(f"{folder / 'config.json'}: {e}") from None
+
+
 def _weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     """HF tensor name -> the safetensors file holding it."""
     single, index = folder / SINGLE_FILE, folder / INDEX_FILE

@@ -66,7 +66,7 @@ class World(abc.ABC):
         sources = pretrained_sources(config)
         marker_tokens = ([strategy_token(k) for k in env.spec.strategies]
                          + [stage_token(s) for s in stage_names])
-        base = {agent: _checkpoint_config(folder) for agent, folder in sources.items() if folder}
+        base = {agent: hf_io.checkpoint_config(folder) for agent, folder in sources.items() if folder}
         if base:
             plan = markers.add_markers(tokenizer, marker_tokens, min(c.vocab_size for c in base.values()),
                                        allow_resize=config.model.resize_embeddings)
@@ -230,14 +230,6 @@ def pretrained_sources(config) -> dict[str, str]:
     random initialisation."""
     m = config.model
     return {"expert": m.expert_init_from or m.init_from, "cs": m.cs_init_from or m.init_from}
-
-
-def _checkpoint_config(folder: str) -> qwen3.Qwen3Config:
-    """The architecture in a Hugging Face folder's config.json (no weights read)."""
-    try:
-        return qwen3.Qwen3Config.from_hf_dict(hf_io._read_config(pathlib.Path(folder)))
-    except ValueError as e:
-        raise hf_io.HFModelError(f"{pathlib.Path(folder) / 'config.json'}: {e}") from None
 
 
 def _embedded_vocab_size(config, tokenizer) -> int:
