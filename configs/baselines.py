@@ -54,6 +54,7 @@ def add_baseline_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     b.prompted.max_tokens = 128
     b.prompted.timeout = 60.0
     b.prompted.max_retries = 4
+    b.prompted.max_concurrency = 8  # episodes in flight at once (each a dialogue with the endpoint)
 
     c.baselines = b
     return c

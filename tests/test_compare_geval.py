@@ -1,11 +1,13 @@
 """G-Eval in the comparison: every finished run's held-out turns are judged through an OpenAI-compatible endpoint
-(the project's own server on loopback), the score becomes a column of the tables and the third panel of Figure 1,
-and a resumed comparison reads each run's cached geval.json instead of asking the judge again."""
+(a stub server on loopback, test_openai_client.StubOpenAI), the score becomes a column of the tables and the third
+panel of Figure 1, and a resumed comparison reads each run's cached geval.json instead of asking the judge again."""
 import json
+
+import pytest
 
 from configs import compare as compare_config
 from experiments import compare as compare_lib
-from test_serve import server  # noqa: F401  (the live server fixture)
+from test_openai_client import StubOpenAI
 
 SAMPLES = [{"episode": 0, "turn": 0, "context": "Customer: hi, i want a phone", "response": "hello, which brand?",
             "strategy": "elicit: ask what the customer wants"},
@@ -26,22 +28,26 @@ def fake_train(config, directory):
     return summary
 
 
-def test_compare_judges_every_run_once(server, tmp_path):  # noqa: F811
+def test_compare_judges_every_run_once(tmp_path):
+    judge = StubOpenAI(("judge-model",), top_logprobs={"4": 0.6, " 5": 0.3, "The": 0.1})
     c = compare_config.get_config()
     c.quick, c.seeds, c.methods, c.convergence_seeds, c.environments = True, 2, "gopo,sft", 0, "synthetic_shop"
-    c.geval.judge, c.geval.endpoint_model = "endpoint", "tiny-gopo"
-    c.geval.endpoint_url = f"http://127.0.0.1:{server.server_address[1]}"
-    c.geval.top_logprobs = server.served.vocab_size  # the tiny model rarely puts digits in its top 20
+    c.geval.judge, c.geval.endpoint_model, c.geval.endpoint_url = "endpoint", "judge-model", judge.url
     c.geval.criteria = "fluency,coherence"
-    results = compare_lib.compare(c, tmp_path, train_fn=fake_train)
-    assert results["geval"]["available"] and results["geval"]["judge"] == "endpoint:tiny-gopo"
+    try:
+        results = compare_lib.compare(c, tmp_path, train_fn=fake_train)
+    finally:
+        judge.close()
+    # 2 methods x 2 seeds x 2 criteria x 2 samples, each judged once from its log-probabilities: (4·0.6 + 5·0.3)/0.9.
+    assert len(judge.chat_requests()) == 16
+    assert results["geval"]["available"] and results["geval"]["judge"] == "endpoint:judge-model"
     for label in ("gopo", "sft"):
         ci = results["table"]["synthetic_shop"][label]["geval"]
-        assert ci["n"] == 2 and 1.0 <= ci["mean"] <= 5.0
+        assert ci["n"] == 2 and ci["mean"] == pytest.approx(3.9 / 0.9)
         stored = json.loads((tmp_path / "runs" / "synthetic_shop" / label / "seed0" / "geval.json").read_text())
         assert stored["samples"] == 2 and set(stored["per_criterion"]) == {"fluency", "coherence"}
     md = (tmp_path / "results.md").read_text()
-    assert "| geval |" in md and "judge endpoint:tiny-gopo" in md
+    assert "| geval |" in md and "judge endpoint:judge-model" in md
     assert (tmp_path / "figure1.png").stat().st_size > 0
     # A report-only call with more seeds trains nothing and says what is missing.
     c.seeds = 3

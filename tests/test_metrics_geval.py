@@ -1,10 +1,9 @@
 """G-Eval mechanics: prompts, score extraction and renormalisation, a tiny causal-LM judge (marked unavailable) and
-an OpenAI-compatible endpoint judge against a loopback test double of the remote API."""
+an OpenAI-compatible endpoint judge against a loopback stub of the remote API (test_openai_client.StubOpenAI):
+log-probabilities or sampled scores, requests in flight bounded, scores in sample order, clear errors."""
 
-import http.server
-import json
 import math
-import threading
+import time
 
 import chex
 import jax.numpy as jnp
@@ -12,7 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gopo_jax.endpoint import ChatClientError
 from gopo_jax.metrics import geval as ge
+from test_openai_client import StubOpenAI
 
 
 def test_build_prompt():
@@ -89,55 +90,62 @@ def test_toy_judge_is_never_reported(tiny_judge):
         ge.make_judge({"judge": "endpoint", "endpoint_url": "http://127.0.0.1:1"})
 
 
-class _FakeOpenAI(http.server.BaseHTTPRequestHandler):
-    """Loopback test double of an OpenAI chat-completions server (logprobs offered or not)."""
-
-    offer_logprobs = True
-    requests: list = []
-
-    def do_POST(self):  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append((self.path, body))
-        if body.get("logprobs") and self.offer_logprobs:
-            top = [{"token": "4", "logprob": math.log(0.5)}, {"token": "2", "logprob": math.log(0.5)}]
-            choice = {"message": {"content": "4"}, "logprobs": {"content": [{"token": "4", "top_logprobs": top}]}}
-            choices = [choice]
-        else:
-            choices = [{"message": {"content": c}} for c in ["5", "3 - ok", "x"][: body.get("n", 1)]]
-        payload = json.dumps({"choices": choices}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture()
-def fake_endpoint():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    _FakeOpenAI.requests = []
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+def sampled_scores(body: dict, index: int) -> str:
+    return ["5", "3 - ok", "x"][index]
 
 
 @pytest.mark.parametrize("offer_logprobs, expected", [(True, 3.0), (False, 4.0)])
-def test_endpoint_judge(fake_endpoint, monkeypatch, offer_logprobs, expected):
-    monkeypatch.setattr(_FakeOpenAI, "offer_logprobs", offer_logprobs)
-    judge = ge.make_judge(
-        {"judge": "endpoint", "endpoint_url": fake_endpoint, "endpoint_model": "judge-x", "n_samples": 3}
-    )
-    result = ge.geval(judge, [ge.Sample("Customer: hi", "Hello!")] * 2, criteria=("fluency", "helpfulness"))
+def test_endpoint_judge(offer_logprobs, expected):
+    stub = StubOpenAI(("judge-x",), reply=sampled_scores, top_logprobs={"4": 0.5, "2": 0.5} if offer_logprobs else None)
+    try:
+        judge = ge.make_judge({"judge": "endpoint", "endpoint_url": stub.url, "endpoint_model": "judge-x",
+                               "n_samples": 3})
+        result = ge.geval(judge, [ge.Sample("Customer: hi", "Hello!")] * 2, criteria=("fluency", "helpfulness"))
+    finally:
+        stub.close()
     # logprobs: (4·0.5 + 2·0.5)/1 = 3; samples "5", "3 - ok", "x": mean of 5 and 3 = 4.
     assert result.available and result.scores == {"fluency": expected, "helpfulness": expected}
-    path, first = _FakeOpenAI.requests[0]
-    assert path == "/v1/chat/completions" and first["model"] == "judge-x"
+    first = stub.chat_requests()[0]
+    assert stub.requests[0]["path"] == "/v1/chat/completions" and first["model"] == "judge-x"
     assert first["max_tokens"] == 1 and first["top_logprobs"] == 20 and first["logprobs"] is True
     assert "Fluency" in first["messages"][0]["content"] or "Helpfulness" in first["messages"][0]["content"]
     if not offer_logprobs:
-        assert _FakeOpenAI.requests[-1][1]["n"] == 3
+        assert stub.chat_requests()[-1]["n"] == 3
+
+
+def score_in_reply(body: dict, index: int) -> str:
+    """The judge's answer is the digit the judged reply starts with; lower digits answer later, so answers come back
+    out of order."""
+    digit = body["messages"][0]["content"].split("Reply:\n")[1][0]
+    time.sleep(0.02 * (6 - int(digit)))
+    return digit
+
+
+def test_endpoint_judge_bounds_requests_in_flight_and_keeps_order():
+    stub = StubOpenAI(("judge-x",), reply=score_in_reply, crowd=3)
+    samples = [ge.Sample(f"Customer: item {i}", f"{1 + i % 5} stars from me") for i in range(12)]
+    try:
+        judge = ge.make_judge({"judge": "endpoint", "endpoint_url": stub.url, "endpoint_model": "judge-x",
+                               "use_logprobs": False, "n_samples": 1, "max_concurrency": 3})
+        result = ge.geval(judge, samples, criteria=("fluency", "coherence"))
+    finally:
+        stub.close()
+    expected = [float(1 + i % 5) for i in range(12)]
+    assert result.per_sample == {"fluency": expected, "coherence": expected}
+    assert len(stub.chat_requests()) == 24 and stub.max_in_flight == 3
+
+
+def test_endpoint_judge_errors_name_the_settings():
+    stub = StubOpenAI(("judge-x",))
+    try:
+        judge = ge.make_judge({"judge": "endpoint", "endpoint_url": stub.url, "endpoint_model": "judge-y",
+                               "max_retries": 0, "timeout": 5.0})
+        assert (judge.client.max_retries, judge.client.timeout) == (0, 5.0)
+        with pytest.raises(ChatClientError, match=r"answered HTTP 404: model 'judge-y' is not served here; check "
+                                                  r"geval.endpoint_url / geval.endpoint_model"):
+            ge.geval(judge, [ge.Sample("Customer: hi", "Hello!")], criteria=("fluency",))
+        with pytest.raises(ValueError, match="geval.max_concurrency must be at least 1"):
+            ge.make_judge({"judge": "endpoint", "endpoint_url": stub.url, "endpoint_model": "judge-x",
+                           "max_concurrency": 0})
+    finally:
+        stub.close()

@@ -1,11 +1,4 @@
-"""An OpenAI-compatible chat client (standard library only) and a prompted large model acting as the CS agent.
-
-`ChatClient` posts to `<base_url>/v1/chat/completions` with retries: HTTP 429 and 5xx answers and connection
-errors / timeouts are retried with exponential backoff (`backoff · 2^attempt` seconds, or the server's
-`Retry-After` when it sends one); other 4xx answers fail at once. Every failure raises one `ChatClientError`
-naming the URL, the model, the HTTP status and the server's own message. The API key is read from the
-environment variable `api_key_env` (never passed on the command line or stored in configs); a local server needs
-none.
+"""A prompted large model acting as the CS agent, through an OpenAI-compatible endpoint (`gopo_jax.endpoint`).
 
 `PromptedAgent` is the prompt-only baseline for host environments: a system prompt with the service procedure
 (the strategies the SOP allows at the current stage, with their descriptions) and the whole strategy set asks the
@@ -16,118 +9,11 @@ realisation check decides later what the reply carried out (the strategy is then
 from __future__ import annotations
 
 import dataclasses
-import email.utils
-import json
-import os
 import re
-import socket
-import time
-import urllib.error
-import urllib.request
-from typing import Any, Sequence
+from typing import Sequence
 
 from gopo_jax.dialogue.sop import SOP, UNRECOGNISED
-
-RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
-
-
-class ChatClientError(RuntimeError):
-    """A chat request that failed for good; `status` is the HTTP status (None for connection errors)."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-
-def _retry_after(headers) -> float | None:
-    value = headers.get("Retry-After") if headers is not None else None
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
-
-
-class ChatClient:
-    """`chat(messages, **params) -> response dict` against an OpenAI-compatible endpoint."""
-
-    def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
-                 max_retries: int = 4, backoff: float = 0.5, max_backoff: float = 30.0):
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"ChatClient: base_url must start with http:// or https://, got {base_url!r}")
-        if max_retries < 0 or backoff < 0 or timeout <= 0:
-            raise ValueError("ChatClient: max_retries >= 0, backoff >= 0 and timeout > 0 are required")
-        root = base_url.rstrip("/")
-        self.base_url = root if root.endswith("/v1") else root + "/v1"
-        self.model, self.api_key_env = model, api_key_env
-        self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
-        self.attempts = 0  # requests sent, retries included (for diagnostics and tests)
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
-
-    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
-        url = self.base_url + path
-        data = None if body is None else json.dumps(body).encode()
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            self.attempts += 1
-            wait = min(self.max_backoff, self.backoff * 2 ** attempt)
-            request = urllib.request.Request(url, data=data, headers=self._headers(), method=method)
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = response.read()
-                try:
-                    return json.loads(payload)
-                except json.JSONDecodeError:
-                    raise ChatClientError(f"{url} (model {self.model!r}) answered with non-JSON: "
-                                          f"{payload[:200]!r}", status=200) from None
-            except urllib.error.HTTPError as e:
-                detail = _error_message(e)
-                if e.code not in RETRY_STATUSES:
-                    raise ChatClientError(f"{url} (model {self.model!r}) refused the request: HTTP {e.code}: "
-                                          f"{detail}", status=e.code) from None
-                last, status = f"HTTP {e.code}: {detail}", e.code
-                wait = _retry_after(e.headers) if _retry_after(e.headers) is not None else wait
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
-                reason = getattr(e, "reason", e)
-                last, status = f"{type(reason).__name__}: {reason}", None
-            if attempt < self.max_retries:
-                time.sleep(min(wait, self.max_backoff))
-        raise ChatClientError(f"{url} (model {self.model!r}) failed after {self.max_retries + 1} attempts; last "
-                              f"error {last}. Check the server is up, the URL and the key in ${self.api_key_env}",
-                              status=status)
-
-    def chat(self, messages: Sequence[dict], **params: Any) -> dict:
-        """POST /chat/completions with `messages` and OpenAI parameters (temperature, max_tokens, n, logprobs, ...)."""
-        return self._request("POST", "/chat/completions", {"model": self.model, "messages": list(messages),
-                                                           **params})
-
-    def complete_text(self, messages: Sequence[dict], **params: Any) -> str:
-        """The first choice's message content."""
-        response = self.chat(messages, **params)
-        try:
-            return response["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
-            raise ChatClientError(f"{self.base_url}/chat/completions (model {self.model!r}) answered without "
-                                  f"choices[0].message.content: {str(response)[:200]}") from None
-
-    def models(self) -> list[str]:
-        return [m["id"] for m in self._request("GET", "/models").get("data", [])]
-
-
-def _error_message(err: urllib.error.HTTPError) -> str:
-    try:
-        body = json.loads(err.read() or b"{}")
-        return str(body.get("error", {}).get("message") or body)[:500]
-    except (json.JSONDecodeError, AttributeError, OSError):
-        return str(err.reason)
+from gopo_jax.endpoint import ChatClient
 
 
 @dataclasses.dataclass

@@ -4,9 +4,9 @@ Score = Σ_s p(s)·s over the score tokens "1".."5", with p renormalised over th
 Two judges, chosen by config (`make_judge`):
 - `CausalLMJudge`: any causal LM this project loads (`gopo_jax.models.qwen3.Qwen3` + a `transformers` tokenizer
   from a local checkpoint folder); the probabilities are read from the next-token logits after the prompt.
-- `EndpointJudge`: an OpenAI-compatible `/v1/chat/completions` endpoint, standard library only. With
-  `use_logprobs` it asks for one token with `top_logprobs` and uses their probabilities; when the endpoint offers
-  none it falls back to the mean of `n_samples` sampled scores.
+- `EndpointJudge`: an OpenAI-compatible `/v1/chat/completions` endpoint through the `openai` SDK (its retries and
+  timeouts), `max_concurrency` prompts in flight. With `use_logprobs` it asks for one token with `top_logprobs` and
+  uses their probabilities; when the endpoint offers none it falls back to the mean of `n_samples` sampled scores.
 
 A number is reported as a G-Eval score only when a real judge is configured: `GEvalResult.available` is False,
 with the reason, for `judge="none"` and for any judge built around an in-memory model (e.g. a tiny random model in
@@ -15,13 +15,9 @@ a test). The mechanics (prompt assembly, score-token extraction, renormalisation
 """
 
 import abc
-import concurrent.futures
 import dataclasses
-import json
 import math
 import re
-import urllib.error
-import urllib.request
 from typing import Any, Mapping, Sequence
 
 import chex
@@ -29,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from gopo_jax.endpoint import ChatClient, map_concurrently
 
 SCORES = (1, 2, 3, 4, 5)
 
@@ -245,7 +243,8 @@ class CausalLMJudge(Judge):
 
 
 class EndpointJudge(Judge):
-    """Judges through an OpenAI-compatible chat endpoint (urllib only; `max_workers` requests in flight)."""
+    """Judges through an OpenAI-compatible chat endpoint (`gopo_jax.endpoint.ChatClient`, i.e. the
+    `openai` SDK with its retries and timeouts), with at most `max_concurrency` prompts in flight."""
 
     def __init__(
         self,
@@ -253,67 +252,53 @@ class EndpointJudge(Judge):
         model: str,
         *,
         api_key: str = "",
+        api_key_env: str = "OPENAI_API_KEY",
         use_logprobs: bool = True,
         top_logprobs: int = 20,
         n_samples: int = 5,
         temperature: float = 1.0,
-        timeout_s: float = 60.0,
-        max_workers: int = 4,
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        max_concurrency: int = 8,
     ):
-        self.url = base_url.rstrip("/") + ("" if base_url.rstrip("/").endswith("/v1") else "/v1") + "/chat/completions"
-        self.model, self.api_key, self.name = model, api_key, f"endpoint:{model}"
-        self.use_logprobs, self.top_logprobs = use_logprobs, top_logprobs
-        self.n_samples, self.temperature, self.timeout_s, self.max_workers = (
-            n_samples,
-            temperature,
-            timeout_s,
-            max_workers,
+        if max_concurrency < 1:
+            raise ValueError(f"geval.max_concurrency must be at least 1 (prompts in flight), got {max_concurrency}")
+        self.client = ChatClient(
+            base_url,
+            model,
+            api_key=api_key,
+            api_key_env=api_key_env,
+            timeout=timeout,
+            max_retries=max_retries,
+            config_keys="geval.endpoint_url / geval.endpoint_model",
         )
+        self.name = f"endpoint:{model}"
+        self.use_logprobs, self.top_logprobs = use_logprobs, top_logprobs
+        self.n_samples, self.temperature, self.max_concurrency = n_samples, temperature, max_concurrency
         self.available, self.reason = True, ""
-
-    def _post(self, body: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return json.loads(response.read())
-        except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as err:
-            raise RuntimeError(
-                f"G-Eval endpoint {self.url} (model {self.model!r}) failed: {err}; check "
-                "geval.endpoint_url / geval.endpoint_model and that the server is up"
-            ) from None
 
     def _score_one(self, prompt: str) -> float | None:
         messages = [{"role": "user", "content": prompt}]
         if self.use_logprobs:
-            reply = self._post(
-                dict(
-                    model=self.model,
-                    messages=messages,
-                    max_tokens=1,
-                    temperature=0.0,
-                    logprobs=True,
-                    top_logprobs=self.top_logprobs,
-                )
+            completion = self.client.chat(
+                messages, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=self.top_logprobs
             )
-            content = ((reply.get("choices") or [{}])[0].get("logprobs") or {}).get("content") or []
-            if content and content[0].get("top_logprobs"):
-                return score_from_top_logprobs({alt["token"]: alt["logprob"] for alt in content[0]["top_logprobs"]})
-        reply = self._post(
-            dict(model=self.model, messages=messages, max_tokens=5, temperature=self.temperature, n=self.n_samples)
-        )
-        return score_from_samples([c["message"]["content"] or "" for c in reply.get("choices", [])])
+            logprobs = completion.choices[0].logprobs if completion.choices else None
+            first_token = logprobs.content[0] if logprobs is not None and logprobs.content else None
+            if first_token is not None and first_token.top_logprobs:
+                return score_from_top_logprobs({alt.token: alt.logprob for alt in first_token.top_logprobs})
+        # No log-probabilities offered: the mean of sampled answers.
+        completion = self.client.chat(messages, max_tokens=5, temperature=self.temperature, n=self.n_samples)
+        return score_from_samples([choice.message.content or "" for choice in completion.choices])
 
     def score_prompts(self, prompts):
-        with concurrent.futures.ThreadPoolExecutor(self.max_workers) as pool:
-            return list(pool.map(self._score_one, prompts))
+        return map_concurrently(self._score_one, prompts, self.max_concurrency)
 
 
 def make_judge(config: Mapping[str, Any]) -> Judge:
     """Builds the judge named by `config["judge"]`: "none", "causal_lm" (`model_path`: a local HF folder) or
-    "endpoint" (`endpoint_url`, `endpoint_model`, optional `api_key`, `use_logprobs`, `top_logprobs`, `n_samples`)."""
+    "endpoint" (`endpoint_url`, `endpoint_model`, optional `api_key`, `api_key_env`, `use_logprobs`, `top_logprobs`,
+    `n_samples`, `timeout` seconds per attempt, `max_retries`, `max_concurrency` prompts in flight)."""
     kind = config.get("judge", "none")
     if kind == "none":
         return NoJudge()
@@ -340,9 +325,13 @@ def make_judge(config: Mapping[str, Any]) -> Judge:
             config["endpoint_url"],
             config["endpoint_model"],
             api_key=config.get("api_key", ""),
+            api_key_env=config.get("api_key_env", "OPENAI_API_KEY"),
             use_logprobs=bool(config.get("use_logprobs", True)),
             top_logprobs=int(config.get("top_logprobs", 20)),
             n_samples=int(config.get("n_samples", 5)),
+            timeout=float(config.get("timeout", 60.0)),
+            max_retries=int(config.get("max_retries", 4)),
+            max_concurrency=int(config.get("max_concurrency", 8)),
         )
     raise ValueError(f"geval.judge must be 'none', 'causal_lm' or 'endpoint', got {kind!r}")
 
@@ -364,15 +353,17 @@ class GEvalResult:
 
 
 def geval(judge: Judge, samples: Sequence[Sample], criteria: Sequence[str] = tuple(CRITERIA)) -> GEvalResult:
-    """G-Eval of `samples` on `criteria` with `judge`, batched over all samples of a criterion."""
+    """G-Eval of `samples` on `criteria` with `judge`: every (criterion, sample) prompt in one `score_prompts` call,
+    so an endpoint judge keeps its bound of requests in flight across criteria."""
     for criterion in criteria:
         if criterion not in CRITERIA:
             raise ValueError(f"unknown G-Eval criterion {criterion!r}; choose from {sorted(CRITERIA)}")
     if not judge.available:
         return GEvalResult(available=False, reason=judge.reason, judge=judge.name)
+    all_values = judge.score_prompts([build_prompt(criterion, s) for criterion in criteria for s in samples])
     per_sample, means, unscored = {}, {}, {}
-    for criterion in criteria:
-        values = judge.score_prompts([build_prompt(criterion, s) for s in samples])
+    for i, criterion in enumerate(criteria):
+        values = all_values[i * len(samples) : (i + 1) * len(samples)]
         scored = [v for v in values if v is not None]
         per_sample[criterion] = values
         unscored[criterion] = len(values) - len(scored)
