@@ -17,12 +17,16 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The layer of each top-level part of gopo_jax, low to high; a module may import from its own part, from any part
 # of a lower level, and from a part of its own level only where SAME_LEVEL lists the pair.
 LAYERS = {
+    # -1 - the one command-line convention of every entry point (absl flags, one-line errors): imports nothing of
+    # gopo_jax, so any module with a `cli()` may use it.
+    "command_line": -1,
     # 0 - foundations that know nothing of dialogue: the decoder and its I/O, the sampler, device meshes, and the
     # metrics, which are pure functions of arrays and host records (a reward must not depend on who computes it).
     "models": 0,
     "parallel": 0,
     "sampling": 0,
     "metrics": 0,
+    "endpoint": 0,  # the openai-SDK client of chat endpoints: the G-Eval judge and the prompted baseline share it
     # 1 - the dialogue vocabulary every world and every learner shares: trajectory layout, the SOP automaton and its
     # masked strategy distribution, rollout drivers and scoring (they take an environment as an argument, so the
     # environment interface belongs here or lower, never in envs).
@@ -39,6 +43,7 @@ LAYERS = {
     "serve": 4,
     "export": 4,  # a run's agents as Hugging Face folders
     "chat": 4,  # a terminal dialogue with a run's agents; loads the run as the export does
+    "inspect_run": 4,  # what a run directory holds: config, checkpoints and their fingerprints, metrics
     # 5 - the one entry point that turns a config into a run: the trainer, or for `method=prompted` the clients'
     # evaluation of an external chat model; experiments call it, nothing in gopo_jax does.
     "launch": 5,
@@ -46,9 +51,12 @@ LAYERS = {
 }
 # Same-level arrows that are part of the design, (from, to); the reverse of each stays forbidden, so no cycle forms.
 SAME_LEVEL = {
-    ("metrics", "models"),  # the G-Eval judge loads its Hugging Face weights through models.hf_io
+    ("metrics", "models"),
+    ("metrics", "endpoint"),  # the G-Eval judge scores through an OpenAI-compatible endpoint  # the G-Eval judge loads its Hugging Face weights through models.hf_io
     ("sampling", "models"),  # the sampler drives the decoder's prefill and KV-cache decode
     ("chat", "export"),  # the chat restores a run with the export's `load_run`
+    ("serve", "export"),  # the server restores a run with the export's `load_run` ...
+    ("serve", "chat"),  # ... and realises replies and moves the SOP stage as the chat does
 }
 
 

@@ -191,6 +191,32 @@ class ModelAgents:
                                  reply=reply, reply_valid=reply_valid,
                                  reply_logp=jnp.where(reply_valid, reply_logp, 0.0))
 
+    def replay(self, params, carry: ModelAgentsState, inp: TurnInput, decision: jax.Array,
+               decision_valid: jax.Array, reply: jax.Array, reply_valid: jax.Array) -> ModelAgentsState:
+        """Appends a turn that already happened (the decision token int32[B] and the reply int32[B, Lr], e.g. a
+        served conversation's history) to both caches, in the slots and chunks `act` writes them: the Expert reads
+        [customer, header] then [decision, reply]; the CS reads [customer, header, decision] then the reply (as
+        one chunk here, where `act` decodes it a token at a time). Nothing is predicted."""
+        chunk = jnp.concatenate([inp.customer, inp.header], axis=1)
+        chunk_valid = jnp.concatenate([inp.customer_valid, inp.header_valid], axis=1)
+        n_after_chunk = carry.num_valid + chunk_valid.sum(-1).astype(jnp.int32)
+        expert_cache = carry.expert_cache
+        if self.sampling.use_expert:
+            expert = nnx.merge(self.expert_graphdef, params["expert"])
+            _, expert_cache = expert.hidden(chunk, _positions(carry.num_valid, chunk_valid), chunk_valid,
+                                            expert_cache)
+            tail = jnp.concatenate([decision[:, None], reply], axis=1)
+            tail_valid = jnp.concatenate([decision_valid[:, None], reply_valid], axis=1)
+            _, expert_cache = expert.hidden(tail, _positions(n_after_chunk, tail_valid), tail_valid, expert_cache)
+        cs = nnx.merge(self.cs_graphdef, params["cs"])
+        cs_chunk = jnp.concatenate([chunk, decision[:, None]], axis=1)
+        cs_valid = jnp.concatenate([chunk_valid, decision_valid[:, None]], axis=1)
+        _, cs_cache = cs.hidden(cs_chunk, _positions(carry.num_valid, cs_valid), cs_valid, carry.cs_cache)
+        n_before_reply = n_after_chunk + decision_valid.astype(jnp.int32)
+        _, cs_cache = cs.hidden(reply, _positions(n_before_reply, reply_valid), reply_valid, cs_cache)
+        return ModelAgentsState(expert_cache=expert_cache, cs_cache=cs_cache,
+                                num_valid=n_before_reply + reply_valid.sum(-1).astype(jnp.int32))
+
 
 @dataclasses.dataclass(frozen=True)
 class ScriptedAgents:

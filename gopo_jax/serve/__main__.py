@@ -1,0 +1,3 @@
+from gopo_jax.serve import cli
+
+cli()

@@ -1,0 +1,403 @@
+"""The OpenAI chat-completions API of a served run (FastAPI + pydantic), with micro-batching and SSE streaming.
+
+Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`. A request is validated against the pydantic
+schema below (a wrong type or an out-of-range value is a 400 naming the field, in OpenAI's error format), encoded
+into the run's layout by the engine, and queued. The `MicroBatcher` collects queued requests for at most
+`max_wait_s` (or until a batch of `Engine.max_batch` rows is full), groups them by sampling settings and answers each
+group with one device call on a worker thread, so the event loop keeps accepting requests meanwhile. `stream=true`
+answers as server-sent events (`chat.completion.chunk` objects, then `data: [DONE]`); a turn's reply is decoded by
+one jitted scan, so its tokens are sent when that scan ends, one event per token.
+
+Every choice carries the GOPO extension `gopo: {strategy, strategy_logprob, realised, aligned, sop_valid}` and the
+response `gopo: {stage, allowed, ...}`. Without a system message the run's default business context is used (the
+world's episode 0; `GET /v1/models` shows it) and the response says so (`gopo.default_context`).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from typing import Any, Literal
+
+import jax
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gopo_jax.dialogue.sop import UNRECOGNISED
+from gopo_jax.serve.engine import MAX_TOP_LOGPROBS, Conversation, Engine, Reply, RequestError, Sampling
+
+_log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 1 << 20
+MAX_N = 16
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # clients add fields (name, refusal, ...) we ignore
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = ""
+    gopo: dict[str, Any] | None = None  # an assistant turn's strategy/stage, as this server returned it
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    gopo_stage: int | str | None = None  # the SOP stage of the new turn (worlds without a realisation check)
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str = "invalid_request",
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.type = status, param, code, type_
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": str(self), "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+@dataclasses.dataclass
+class _Job:
+    conversation: Conversation
+    n: int
+    sampling: Sampling
+    future: asyncio.Future
+
+
+class MicroBatcher:
+    """Queues encoded requests and answers them in device batches (one worker thread runs the device)."""
+
+    def __init__(self, engine: Engine, *, max_wait_s: float = 0.005, seed: int = 0):
+        self.engine, self.max_wait_s = engine, max_wait_s
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._device = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gopo-device")
+        self._key = jax.random.key(seed)
+        self._batches = 0
+        self.device_calls = 0  # batches answered (tests and the load benchmark read how requests were grouped)
+        self.rows_served = 0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._device.shutdown(wait=True)
+
+    async def submit(self, conversation: Conversation, n: int, sampling: Sampling) -> list[Reply]:
+        future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Job(conversation, n, sampling, future))
+        return await future
+
+    async def _collect(self) -> list[_Job]:
+        jobs = [await self._queue.get()]
+        rows, deadline = jobs[0].n, time.monotonic() + self.max_wait_s
+        while rows < self.engine.max_batch:
+            try:
+                job = self._queue.get_nowait() if time.monotonic() >= deadline else await asyncio.wait_for(
+                    self._queue.get(), deadline - time.monotonic())
+            except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                break
+            jobs.append(job)
+            rows += job.n
+        return jobs
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._collect()
+            groups: dict[Any, list[_Job]] = {}
+            for job in jobs:
+                # A seeded request gets a batch of its own: its draw then depends on its seed alone.
+                groups.setdefault(job.sampling if job.sampling.seed is None else id(job), []).append(job)
+            for group in groups.values():
+                sampling = group[0].sampling
+                if sampling.seed is not None:
+                    key = jax.random.key(sampling.seed)
+                else:
+                    self._batches += 1
+                    key = jax.random.fold_in(self._key, self._batches)
+                conversations = [job.conversation for job in group for _ in range(job.n)]
+                try:
+                    replies = await loop.run_in_executor(self._device, self.engine.answer, conversations, sampling,
+                                                         key)
+                except Exception as e:  # noqa: BLE001  (the requests get a 500; the batcher keeps serving)
+                    _log.exception("device batch failed")
+                    for job in group:
+                        if not job.future.done():
+                            job.future.set_exception(e)
+                    continue
+                self.device_calls += 1
+                self.rows_served += len(conversations)
+                start = 0
+                for job in group:
+                    if not job.future.done():  # a client that went away cancelled its future
+                        job.future.set_result(replies[start:start + job.n])
+                    start += job.n
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes gets a 413 before the app reads it (declared or streamed)."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = APIError(413, f"the request body exceeds {self.limit} bytes", code="request_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await too_large.response()(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await too_large.response()(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class ServedAPI:
+    """The routes' logic over one engine: request -> conversation -> replies -> OpenAI response."""
+
+    def __init__(self, engine: Engine, *, model_name: str, api_key: str | None = None, max_wait_s: float = 0.005):
+        self.engine, self.model_name, self.api_key = engine, model_name, api_key
+        self.batcher = MicroBatcher(engine, max_wait_s=max_wait_s)
+        self.created = int(time.time())
+
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            raise APIError(401, "a valid API key is required: send `Authorization: Bearer KEY`",
+                           code="invalid_api_key")
+
+    def sampling(self, req: ChatRequest) -> tuple[Sampling, int]:
+        if req.tools or req.functions:
+            raise APIError(400, "tools/functions are not supported by this server", param="tools")
+        if req.model not in (None, "", self.model_name):
+            raise APIError(404, f"model {req.model!r} is not served here; this server serves {self.model_name!r} "
+                           "(GET /v1/models)", param="model", code="model_not_found")
+        reply_len = self.engine.layout.reply_len
+        max_tokens = req.max_completion_tokens or req.max_tokens or reply_len
+        if max_tokens > reply_len:
+            raise APIError(400, f"max_tokens={max_tokens}: this run's CS writes at most {reply_len} tokens per turn "
+                           "(layout.reply_len, what it was trained on)", param="max_tokens")
+        top = (req.top_logprobs or 0) if req.logprobs else 0
+        return Sampling(temperature=req.temperature, top_p=req.top_p, top_logprobs=top, seed=req.seed), max_tokens
+
+    async def complete(self, req: ChatRequest):
+        sampling, max_tokens = self.sampling(req)
+        try:
+            conversation = self.engine.encode([{"role": m.role, "content": m.text(), "gopo": m.gopo}
+                                               for m in req.messages], req.gopo_stage)
+        except RequestError as e:
+            raise APIError(400, str(e), param=e.param, code=e.code) from None
+        replies = await self.batcher.submit(conversation, req.n, sampling)
+        completion = self.response(conversation, replies, req, max_tokens)
+        if not req.stream:
+            return JSONResponse(completion)
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        return StreamingResponse(self.events(completion, replies, max_tokens, include_usage),
+                                 media_type="text/event-stream")
+
+    # ------------------------------------------------------------------------------------------ responses
+    def choice(self, index: int, reply: Reply, conversation: Conversation, max_tokens: int, logprobs: bool,
+               top_n: int) -> dict:
+        engine, sop = self.engine, self.engine.sop
+        ids = reply.token_ids[:max_tokens]
+        finish = "stop" if reply.stopped and len(reply.token_ids) <= max_tokens else "length"
+        allowed = sop.allowed[conversation.stage]
+        realised = engine.realised(dataclasses.replace(reply, token_ids=ids, stopped=finish == "stop"))
+        recognised = realised not in (None, UNRECOGNISED)
+        gopo = {"strategy": None if reply.strategy is None else sop.strategies[reply.strategy],
+                "strategy_logprob": reply.strategy_logprob,
+                "realised": sop.strategies[realised] if recognised else None,
+                "aligned": None if realised is None or reply.strategy is None else realised == reply.strategy,
+                "sop_valid": None if realised is None else bool(recognised and allowed[realised])}
+        choice = {"index": index, "message": {"role": "assistant", "content": engine.text(ids)},
+                  "finish_reason": finish, "logprobs": None, "gopo": gopo}
+        if logprobs:
+            top = reply.top_logprobs or ((),) * len(ids)
+            choice["logprobs"] = {"content": [self._logprob(i, lp, alternatives[:top_n])
+                                              for i, lp, alternatives in zip(ids, reply.token_logprobs, top)]}
+        return choice
+
+    def _logprob(self, token_id: int, logprob: float, top) -> dict:
+        text = self.engine.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [{"token": (s := self.engine.token_text(i)), "logprob": float(v),
+                                  "bytes": list(s.encode("utf-8"))} for i, v in top]}
+
+    def response(self, conversation: Conversation, replies: list[Reply], req: ChatRequest, max_tokens: int) -> dict:
+        top_n = (req.top_logprobs or 0) if req.logprobs else 0
+        choices = [self.choice(i, r, conversation, max_tokens, req.logprobs, top_n) for i, r in enumerate(replies)]
+        prompt_tokens = int(conversation.context_valid.sum() + conversation.customer_valid.sum() + sum(
+            t.customer_valid.sum() + t.reply_valid.sum() for t in conversation.past))
+        completion_tokens = sum(min(len(r.token_ids), max_tokens) for r in replies)
+        sop = self.engine.sop
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
+                "created": int(time.time()), "model": self.model_name, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens},
+                "gopo": {"stage": sop.stages[conversation.stage],
+                         "allowed": [k for k, ok in zip(sop.strategies, sop.allowed[conversation.stage]) if ok],
+                         "sop_mask": self.engine.sop_mask, "use_expert": self.engine.use_expert,
+                         "iteration": self.engine.run.iteration, "default_context": conversation.default_context}}
+
+    def events(self, completion: dict, replies: list[Reply], max_tokens: int, include_usage: bool):
+        """The completion as `chat.completion.chunk` server-sent events: per choice the role, one content delta
+        per token (the texts of growing prefixes, so the deltas join to the message content), then the finish."""
+        head = {"id": completion["id"], "object": "chat.completion.chunk", "created": completion["created"],
+                "model": completion["model"]}
+
+        def event(choices, **extra) -> str:
+            return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+
+        for choice, reply in zip(completion["choices"], replies):
+            index = choice["index"]
+            yield event([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            ids, sent = reply.token_ids[:max_tokens], ""
+            for j, token_logprob in enumerate(choice["logprobs"]["content"] if choice["logprobs"] else
+                                              [None] * len(ids)):
+                text = self.engine.text(ids[:j + 1])
+                # A prefix that ends inside a multi-byte character decodes to U+FFFD: wait for the rest of it.
+                if text.endswith("\ufffd") or not text.startswith(sent) or text == sent:
+                    continue
+                delta, sent = text[len(sent):], text
+                yield event([{"index": index, "delta": {"content": delta}, "finish_reason": None,
+                              "logprobs": None if token_logprob is None else {"content": [token_logprob]}}])
+            rest = choice["message"]["content"][len(sent):] if choice["message"]["content"].startswith(sent) else ""
+            if rest:
+                yield event([{"index": index, "delta": {"content": rest}, "finish_reason": None}])
+            yield event([{"index": index, "delta": {}, "finish_reason": choice["finish_reason"],
+                          "gopo": choice["gopo"]}], gopo=completion["gopo"])
+        if include_usage:
+            yield event([], usage=completion["usage"])
+        yield "data: [DONE]\n\n"
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "gopo-jax",
+                                            "gopo": {"default_context": self.engine.default_context_text(),
+                                                     "sop": self.engine.sop.name,
+                                                     "strategies": list(self.engine.sop.strategies),
+                                                     "max_turns": self.engine.layout.max_turns,
+                                                     "max_tokens": self.engine.layout.reply_len}}]}
+
+
+def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
+    first = err.errors()[0] if err.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
+    return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
+
+
+def create_app(served: ServedAPI) -> FastAPI:
+    """The FastAPI app of a served run; the batcher starts with the app and stops with it."""
+
+    async def lifespan(app):
+        served.batcher.start()
+        yield
+        await served.batcher.stop()
+
+    app = FastAPI(title=f"gopo-jax: {served.model_name}", lifespan=lifespan)
+    app.add_middleware(BodyLimit)
+
+    @app.middleware("http")
+    async def api_key(request: Request, call_next):
+        # Before the body is read or validated: without the key a caller learns nothing about the API.
+        if request.url.path.startswith("/v1/"):
+            try:
+                served.check_key(request)
+            except APIError as err:
+                return err.response()
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, err: APIError):
+        return err.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, err: RequestValidationError):
+        message, param = _validation_message(err)
+        return APIError(400, message, param=param,
+                        code="invalid_json" if message.startswith("the request body") else "invalid_request").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, err: StarletteHTTPException):
+        if err.status_code == 404:
+            return APIError(404, f"no route {request.method} {request.url.path}; routes: POST /v1/chat/completions, "
+                            "GET /v1/models, GET /health", code="not_found").response()
+        if err.status_code == 405:
+            return APIError(405, f"{request.method} is not allowed on {request.url.path}",
+                            code="method_not_allowed").response()
+        return APIError(err.status_code, str(err.detail), code="http_error").response()
+
+    @app.exception_handler(Exception)
+    async def internal(request, err: Exception):
+        _log.exception("request failed")
+        return APIError(500, f"internal error: {type(err).__name__}: {err}", code="internal_error",
+                        type_="server_error").response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": served.model_name, "iteration": served.engine.run.iteration}
+
+    @app.get("/v1/models")
+    async def models():
+        return served.models()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        return await served.complete(body)
+
+    return app
