@@ -142,6 +142,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
 
+    # Metrics always go to workdir/metrics.jsonl and TensorBoard (workdir/tb); `wandb` also logs them, with this
+    # config, to a Weights & Biases run (pip install wandb) whose id is kept in the workdir, so a resumed run goes on
+    # logging to it.
+    c.log = ml_collections.ConfigDict()
+    c.log.wandb = False
+    c.log.wandb_project = "gopo-jax"
+    c.log.wandb_entity = ""  # "" = the account's default entity
+    c.log.wandb_mode = "online"  # online | offline (kept under workdir/wandb until `wandb sync`)
+
     add_baseline_config(c)
     c.lock()
     return c

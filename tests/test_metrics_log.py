@@ -1,18 +1,24 @@
-"""Tests for gopo_jax/train/metrics_log.py: metrics.jsonl, resume truncation, TensorBoard events, console line,
-summary.json, PNG curves, saved config."""
+"""Tests for gopo_jax/train/metrics_log.py: metrics.jsonl, resume truncation, TensorBoard events, progress on the
+console (plain lines without a terminal, rich bars on one), the optional W&B run, summary.json, PNG curves, saved
+config."""
 
 import json
+import logging
 import math
 import os
 import struct
+import sys
+import types
 import warnings
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from rich.file_proxy import FileProxy
 from tensorboardX.proto import event_pb2
 
+from configs.mgshop import get_config
 from gopo_jax.train import metrics_log as gl
 
 
@@ -99,18 +105,250 @@ def test_truncate_after_drops_later_steps_and_torn_lines(tmp_path):
     assert starts == [4]
 
 
-def test_console_line_has_progress_eta_and_headline(tmp_path, capsys, monkeypatch):
-    clock = iter([100.0, 102.0, 103.0])
-    monkeypatch.setattr(gl.time, "time", lambda: next(clock))
+class _Clock:
+    """time.time as the test sets it."""
+
+    def __init__(self, now: float = 100.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(gl.time, "time", clock)
+    return clock
+
+
+@pytest.fixture
+def plain_console(monkeypatch):
+    """stderr as in CI: not a terminal, even with FORCE_COLOR set (some CI systems set it)."""
+    monkeypatch.delenv("TTY_INTERACTIVE", raising=False)
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+
+
+def _two_phases(tmp_path, **kwargs):
+    return gl.MetricsLogger(tmp_path, total_steps=8, phases=[("warm start", 4), ("gopo", 4)], tensorboard=False,
+                            evaluation_prefixes=("eval", "sft_heldout"), **kwargs)
+
+
+def test_plain_lines_without_a_terminal(tmp_path, capsys, clock, plain_console):
+    with _two_phases(tmp_path, headline=["loss", "tse"]) as logger:
+        for step in range(1, 5):  # one SFT block: its records are logged back to back
+            logger.log(step, {"loss": 1.0 / step}, prefix="sft")
+        logger.log(4, {"sft_heldout/loss": 0.5}, prefix="")  # as a cached warm start's lines are logged again
+        logger.log(4, {"tse": 0.25, "gre": 1.0}, prefix="eval")
+        for step in range(5, 9):
+            clock.now += 2.0 if step < 8 else gl.PLAIN_LINE_EVERY_S
+            logger.log(step, {"loss": 0.1, "tse": 0.5, "kl": 0.01})
+        logger.log(8, {"tse": 0.75}, prefix="eval")
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\r" not in err
+    assert err.splitlines() == [
+        "warm start 1/4 (25%) | sft/loss 1",
+        "warm start 4/4 (100%) | sft/loss 0.25",
+        "step 4/8 | sft_heldout/loss 0.5",
+        "step 4/8 | eval/tse 0.25",
+        "gopo 1/4 (25%) | train/loss 0.1 | train/tse 0.5",
+        # Steps 2 and 3 are within PLAIN_LINE_EVERY_S of the last line; step 4 ends the phase. The rate runs from
+        # step 1: 3 steps in 2 + 2 + 30 s.
+        f"gopo 4/4 (100%) | {3 / (4 + gl.PLAIN_LINE_EVERY_S):.2f} steps/s | train/loss 0.1 | train/tse 0.5",
+        "step 8/8 | eval/tse 0.75",
+    ]
+
+
+def test_plain_line_every_interval_has_rate_and_eta(tmp_path, capsys, clock, plain_console):
     with gl.MetricsLogger(tmp_path, total_steps=10, tensorboard=False, headline=["tse"]) as logger:
         logger.log(2, {"loss": 1.0, "tse": 0.5})
+        clock.now += gl.PLAIN_LINE_EVERY_S
         logger.log(6, {"loss": 1.0, "tse": 0.75})
-        logger.log(6, {"tse": 0.625}, prefix="eval")
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == "step 2/10 (20%) | train/tse 0.5"
-    # 4 steps in 2 s -> 2 steps/s, 4 steps left -> 2 s.
-    assert err[1] == "step 6/10 (60%) | 2.00 steps/s | ETA 0:00:02 | train/tse 0.75"
-    assert err[2].endswith("| eval/tse 0.625")
+    assert err[0] == "steps 2/10 (20%) | train/tse 0.5"
+    steps_per_s = 4 / gl.PLAIN_LINE_EVERY_S
+    eta = gl._format_duration(4 / steps_per_s)
+    assert err[1] == f"steps 6/10 (60%) | {steps_per_s:.2f} steps/s | ETA {eta} | train/tse 0.75"
+
+
+def test_rate_counts_a_burst_of_records_as_one_sample():
+    rate = gl._Rate()
+    for block in range(3):  # blocks of 25 steps, each logged at once when its 10 s of work end
+        for k in range(25):
+            rate.update(10.0 * block + 0.001 * k, 25 * block + k + 1)
+        if block == 0:
+            assert rate.per_second() is None  # the first burst only anchors the measure
+    assert rate.per_second() == pytest.approx(50 / 20.0, rel=1e-3)
+
+
+def _bars(logger):
+    return [(t.description, t.completed, t.total, t.started) for t in logger._progress._progress.tasks]
+
+
+def test_resumed_run_bars_start_at_the_resumed_step(tmp_path, capsys, clock, plain_console):
+    with _two_phases(tmp_path) as logger:
+        assert _bars(logger) == [("warm start", 0, 4, True), ("gopo", 0, 4, False)]
+        for step in range(1, 8):
+            clock.now += 1.0
+            logger.log(step, {"loss": 1.0}, prefix="sft" if step <= 4 else "train")
+        assert _bars(logger)[1][:2] == ("gopo", 3)
+    capsys.readouterr()
+    with _two_phases(tmp_path) as resumed:
+        resumed.truncate_after(6)
+        assert _bars(resumed) == [("warm start", 4, 4, False), ("gopo", 2, 4, True)]
+        clock.now += 1.0
+        resumed.log(7, {"loss": 2.0})
+    # Its first line comes at once, with no rate yet: the rate is this process's own.
+    assert capsys.readouterr().err.splitlines() == ["gopo 3/4 (75%) | train/loss 2"]
+
+
+def test_phases_must_add_up_to_the_steps(tmp_path):
+    with pytest.raises(ValueError, match=r"add up to total_steps=8"):
+        gl.MetricsLogger(tmp_path, total_steps=8, phases=[("warm start", 4), ("gopo", 3)])
+
+
+def test_bars_on_a_terminal(tmp_path, capsys, clock, monkeypatch):
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich writes for a terminal ...
+    monkeypatch.setenv("TTY_INTERACTIVE", "1")  # ... and draws live bars
+    monkeypatch.setenv("COLUMNS", "200")
+    handler = logging.StreamHandler(sys.stderr)  # as logging.basicConfig makes it before the run
+    logging.getLogger().addHandler(handler)
+    try:
+        with _two_phases(tmp_path) as logger:
+            assert logger._progress.live
+            # While the bars show, a log record goes through rich, which prints it above them.
+            assert isinstance(handler.stream, FileProxy) and handler.stream is sys.stderr
+            for step in range(1, 9):
+                clock.now += 1.0
+                logger.log(step, {"loss": 0.5, "tse": 0.125}, prefix="sft" if step <= 4 else "train")
+                if step == 6:
+                    gopo = logger._progress._progress.tasks[1]
+                    assert (gopo.fields["rate"], gopo.fields["eta"]) == ("1.00 steps/s", "ETA 0:00:02")
+            logger.log(8, {"tse": 0.75}, prefix="eval")
+            assert _bars(logger) == [("warm start", 4, 4, True), ("gopo", 4, 4, True)]
+        restored = handler.stream
+    finally:
+        logging.getLogger().removeHandler(handler)
+    err = capsys.readouterr().err
+    assert restored is sys.stderr  # the handler writes where it did before
+    assert "\x1b[" in err  # drawn in place
+    final = err[err.rindex("step 8/8 | eval/tse 0.75"):]
+    assert "warm start" in final and "4/4" in final and "1.00 steps/s" in final
+    assert "train/loss 0.5 | train/tse 0.125" in final
+
+
+class _FakeWandb(types.ModuleType):
+    """The part of `wandb` the logger uses, recording calls; runs keep their logged steps across `init`s, as the
+    W&B server does."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.runs = []
+        self.last_step = {}  # run id -> the highest step W&B holds
+
+    def init(self, **kwargs):
+        run = _FakeRun(self, kwargs, run_id=kwargs["id"] or f"run{len(self.runs)}")
+        self.runs.append(run)
+        return run
+
+
+class _FakeRun:
+    def __init__(self, wandb, kwargs, run_id):
+        self.wandb, self.kwargs, self.id = wandb, kwargs, run_id
+        self.step = wandb.last_step.get(run_id, -1) + 1  # W&B's current step: a resumed run goes on after its steps
+        self.logged = []
+        self.exit_code = "open"
+
+    def log(self, data, step):
+        assert step >= self.step, "W&B would ignore a step below its current one"
+        self.logged.append((step, data))
+        self.step = step
+        self.wandb.last_step[self.id] = step
+
+    def finish(self, exit_code=None):
+        self.exit_code = exit_code
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    wandb = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    return wandb
+
+
+def _wandb_settings(**log):
+    config = get_config()
+    with config.unlocked():
+        config.log.update({"wandb": True, "wandb_mode": "offline"} | log)
+    return gl.WandbSettings.from_config(config)
+
+
+def test_wandb_run_gets_the_config_and_the_scalars(tmp_path, fake_wandb):
+    settings = _wandb_settings(wandb_project="shop", wandb_entity="lab")
+    with gl.MetricsLogger(tmp_path, total_steps=4, console=False, wandb=settings) as logger:
+        with pytest.warns(UserWarning, match="train/kl is nan"):
+            logger.log(1, {"loss": np.float32(0.5), "kl": float("nan")})
+        logger.log(1, {"tse": 0.25}, prefix="eval")
+        logger.log(2, {"loss": 0.25})
+    (run,) = fake_wandb.runs
+    # The whole run config.
+    assert run.kwargs["config"] == settings.config and settings.config["train"] == get_config().train.to_dict()
+    assert settings.config["log"]["wandb_project"] == "shop"
+    assert {k: run.kwargs[k] for k in ("project", "entity", "mode", "id", "resume", "dir")} == {
+        "project": "shop", "entity": "lab", "mode": "offline", "id": None, "resume": "allow", "dir": str(tmp_path)}
+    # The scalars TensorBoard gets (the null one left out), at their steps.
+    assert run.logged == [(1, {"train/loss": 0.5}), (1, {"eval/tse": 0.25}), (2, {"train/loss": 0.25})]
+    assert run.exit_code == 0
+    assert (tmp_path / gl.WANDB_ID_FILE).read_text() == "run0\n"
+
+
+def test_wandb_resumed_workdir_continues_the_same_run(tmp_path, fake_wandb):
+    settings = _wandb_settings()
+    with gl.MetricsLogger(tmp_path, total_steps=6, console=False, wandb=settings) as logger:
+        for step in range(1, 5):
+            logger.log(step, {"loss": float(step)})
+    # Killed after step 4 with its last checkpoint at step 2: the resumed run logs steps 3 and 4 again.
+    with gl.MetricsLogger(tmp_path, total_steps=6, console=False, wandb=settings) as resumed:
+        resumed.truncate_after(2)
+        for step in range(3, 7):
+            resumed.log(step, {"loss": float(step)})
+    first, second = fake_wandb.runs
+    assert second.kwargs["id"] == first.id == "run0" and second.kwargs["resume"] == "allow"
+    # W&B already holds steps 3 and 4 (the same values: resumption is exact); step 5 on goes to the same run.
+    assert [step for step, _ in second.logged] == [5, 6]
+    assert second.exit_code == 0
+
+
+def test_wandb_run_of_a_failed_run_is_marked_failed(tmp_path, fake_wandb):
+    with pytest.raises(RuntimeError, match="boom"):
+        with gl.MetricsLogger(tmp_path, total_steps=2, console=False, wandb=_wandb_settings()) as logger:
+            logger.log(1, {"loss": 1.0})
+            raise RuntimeError("boom")
+    assert fake_wandb.runs[0].exit_code == 1
+
+
+def test_wandb_off_imports_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # any `import wandb` would fail
+    assert gl.WandbSettings.from_config(get_config()) is None  # off by default
+    with gl.MetricsLogger(tmp_path, total_steps=2, console=False, tensorboard=False) as logger:
+        logger.log(1, {"loss": 1.0})
+    assert not (tmp_path / gl.WANDB_ID_FILE).exists()
+
+
+def test_wandb_missing_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as when it is not installed
+    with pytest.raises(ValueError, match=r"^log.wandb=True needs the wandb package.*pip install wandb") as info:
+        gl.MetricsLogger(tmp_path, total_steps=2, console=False, wandb=_wandb_settings())
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / gl.METRICS_FILE).exists()  # it failed before opening anything
+
+
+@pytest.mark.parametrize(("log", "message"), [(dict(wandb_mode="cloud"), r"log.wandb_mode must be one of"),
+                                              (dict(wandb_project=""), r"log.wandb_project is empty")])
+def test_wandb_settings_are_checked(log, message):
+    with pytest.raises(ValueError, match=message):
+        _wandb_settings(**log)
 
 
 def test_write_summary(tmp_path):

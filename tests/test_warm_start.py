@@ -25,7 +25,7 @@ def test_key_ignores_what_follows_the_warm_start():
     base = warm_start_key(get_config(), use_expert=True)
     for key, value in (("method", "memento"), ("train.steps", 3), ("train.lr_cs", 1.0), ("gopo.beta_pref", 0.9),
                        ("eval.episodes", 3), ("sampling.temperature", 0.5), ("baselines.dpo.beta", 1.0),
-                       ("sft.cache_dir", "/elsewhere")):
+                       ("sft.cache_dir", "/elsewhere"), ("log.wandb", True)):
         assert warm_start_key(_changed(key, value), use_expert=True) == base, key
 
 

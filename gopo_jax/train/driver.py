@@ -19,6 +19,7 @@ read from / written to the shared warm-start cache (`gopo_jax.train.warm_start`)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import json
@@ -36,8 +37,8 @@ from gopo_jax import parallel
 from gopo_jax.envs.registry import is_pure_jax
 from gopo_jax.models.tokenizer import save_tokenizer
 from gopo_jax.train import checkpoint, report, schedule
-from gopo_jax.train.build import Components, agent_params, build, demo_split
-from gopo_jax.train.metrics_log import MetricsLogger, plot_curves, save_config, write_summary
+from gopo_jax.train.build import Components, agent_params, build, demo_split, init_agent_params
+from gopo_jax.train.metrics_log import MetricsLogger, WandbSettings, plot_curves, save_config, write_summary
 from gopo_jax.train.phases import Phases
 from gopo_jax.train.warm_start import WarmStartCache, tokenizer_digest, warm_start_key
 
@@ -217,14 +218,24 @@ class Trainer:
 
     def run(self) -> list[dict]:
         """Each seed's summary; `{"stopped": True, "iteration": step}` for each seed when SIGTERM stopped it."""
-        c, ex, sched, method = self.c, self.ex, self.c.schedule, self.c.method
+        c, sched = self.c, self.c.schedule
         t_start = time.time()
         for cfg, d in zip(self.configs, self.workdirs):
             save_config(d, cfg)
             if not (d / "tokenizer" / "tokenizer.json").exists():
                 save_tokenizer(c.world.tokenizer, d / "tokenizer")
-        # One console progress line (the first seed's); every seed's metrics go to its own metrics.jsonl.
-        loggers = [MetricsLogger(d, total_steps=sched.total, console=i == 0) for i, d in enumerate(self.workdirs)]
+        # One progress display, the first seed's: a bar for the warm start and one for the method's iterations, with
+        # the held-out evaluations as lines. Every seed's metrics go to its own metrics.jsonl (and W&B run).
+        phases = [("warm start", sched.sft_steps), (c.method.name, sched.method_steps)]
+        with contextlib.ExitStack() as open_loggers:
+            loggers = [open_loggers.enter_context(
+                MetricsLogger(d, total_steps=sched.total, phases=phases, console=i == 0,
+                              evaluation_prefixes=("eval", "sft_heldout"), wandb=WandbSettings.from_config(cfg)))
+                for i, (cfg, d) in enumerate(zip(self.configs, self.workdirs))]
+            return self._train(loggers, t_start)
+
+    def _train(self, loggers: list[MetricsLogger], t_start: float) -> list[dict]:
+        c, ex, sched, method = self.c, self.ex, self.c.schedule, self.c.method
         init_params = ex.stack([c.init_params(s) for s in self.seeds])
 
         def init_extras():  # fresh arrays each time: the updates donate the state's
@@ -281,7 +292,7 @@ class Trainer:
                     self._save(step, state, ref_params)
                 elif should_stop():
                     self._save(step, state, ref_params)
-                    return self._stopped(loggers, step)
+                    return self._stopped(step)
             if sched.sft_steps == 0 and step == 0:
                 # No warm start: the initial agents are the reference, and the method has its own optimizer.
                 start, ref_params = ex.start_method(state.params)
@@ -308,7 +319,7 @@ class Trainer:
                 if sched.saves_after(step) or should_stop():
                     self._save(step, state, ref_params)
                 if should_stop() and step < sched.total:
-                    return self._stopped(loggers, step)
+                    return self._stopped(step)
 
         # The last iteration's evaluation is the final one; a run resumed at its end evaluates once more.
         final, final_head = (last_eval[1:] if last_eval[0] == sched.total
@@ -338,9 +349,7 @@ class Trainer:
             summaries.append(summary)
         return summaries
 
-    def _stopped(self, loggers, step: int) -> list[dict]:
-        for logger in loggers:
-            logger.close()
+    def _stopped(self, step: int) -> list[dict]:
         return [{"stopped": True, "iteration": step} for _ in self.seeds]
 
 
@@ -405,12 +414,19 @@ def restore_agents(workdir: str | pathlib.Path, config: ml_collections.ConfigDic
     workdir, for serving or export; None when the run has no checkpoint yet. Nothing is trained or compiled."""
     workdir = pathlib.Path(workdir)
     c = build(config, workdir)
-    params = c.init_params(int(config.seed))
-    phases = Phases(c)
-    state = phases.method_state(params, c.method.init_extras(), int(config.seed))
+    phases, seed = Phases(c), int(config.seed)
+
+    def initial():
+        # The agents as their configs shape them (a pretrained run's are shaped like its checkpoint's), never
+        # loaded: the checkpoint fills them.
+        params = {**init_agent_params(c.world, seed), **c.method.init_extra_params(schedule.extra_params_key(seed))}
+        return {"state": phases.method_state(params, c.method.init_extras(), seed),
+                "ref": phases.kept_reference(params)}
+
+    # Restored into abstract arrays: nothing is initialised, no optimizer moments or pretrained weights are built
+    # only to be overwritten (the server and the export of a large model hold the restored state alone).
     restored = checkpoint.restore_checkpoint(workdir / "checkpoints",
-                                             {"state": state, "ref": phases.kept_reference(params),
-                                              "iteration": np.int64(0)},
+                                             {**jax.eval_shape(initial), "iteration": np.int64(0)},
                                              expected_metadata=c.fingerprint(), step=step)
     if restored is None:
         return None
