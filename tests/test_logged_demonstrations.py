@@ -87,7 +87,7 @@ def test_delexicalise_speaks_the_worlds_placeholders():
              ["Train-Inform", "Ticket", "10.10", 10, 10],  # overlaps the span before: stays as it is
              ["Booking-Book", "Ref", "ABC", 16, 15]]  # an empty word range (an annotation slip): stays lexical
     out = multiwoz.detokenise(multiwoz.delexicalise(text, spans, "here"))
-    assert out == ("[value_trainid] leaves at [value_leave], takes [value_duration] and costs [value_price]. "
+    assert out == ("[value_id] leaves at [value_leave], takes [value_duration] and costs [value_price]. "
                    "Ref is ABC.")
     assert multiwoz.detokenise("I do n't know , sorry .") == "I don't know, sorry."
     with pytest.raises(multiwoz.MultiWOZEnvError, match=r"here: span slot 'Colour' has no placeholder"):

@@ -17,7 +17,7 @@ What comes from where (all files under the shared `multiwoz` folder, see its REA
   them as one hard mask; `spec.sop` holds the automaton alone. The stage advances on the realised act.
 - Database: `db/*.json` through `gopo_jax.metrics.multiwoz_eval.VenueDatabase` (the scorer's own matching rules,
   so an offer the env counts as correct is one the Inform metric counts as correct); hospital/police by hand.
-- Replies are delexicalised with `[value_x]` placeholders (`[value_name]`, `[value_trainid]`, `[value_phone]`,
+- Replies are delexicalised with `[value_x]` placeholders (`[value_name]`, `[value_id]`, `[value_phone]`,
   `[value_reference]`, ...). The realisation check R parses the act type with ordered phrase rules and the
   content (requested slots, placeholders) with keyword tables; the world fills an offer with the first database
   venue for the informed constraints.
@@ -49,7 +49,7 @@ demonstrations are the 999 val dialogues (`LOGGED_SPLIT`; a world built on split
 system turn is one agent turn:
 - customer: the user utterance before it (a turn left out hands its user utterance on to the next kept turn).
 - reply: the logged system utterance with every annotated value span (`span_info`) replaced by the world's
-  `[value_x]` placeholder (`SPAN_PLACEHOLDER`: Choice -> count, Ref -> reference, Id -> trainid, Ticket -> price,
+  `[value_x]` placeholder (`SPAN_PLACEHOLDER`: Choice -> count, Ref -> reference, Id -> id, Ticket -> price,
   Fee -> entrancefee, train Time -> duration, ...), the language the world's replies, R and the user simulator
   speak; ConvLab's tokenised spacing ("needs . Would") is undone. A span with an empty or out-of-range word range
   (2 annotation slips in val) or overlapping an earlier one stays lexical, as do values the annotation has no span
@@ -140,7 +140,7 @@ _BOOK_WORDS = {"bookday": "day", "bookpeople": "people", "booktime": "time", "bo
 # reqt attribute (ConvLab goal name) -> placeholder the reply must carry to give it.
 _REQT_PLACEHOLDER = {
     "phone": "phone", "address": "address", "postcode": "postcode", "price": "price", "entrance fee": "entrancefee",
-    "duration": "duration", "trainID": "trainid", "leaveAt": "leave", "arriveBy": "arrive", "area": "area",
+    "duration": "duration", "trainID": "id", "leaveAt": "leave", "arriveBy": "arrive", "area": "area",
     "food": "food", "pricerange": "pricerange", "type": "type", "stars": "stars", "internet": "internet",
     "parking": "parking", "car type": "car", "department": "department",
 }
@@ -367,7 +367,7 @@ STRATEGY_PRIORITY = tuple(act for act, _ in _ACT_RULES) + ("request", "inform")
 # ConvLab span slot -> the world's placeholder (the names `_REQT_PLACEHOLDER` and the evaluator know).
 SPAN_PLACEHOLDER = {
     "Name": "name", "Choice": "count", "Area": "area", "Ref": "reference", "Type": "type", "Addr": "address",
-    "Phone": "phone", "Price": "pricerange", "Leave": "leave", "Id": "trainid", "Arrive": "arrive",
+    "Phone": "phone", "Price": "pricerange", "Leave": "leave", "Id": "id", "Arrive": "arrive",
     "Post": "postcode", "Food": "food", "Ticket": "price", "Fee": "entrancefee", "Dest": "destination",
     "Depart": "departure", "Day": "day", "Stars": "stars", "Car": "car", "Time": "time", "People": "people",
     "Stay": "stay", "Open": "openhours",
@@ -723,7 +723,7 @@ class MultiWOZEnv(HostEnv):
         if act == "request":
             utterance, changed = self._answer(self._requested_slots(text))
             return utterance, [], changed
-        if act in ("inform", "recommend", "select") and (holders & {"name", "trainid"}):
+        if act in ("inform", "recommend", "select") and (holders & {"name", "id"}):
             matches = self._matches(g)
             if not matches:  # inform is also allowed to talk about the venue already on offer
                 return self._need(), [], False
@@ -900,7 +900,7 @@ class MultiWOZEnv(HostEnv):
         ep = self._episode()
         g = self._goal
         act = self.spec.strategies[strategy]
-        venue = "[value_trainid]" if g.domain == "train" else "[value_name]"
+        venue = "[value_id]" if g.domain == "train" else "[value_name]"
         pending = [r for r in g.reqt if (g.domain, "reqt:" + r) not in ep.units]
         if act == "greet":
             return "Hello, welcome to the Cambridge TownInfo centre. How can I help you?"

@@ -3,11 +3,18 @@
 Input is the standard evaluator format `{dialogue_id: [{"response": str, "state"?: {...}, "active_domains"?: [...]},
 ...]}` with one entry per system turn and delexicalised responses (`[restaurant_name]`, `[value_phone]`, ...).
 
-What the scorer does (a re-implementation written for this project from the published definitions; the
-evaluator's own code is not copied — see docs/metrics.md for every known difference):
+What the scorer does (written for this project to the rules of the standard evaluator, mwzeval; its code is not
+copied, but its lookup tables — placeholder names, value spellings — are reproduced as data so that scores match;
+scripts/multiwoz_published.py checks the published systems in the shared data, docs/metrics.md lists what still
+differs):
 - Responses are lower-cased, placeholders are mapped to the evaluator's slot tokens (NAME, PHONE, POST, ADDRESS,
-  REFERENCE, TRAINID, ...; a plural suffix `-s`/`s`/`es` after the bracket is absorbed), `-s`/`-ly` split suffixes
-  are removed and spacing around punctuation is normalised.
+  REFERENCE, TRAINID, ...; a plural suffix `-s`/`s`/`es` after the bracket is absorbed; a name outside the
+  evaluator's table becomes nothing, as there, and is counted in the report), `-s`/`-ly` split suffixes are
+  removed and spacing around punctuation is normalised.
+- States: slot names canonical (`arriveBy` → `arrive`, `leaveAt` → `leave`), values as the evaluator reads them:
+  times to HH:MM, venue names and food through its alias tables, `guest house` → `guesthouse`, parking /
+  internet `free` → `yes`. Don't-care values stay in the state (they change the active domain) and are skipped
+  by the database query; any other value constrains it ("none" and "" match no venue, as there).
 - Inform: per goal domain, the venues the system last offered (database look-up with the turn's dialogue state
   whenever a NAME / TRAINID token is produced while the domain is active; the offered set is replaced when it
   stops being a subset of the new look-up) must be a subset of the venues matching the goal's constraints.
@@ -17,8 +24,12 @@ evaluator's own code is not copied — see docs/metrics.md for every known diffe
   when the goal books) was produced as a token while the domain was active; REFERENCE only counts on turns where
   the data say a booking happened (`mwzeval/booked_domains.json.gz`).
 - Missing `state`: the ConvLab belief state annotated on the reference system turn is used (the canonical
-  MultiWOZ 2.2 gold states are not on disk). Missing `active_domains`: estimated from state changes as in the
-  standard evaluator (the domain whose state changed; ties keep the current one, else the one with most slots).
+  MultiWOZ 2.2 gold states are not on disk). Missing `active_domains`: when the responses' placeholders name
+  domains (`[hotel_name]`), each turn's domains are the ones its placeholders name (the evaluator's
+  add_slot_domains.py, which its README asks such systems to run); otherwise they are estimated from state changes
+  as in the evaluator (the domain whose state changed; ties keep the current one, else the one with most slots).
+- A dialogue with fewer turns than the reference is scored on the turns given (the evaluator pairs turns up to the
+  shorter list); the report counts such dialogues. More turns than the reference is an error.
 - BLEU: sacreBLEU corpus BLEU of the normalised responses against ONE reference set, the ConvLab-3 MultiWOZ
   test/val system turns delexicalised with their own `span_info` annotations (word spans → `[slot]`) and
   normalised the same way. This is NOT the canonical `mwz22` reference set (built from the absent 2.2
@@ -29,104 +40,164 @@ Goals are rebuilt from the ConvLab `goal` field of the real dialogues (the evalu
 informable = `info` (leaveAt→leave, arriveBy→arrive), requestable = `reqt` ∩ {phone, address, postcode,
 trainID} as tokens, plus REFERENCE when the goal has a `book` section; booking = `book` minus pre_invalid/invalid.
 
-Command line: `python -m gopo_jax.metrics.multiwoz_eval --predictions FILE[.gz] --data DIR [--split test]`
-prints a JSON report; `--human-references` scores the delexicalised human responses instead of a file.
+Command line: `python -m gopo_jax.metrics.multiwoz_eval --predictions FILE[.gz] --data DIR [--split test]
+[--nobleu]` prints a JSON report; `--human_references` scores the delexicalised human responses instead of a file.
 """
 
-import argparse
-import difflib
+import collections
 import functools
 import gzip
 import json
 import pathlib
 import re
-import sys
 import zipfile
 from typing import Any
 
 import sacrebleu
+from absl import flags
+from rapidfuzz import fuzz
+
+from gopo_jax import command_line
 
 VENUE_DOMAINS = ("restaurant", "hotel", "attraction", "train")
 NO_VENUE_DOMAINS = ("taxi", "police", "hospital")
 GOAL_DOMAINS = VENUE_DOMAINS + NO_VENUE_DOMAINS
 REQUESTABLE_TOKENS = ("PHONE", "ADDRESS", "POST", "REFERENCE", "TRAINID")
 _GOAL_REQUESTABLE = {"phone": "PHONE", "address": "ADDRESS", "postcode": "POST", "trainid": "TRAINID"}
-_DONT_CARE = {"dontcare", "dont care", "don't care", "do n't care", "do not care", "not mentioned", "", "none"}
+# The values the evaluator's database query treats as "no constraint" (compared before normalisation, exactly).
+_QUERY_DONT_CARE = frozenset({"dontcare", "not mentioned", "don't care", "dont care", "do n't care", "do not care"})
+# Empty and don't-care values of the ConvLab belief states; the 2.2 gold states they stand in for have neither.
+_CONVLAB_EMPTY = _QUERY_DONT_CARE | {"", "none"}
 _FUZZY_KEYS = {
     "restaurant": {"name", "food"},
     "hotel": {"name"},
     "attraction": {"name"},
     "train": {"departure", "destination"},
 }
+_FUZZY_THRESHOLD = 90
 # Database columns the evaluator does not match on (free text, coordinates, nested prices).
 _IGNORED_COLUMNS = {"location", "openhours", "introduction", "signature", "takesbookings"}
 _SPLIT_FILES = {"test": "test.json.zip", "val": "val.json.zip", "validation": "val.json.zip", "dev": "val.json.zip"}
 
-# Slot word (after dropping a domain/value prefix) → evaluator token.
-_SLOT_TOKENS = {
-    "address": "ADDRESS",
-    "addr": "ADDRESS",
-    "area": "AREA",
-    "time": "TIME",
-    "booktime": "TIME",
-    "duration": "TIME",
-    "arriveby": "TIME",
-    "arrive": "TIME",
-    "arrive by": "TIME",
-    "leaveat": "TIME",
-    "leave": "TIME",
-    "leave at": "TIME",
-    "day": "DAY",
-    "bookday": "DAY",
-    "destination": "PLACE",
-    "departure": "PLACE",
-    "place": "PLACE",
-    "dest": "PLACE",
-    "depart": "PLACE",
-    "food": "FOOD",
-    "name": "NAME",
-    "phone": "PHONE",
-    "postcode": "POST",
-    "post": "POST",
-    "price": "PRICE",
-    "pricerange": "PRICE",
-    "price range": "PRICE",
-    "entrancefee": "PRICE",
-    "entrance fee": "PRICE",
-    "fee": "PRICE",
-    "ticket": "PRICE",
-    "reference": "REFERENCE",
-    "ref": "REFERENCE",
-    "stars": "COUNT",
-    "bookstay": "COUNT",
-    "stay": "COUNT",
-    "bookpeople": "COUNT",
-    "people": "COUNT",
-    "choice": "COUNT",
-    "count": "COUNT",
-    "type": "TYPE",
-    "car": "TYPE",
-    "trainid": "TRAINID",
-    "train_id": "TRAINID",
-    "train": "TRAINID",
-    "internet": "INTERNET",
-    "parking": "PARKING",
-    "department": "DEPARTMENT",
-    "openhours": "OPEN",
-    "open": "OPEN",
+
+# The evaluator's placeholder names per slot token: exactly these names are understood, so that a system is
+# credited for the same placeholders as there (e.g. `[booking_reference]` or `[restaurant_addr]` are not).
+_TOKEN_NAMES = {
+    "ADDRESS": "address attraction_address hospital_address hotel_address police_address restaurant_address "
+    "value_address".split(),
+    "AREA": "area value_area attraction_area restaurant_area hotel_area".split(),
+    "TIME": "booktime value_time time duration value_duration train_duration arriveby taxi_arriveby value_arrive "
+    "train_arriveby leaveat value_leave train_leaveat train_leave train_arrive taxi_leaveat".split()
+    + ["arrive by", "leave at"],
+    "DAY": "day value_day bookday train_day".split(),
+    "PLACE": "destination value_destination departure value_departure value_place train_departure train_destination "
+    "taxi_destination taxi_departure".split(),
+    "FOOD": "food value_food restaurant_food".split(),
+    "NAME": "name attraction_name hospital_name hotel_name police_name restaurant_name value_name".split(),
+    "PHONE": "phone attraction_phone hospital_phone hotel_phone police_phone restaurant_phone taxi_phone "
+    "value_phone".split(),
+    "POST": "postcode attraction_postcode hospital_postcode hotel_postcode restaurant_postcode value_postcode "
+    "police_postcode".split(),
+    "PRICE": "price value_price entrancefee train_price attraction_entrancefee pricerange value_pricerange "
+    "restaurant_pricerange hotel_pricerange attraction_pricerange attraction_price".split()
+    + ["entrance fee", "price range"],
+    "REFERENCE": "ref attraction_reference hotel_reference restaurant_reference train_reference value_reference "
+    "reference".split(),
+    "COUNT": "stars value_stars hotel_stars bookstay value_stay stay bookpeople value_people people choice "
+    "value_choice value_count attraction_choice hotel_choice restaurant_choice train_choice".split(),
+    "TYPE": "type taxi_type taxi_car value_type value_car car restaurant_type hotel_type attraction_type".split(),
+    "TRAINID": "trainid train_id value_id id train train_trainid".split(),
+    "INTERNET": "internet hotel_internet".split(),
+    "PARKING": "parking hotel_parking".split(),
+    "ID": "hospital_id attraction_id restaurant_id".split(),
+    "DEPARTMENT": "value_department department hospital_department".split(),
+    "OPEN": ["openhours"],
 }
-_SLOT_PREFIXES = (
-    "value_",
-    "restaurant_",
-    "hotel_",
-    "attraction_",
-    "train_",
-    "taxi_",
-    "police_",
-    "hospital_",
-    "booking_",
-)
+_SLOT_TOKENS = {name: token for token, names in _TOKEN_NAMES.items() for name in names}
+# Names of the table that say their domain (`hotel_name`): a system delexicalising with them knows each turn's domain.
+_DOMAIN_NAMED = frozenset(name for name in _SLOT_TOKENS if name.partition("_")[0] in GOAL_DOMAINS and "_" in name)
 _PLACEHOLDER = re.compile(r"\[([\w\s]+)\](?:-es|-s|es|s)?")
+_PLACEHOLDER_NAME = re.compile(r"\[([\w\s]+)\]")
+
+# Value spellings of the MultiWOZ data that the evaluator maps to the database's (its tables, kept as they are —
+# "seven o'clock tomorrow evening" → 07:00 included — so that scores match). Two venue aliases map a name the
+# database has ("the junction", "parkside pools") to one it lacks, so a state naming either venue matches nothing:
+# the published scores include that (dropping the two moves LAVA, MarCo and SFN by 0.3), so `evaluate` keeps it,
+# and `normalise_state` applies the venue aliases only when asked.
+_NAME_ALIASES = {
+    "hotel du vin bistro": "hotel du vin and bistro",
+    "the river bar and grill": "the river bar steakhouse and grill",
+    "nando's": "nandos",
+    "city center b and b": "city center north b and b",
+    "acorn house": "acorn guest house",
+    "caffee uno": "caffe uno",
+    "cafe uno": "caffe uno",
+    "rosa's": "rosas bed and breakfast",
+    "restaurant called two two": "restaurant two two",
+    "restaurant 2 two": "restaurant two two",
+    "restaurant two 2": "restaurant two two",
+    "restaurant 2 2": "restaurant two two",
+    "restaurant 1 7": "restaurant one seven",
+    "restaurant 17": "restaurant one seven",
+    "lime house": "limehouse",
+    "cityrooms": "cityroomz",
+    "whale of time": "whale of a time",
+    "huntingdon hotel": "huntingdon marriott hotel",
+    "holiday inn exlpress, cambridge": "express by holiday inn cambridge",
+    "university hotel": "university arms hotel",
+    "arbury guesthouse and lodge": "arbury lodge guesthouse",
+    "bridge house": "bridge guest house",
+    "arbury guesthouse": "arbury lodge guesthouse",
+    "nandos in the city centre": "nandos city centre",
+    "broughton gallery": "broughton house gallery",
+    "scudamores punt co": "scudamores punting co",
+    "cambridge botanic gardens": "cambridge university botanic gardens",
+    "the junction": "junction theatre",
+    "trinity street college": "trinity college",
+    "christ college": "christ's college",
+    "christs": "christ's college",
+    "history of science museum": "whipple museum of the history of science",
+    "parkside pools": "parkside swimming pool",
+    "the botanical gardens at cambridge university": "cambridge university botanic gardens",
+    "cafe jello museum": "cafe jello gallery",
+}
+_FOOD_ALIASES = {
+    "eriterean": "mediterranean",
+    "brazilian": "portuguese",
+    "sea food": "seafood",
+    "portugese": "portuguese",
+    "modern american": "north american",
+    "americas": "north american",
+    "intalian": "italian",
+    "italain": "italian",
+    "asian or oriental": "asian",
+    "english": "british",
+    "australasian": "australian",
+    "gastropod": "gastropub",
+    "brutish": "british",
+    "bristish": "british",
+    "europeon": "european",
+}
+_TYPE_ALIASES = {
+    "swimming pool": "swimmingpool",
+    "mutliple sports": "multiple sports",
+    "night club": "nightclub",
+    "guest house": "guesthouse",
+}
+_TIME_ALIASES = {
+    "afternoon": "13:00",
+    "lunch": "12:00",
+    "noon": "12:00",
+    "mid-day": "12:00",
+    "around lunch time": "12:00",
+    "morning": "08:00",
+    "seven o'clock tomorrow evening": "07:00",
+    "three forty five p.m": "15:45",
+    "one thirty p.m.": "13:30",
+    "six fourty five": "06:45",
+    "eight thirty": "08:30",
+}
+_TIME_PREFIX_ALIASES = (("one o'clock p.m", "13:00"), ("ten o'clock a.m", "10:00"))
 
 
 class MultiWOZDataError(ValueError):
@@ -136,22 +207,20 @@ class MultiWOZDataError(ValueError):
 # ----------------------------------------------------------------------------------------------- normalisation
 
 
-def _slot_token(placeholder: str) -> str:
-    name = placeholder.strip().lower()
-    prefix_domain = None
-    for prefix in _SLOT_PREFIXES:
-        if name.startswith(prefix):
-            prefix_domain = prefix[:-1]
-            name = name[len(prefix) :]
-            break
-    if name == "id":  # a bare id is a train id for trains and a venue id elsewhere
-        return "TRAINID" if prefix_domain in ("train", "value", None) else "ID"
-    return _SLOT_TOKENS.get(name, name.upper().replace(" ", ""))
+def _slot_token(placeholder: str, unknown: collections.Counter | None) -> str:
+    name = placeholder.lower()
+    token = _SLOT_TOKENS.get(name, "")
+    if not token and unknown is not None:
+        unknown[name] += 1
+    return token
 
 
-def normalise_response(text: str) -> str:
-    """Lower-case, placeholders → slot tokens, drop `-s`/`-ly` split suffixes, normalise spacing around punctuation."""
-    text = _PLACEHOLDER.sub(lambda m: _slot_token(m.group(1)), text.lower())
+def normalise_response(text: str, unknown_placeholders: collections.Counter | None = None) -> str:
+    """Lower-case, placeholders → slot tokens, drop `-s`/`-ly` split suffixes, normalise spacing around punctuation.
+
+    Placeholder names outside the evaluator's table become "" (as there) and are counted in `unknown_placeholders`.
+    """
+    text = _PLACEHOLDER.sub(lambda m: _slot_token(m.group(1), unknown_placeholders), text.lower())
     text = text.replace("-s", "").replace("-ly", "")
     text = re.sub(r"\s+([.,!?;:%)])", r"\1", text)  # "word ." → "word."
     text = re.sub(r"([($])\s+", r"\1", text)
@@ -159,38 +228,74 @@ def normalise_response(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def placeholder_domains(response: str) -> list[str]:
+    """The goal domains named by a response's placeholders (`[hotel_name]` → hotel), add_slot_domains.py's rule."""
+    named = {name.split("_")[0] for name in _PLACEHOLDER_NAME.findall(response.lower())}
+    return [domain for domain in GOAL_DOMAINS if domain in named]
+
+
 def _canonical_time(value: str) -> str:
-    """Free-form time → HH:MM where it can be read (e.g. "after 5:30 pm" → "17:30"), else the stripped input."""
+    """Free-form time → HH:MM by the evaluator's rules ("after 5:30 pm" → 17:30, "1045" → 10:45, "7" → 07:00).
+
+    What they cannot read comes back as written (it then counts as 00:00). Its quirks are kept so that scores match:
+    "12 pm" reads as 24:00 and "by" drops three characters.
+    """
     text = value.strip().lower()
-    named = {"morning": "08:00", "noon": "12:00", "lunch": "12:00", "afternoon": "13:00", "evening": "18:00"}
-    if text in named:
-        return named[text]
-    match = re.search(r"(\d{1,2})(?::|\.)?(\d{2})?\s*(a\.?m\.?|p\.?m\.?)?", text)
-    if not match:
-        return text
-    hours, minutes, meridiem = int(match.group(1)), int(match.group(2) or 0), match.group(3) or ""
-    if meridiem.startswith("p") and hours < 12:
-        hours += 12
-    if hours > 24 or minutes > 59:
-        return text
-    return f"{hours:02d}:{minutes:02d}"
+    if text in _TIME_ALIASES:
+        return _TIME_ALIASES[text]
+    for prefix, time in _TIME_PREFIX_ALIASES:
+        if text.startswith(prefix):
+            return time
+    if text.startswith("by"):
+        text = text[3:]
+    if text.startswith("after"):
+        text = text[5:].strip()
+    if text.startswith("afer"):
+        text = text[4:].strip()
+    for suffix in ("am", "a.m."):
+        if text.endswith(suffix):
+            text = text[: -len(suffix)].strip()
+    if text.endswith(("pm", "p.m.")):
+        for suffix in ("pm", "p.m."):
+            if text.endswith(suffix):
+                text = text[: -len(suffix)].strip()
+        parts = text.split(":")
+        if len(parts) == 2 and parts[0].isdigit():
+            return f"{int(parts[0]) + 12}:{parts[1]}"
+        if len(parts) == 1 and text.isdigit():
+            return f"{int(text) + 12}:00"
+    if not text:
+        return "00:00"
+    if text[-1] in ".,?":
+        text = text[:-1]
+    if text.isdigit():
+        return f"{text[:2]}:{text[2:]}" if len(text) == 4 else f"{text.zfill(2)}:00"
+    if ":" in text:
+        text = text.replace(" ", "")
+    if len(text) == 4 and text[1] == ":":
+        return f"0{text}"
+    return text
 
 
-def _canonical_value(slot: str, value: str) -> str:
-    value = str(value).strip().lower()
+def _canonical_name(value: str, aliases: bool) -> str:
+    name = value.strip().lower().replace(" & ", " and ").replace("&", " and ").replace(" '", "'")
+    return _NAME_ALIASES.get(name, name) if aliases else name
+
+
+def _canonical_value(slot: str, value: Any, name_aliases: bool = False) -> str:
+    """A state or goal value as the evaluator compares it with the database (`slot` already canonical)."""
+    value = str(value)
+    if slot in ("name", "departure", "destination"):
+        return _canonical_name(value, name_aliases)
+    if slot == "type":
+        return _TYPE_ALIASES.get(value, value)
+    if slot == "food":
+        food = value.strip().lower()
+        return _FOOD_ALIASES.get(food, food)
     if slot in ("arrive", "leave", "time"):
         return _canonical_time(value)
     if slot in ("parking", "internet"):
         return "yes" if value == "free" else value
-    if slot == "type":
-        return {
-            "guest house": "guesthouse",
-            "night club": "nightclub",
-            "swimming pool": "swimmingpool",
-            "mutliple sports": "multiple sports",
-        }.get(value, value)
-    if slot in ("name", "departure", "destination"):
-        return re.sub(r"\s+", " ", value.replace("&", " and ").replace(" '", "'")).strip()
     return value
 
 
@@ -199,18 +304,20 @@ def _canonical_slot(slot: str) -> str:
     return {"arriveby": "arrive", "leaveat": "leave"}.get(slot, slot)
 
 
-def normalise_state(state: dict) -> dict:
-    """Dialogue state {domain: {slot: value}} with canonical slot names/values and don't-care values dropped."""
+def normalise_state(state: dict, *, name_aliases: bool = False) -> dict:
+    """Dialogue state {domain: {slot: value}} with canonical slot names and values (don't-care values kept).
+
+    `name_aliases`: also map venue names through the evaluator's alias table, as `evaluate` does (see `_NAME_ALIASES`
+    for why a world built on the database leaves it off).
+    """
     out = {}
     for domain, slots in state.items():
         clean = {}
         for slot, value in slots.items():
-            if isinstance(value, list):
+            if isinstance(value, list):  # 2.2-style alternatives: the first, as the evaluator's gold states take
                 value = value[0] if value else ""
-            if str(value).strip().lower() in _DONT_CARE:
-                continue
             name = _canonical_slot(slot)
-            clean[name] = _canonical_value(name, value)
+            clean[name] = _canonical_value(name, value, name_aliases)
         out[domain.lower()] = clean
     return out
 
@@ -223,18 +330,13 @@ def _minutes(time: str) -> int:
 
 @functools.lru_cache(maxsize=None)
 def partial_ratio(a: str, b: str) -> int:
-    """Best similarity (0–100) of the shorter string against equally long windows of the longer one (difflib)."""
+    """fuzzywuzzy's `fuzz.partial_ratio`, which the evaluator calls: the similarity (0–100) of the shorter string to
+    its best-aligned window of the longer one (rapidfuzz), rounded to an integer; equal strings 100, an empty one 0."""
+    if a == b:
+        return 100
     if not a or not b:
         return 0
-    short, long = (a, b) if len(a) <= len(b) else (b, a)
-    best = 0.0
-    for i, j, _ in difflib.SequenceMatcher(None, short, long).get_matching_blocks():
-        start = max(0, j - i)
-        ratio = difflib.SequenceMatcher(None, short, long[start : start + len(short)]).ratio()
-        if ratio > 0.995:
-            return 100
-        best = max(best, ratio)
-    return int(round(100 * best))
+    return int(round(fuzz.partial_ratio(a, b)))
 
 
 # --------------------------------------------------------------------------------------------------- database
@@ -243,7 +345,9 @@ def partial_ratio(a: str, b: str) -> int:
 class VenueDatabase:
     """The restaurant/hotel/attraction/train databases with the evaluator's matching rules.
 
-    Exact match on most columns, fuzzy match (partial ratio ≥ 90) on names, food and train stations, trains
+    Constraints are normalised as states are (without the venue aliases; raw goal values work too), don't-care
+    values are skipped;
+    exact match on most columns, fuzzy match (partial ratio ≥ 90) on names, food and train stations, trains
     arriving no later / leaving no earlier than asked, '?' entries match anything. Returns venue ids (train ids).
     """
 
@@ -267,17 +371,18 @@ class VenueDatabase:
     def query(self, domain: str, constraints: dict) -> list[str]:
         if domain not in VENUE_DOMAINS:
             return []
-        key = (domain, tuple(sorted(constraints.items())))
+        key = (domain, tuple(sorted((k, str(v)) for k, v in constraints.items())))
         if key not in self._cache:
             self._cache[key] = self._query(domain, constraints)
         return self._cache[key]
 
     def _query(self, domain: str, constraints: dict) -> list[str]:
+        # The columns of the first row are the queryable ones, as in the evaluator.
         columns = self.rows[domain][0].keys()
         wanted = {
-            k: v
-            for k, v in constraints.items()
-            if k in columns and k not in ("id",) and str(v).lower() not in _DONT_CARE
+            slot: _canonical_value(slot, value)
+            for slot, value in ((_canonical_slot(k), v) for k, v in constraints.items())
+            if slot in columns and str(value) not in _QUERY_DONT_CARE
         }
         fuzzy = _FUZZY_KEYS[domain]
         results = []
@@ -293,9 +398,9 @@ class VenueDatabase:
                     if _minutes(have) < _minutes(value):
                         break
                 elif slot in fuzzy:
-                    if partial_ratio(str(have).lower(), value) < 90:
+                    if partial_ratio(str(have), value) < _FUZZY_THRESHOLD:
                         break
-                elif str(have).lower() != value:
+                elif str(have) != value:
                     break
             else:
                 results.append(row["trainid"] if domain == "train" else str(row["id"]))
@@ -327,14 +432,14 @@ def _load_dialogues(data_dir: str, split: str) -> dict:
         )
     path = pathlib.Path(data_dir) / "mwz21_convlab3" / _SPLIT_FILES[split]
     if not path.exists():
-        raise MultiWOZDataError(f"{path}: file not found; pass --data pointing at the shared multiwoz folder")
+        raise MultiWOZDataError(f"{path}: file not found; {_DATA_HINT}")
     with zipfile.ZipFile(path) as archive:
         raw = json.loads(archive.read(archive.namelist()[0]))
     return {key.split(".")[0].lower(): value for key, value in raw.items()}
 
 
 def load_goals(data_dir, split: str = "test") -> dict:
-    """Evaluator-format goals `{dialogue_id: {domain: {informable, requestable, booking}}}` rebuilt from ConvLab goals."""
+    """Evaluator-format goals `{dialogue_id: {domain: {informable, requestable, booking}}}` from the ConvLab goals."""
     goals = {}
     for dialogue_id, dialogue in _load_dialogues(str(data_dir), split).items():
         goal = {}
@@ -364,21 +469,38 @@ def _convlab_state(metadata: dict) -> dict:
     for domain, parts in metadata.items():
         slots = dict(parts.get("semi", {}))
         slots.update({f"book{k}": v for k, v in parts.get("book", {}).items() if k != "booked"})
-        slots = {k: v for k, v in slots.items() if isinstance(v, str) and v.strip().lower() not in _DONT_CARE}
+        slots = {k: v for k, v in slots.items() if isinstance(v, str) and v.strip().lower() not in _CONVLAB_EMPTY}
         if slots:
             state[domain] = slots
     return state
+
+
+# ConvLab span slot names → the MultiWOZ 2.2 names the canonical references are delexicalised with (and which the
+# evaluator's placeholder table knows); the rest are the same word lower-cased.
+_CONVLAB_SPAN_SLOTS = {
+    "addr": "address",
+    "post": "postcode",
+    "fee": "entrancefee",
+    "price": "pricerange",
+    "ticket": "price",
+    "car": "type",
+    "arrive": "arriveby",
+    "leave": "leaveat",
+    "depart": "departure",
+    "dest": "destination",
+    "id": "trainid",
+}
 
 
 def _delexicalise(turn: dict) -> str:
     words = turn["text"].split(" ")
     spans = sorted((s for s in turn.get("span_info", []) if isinstance(s[3], int)), key=lambda s: s[3])
     out, position = [], 0
-    for act, slot, value, start, end in spans:
+    for _, slot, value, start, end in spans:
         if start < position or str(value).lower() == "dontcare" or end >= len(words):
             continue
         out.extend(words[position:start])
-        out.append(f"[{act.split('-')[0].lower()}_{slot.lower()}]")
+        out.append(f"[{_CONVLAB_SPAN_SLOTS.get(slot.lower(), slot.lower())}]")
         position = end + 1
     out.extend(words[position:])
     return " ".join(out)
@@ -393,7 +515,11 @@ def gold_states(data_dir, split: str = "test") -> dict:
 
 
 def human_references(data_dir, split: str = "test") -> dict:
-    """The delexicalised human system turns with ConvLab states, in the evaluator's input format (no domains)."""
+    """The delexicalised human system turns with ConvLab states, in the evaluator's input format (no domains).
+
+    Placeholders carry no domain (`[name]`), as in the canonical 2.2 references, so active domains are estimated
+    from the states as the evaluator does for them.
+    """
     states = gold_states(data_dir, split)
     return {
         dialogue_id: [
@@ -461,8 +587,7 @@ def dialogue_inform_success(
         elif domain == "train" and not offered["train"] and "TRAINID" not in wanted["train"]:
             inform[domain] = True
         elif offered[domain]:
-            goal_venues = set(database.query(domain, normalise_state({domain: goal[domain]["informable"]})[domain]))
-            inform[domain] = set(offered[domain]) <= goal_venues
+            inform[domain] = set(offered[domain]) <= set(database.query(domain, goal[domain]["informable"]))
         else:
             inform[domain] = False
     inform["total"] = all(inform.values())
@@ -486,7 +611,7 @@ def _validate(predictions: dict, goals: dict, booked: dict, reference_turns: dic
             )
         if not isinstance(turns, list) or any(not isinstance(t, dict) or "response" not in t for t in turns):
             raise MultiWOZDataError(f"predictions[{raw_id!r}]: expected a list of {{'response': ...}} objects")
-        if len(turns) != reference_turns[dialogue_id]:
+        if len(turns) > reference_turns[dialogue_id]:
             raise MultiWOZDataError(
                 f"predictions[{raw_id!r}]: {len(turns)} turns, but the dialogue has "
                 f"{reference_turns[dialogue_id]} system turns; give one entry per system turn"
@@ -497,8 +622,30 @@ def _validate(predictions: dict, goals: dict, booked: dict, reference_turns: dic
     return clean
 
 
-def evaluate(predictions: dict, data_dir, *, split: str = "test", bleu: bool = True) -> dict:
-    """Scores predictions in the standard evaluator format; returns the JSON-able report (rates in percent)."""
+def _active_domains(data: dict, turn_states: dict, from_states: bool) -> tuple[dict, str]:
+    """Active domains per dialogue turn, and how they were obtained (see the module docstring)."""
+    if from_states:
+        return {k: estimate_active_domains(states) for k, states in turn_states.items()}, "estimated from state changes"
+    if all("active_domains" in t for turns in data.values() for t in turns):
+        return {k: [[d.lower() for d in t["active_domains"]] for t in turns] for k, turns in data.items()}, "predicted"
+    responses = [t["response"].lower() for turns in data.values() for t in turns]
+    names = {name for response in responses for name in _PLACEHOLDER_NAME.findall(response)}
+    if names & _DOMAIN_NAMED:
+        return (
+            {k: [placeholder_domains(t["response"]) for t in turns] for k, turns in data.items()},
+            "named by the response placeholders (add_slot_domains.py)",
+        )
+    return {k: estimate_active_domains(states) for k, states in turn_states.items()}, "estimated from state changes"
+
+
+def evaluate(
+    predictions: dict, data_dir, *, split: str = "test", bleu: bool = True, domains_from_states: bool = False
+) -> dict:
+    """Scores predictions in the standard evaluator format; returns the JSON-able report (rates in percent).
+
+    `domains_from_states`: estimate the active domains from state changes even where the predictions give them or
+    their placeholders name them (what the evaluator does with a file that has no `active_domains`).
+    """
     data_dir = pathlib.Path(data_dir)
     goals = load_goals(data_dir, split)
     booked = load_booked_domains(data_dir)
@@ -508,23 +655,26 @@ def evaluate(predictions: dict, data_dir, *, split: str = "test", bleu: bool = T
     database = VenueDatabase(data_dir)
 
     used_gold_states = not all("state" in t for turns in data.values() for t in turns)
-    used_estimated_domains = not all("active_domains" in t for turns in data.values() for t in turns)
     states = gold_states(data_dir, split) if used_gold_states else None
+    turn_states = {
+        k: [
+            normalise_state(s, name_aliases=True)
+            for s in (states[k][: len(turns)] if used_gold_states else [t["state"] for t in turns])
+        ]
+        for k, turns in data.items()
+    }
+    domains, domain_source = _active_domains(data, turn_states, domains_from_states)
+    unknown_placeholders: collections.Counter = collections.Counter()
+    responses = {
+        k: [normalise_response(t["response"], unknown_placeholders) for t in turns] for k, turns in data.items()
+    }
     per_domain_total: dict[str, int] = {}
     inform_count: dict[str, int] = {}
     success_count: dict[str, int] = {}
-    for dialogue_id, turns in data.items():
-        responses = [normalise_response(t["response"]) for t in turns]
-        turn_states = [
-            normalise_state(s) for s in (states[dialogue_id] if used_gold_states else [t["state"] for t in turns])
-        ]
-        domains = (
-            estimate_active_domains(turn_states)
-            if used_estimated_domains
-            else [[d.lower() for d in t["active_domains"]] for t in turns]
-        )
+    for dialogue_id in data:
         inform, success = dialogue_inform_success(
-            goals[dialogue_id], booked[dialogue_id], responses, turn_states, domains, database
+            goals[dialogue_id], booked[dialogue_id], responses[dialogue_id], turn_states[dialogue_id],
+            domains[dialogue_id], database,
         )
         for domain in set(inform) | set(success):
             per_domain_total[domain] = per_domain_total.get(domain, 0) + 1
@@ -545,7 +695,9 @@ def evaluate(predictions: dict, data_dir, *, split: str = "test", bleu: bool = T
             d: round(100.0 * success_count[d] / per_domain_total[d], 2) for d in sorted(success_count) if d != "total"
         },
         states="convlab-gold (prediction file has no states)" if used_gold_states else "predicted",
-        active_domains="estimated from state changes" if used_estimated_domains else "predicted",
+        active_domains=domain_source,
+        dialogues_with_fewer_turns=sum(len(turns) < reference_turns[k] for k, turns in data.items()),
+        unknown_placeholders=dict(unknown_placeholders.most_common()),
     )
     if bleu:
         refs = human_references(data_dir, split)
@@ -563,35 +715,40 @@ def evaluate(predictions: dict, data_dir, *, split: str = "test", bleu: bool = T
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--predictions", help="JSON (or .json.gz) in the standard evaluator format")
-    source.add_argument(
-        "--human-references",
-        action="store_true",
-        help="score the delexicalised human responses of the split (gold-like input)",
-    )
-    parser.add_argument("--data", required=True, help="the MultiWOZ data folder (shared/data/multiwoz)")
-    parser.add_argument("--split", default="test", choices=sorted(_SPLIT_FILES))
-    parser.add_argument("--no-bleu", action="store_true")
-    args = parser.parse_args(argv)
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("predictions", None, "JSON (or .json.gz) in the standard evaluator format")
+    flags.DEFINE_bool("human_references", False, "score the delexicalised human responses of the split instead")
+    flags.DEFINE_string("data", None, "the MultiWOZ data folder (shared/data/multiwoz)")
+    flags.DEFINE_enum("split", "test", sorted(_SPLIT_FILES), "the split the predictions answer")
+    flags.DEFINE_bool("bleu", True, "compute BLEU and Combined (--nobleu: Inform and Success only)")
+    flags.DEFINE_bool("domains_from_states", False, "estimate the active domains from state changes even where the "
+                      "predictions give them or their placeholders name them")
+
+
+def main(argv) -> None:
+    del argv
+    f = flags.FLAGS
+    if f.data is None:
+        command_line.fail("--data is required: the shared multiwoz folder (it holds db/, mwzeval/ and mwz21_convlab3/)")
+    if bool(f.predictions) == f.human_references:
+        command_line.fail("give exactly one of --predictions FILE and --human_references")
     try:
-        if args.human_references:
-            predictions = human_references(args.data, args.split)
-            # Gold-like input: the states are the annotations, the active domains estimated like any state-only system.
-            for turns in predictions.values():
-                for turn in turns:
-                    turn.pop("active_domains", None)
+        if f.human_references:
+            predictions = human_references(f.data, f.split)
         else:
-            predictions = _read_json(pathlib.Path(args.predictions), "check the --predictions path")
-        report = evaluate(predictions, args.data, split=args.split, bleu=not args.no_bleu)
+            predictions = _read_json(pathlib.Path(f.predictions), "check the --predictions path")
+        report = evaluate(predictions, f.data, split=f.split, bleu=f.bleu, domains_from_states=f.domains_from_states)
     except MultiWOZDataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        command_line.fail(str(err))
     print(json.dumps(report, indent=2, sort_keys=True))
-    return 0
+
+
+def cli() -> None:
+    command_line.run(define_flags, main)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

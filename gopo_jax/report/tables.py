@@ -102,7 +102,7 @@ def _rel_cell(d: Mapping[str, Any]) -> str:
 def markdown(results: Mapping[str, Any], *, gopo_label: str = "gopo", metrics: Sequence[str] = HEADLINE) -> str:
     """results.md: one table per environment (mean [95% CI] over seeds), GOPO's relative differences, failures."""
     lines = ["# Comparison results", ""]
-    lines.append("Each cell: mean over seeds of the per-seed evaluation means, with a 95% bootstrap percentile "
+    lines.append("Each cell: mean over seeds of the per-seed evaluation means, with a 95% BCa bootstrap "
                  "interval over seeds in brackets (few seeds make these intervals optimistic; `n` = seeds).")
     lines.append("Relative difference: 100·mean(GOPO − M)/mean(M), paired by seed, with its 95% interval; `*` "
                  "marks a difference whose interval excludes 0.")
