@@ -1,15 +1,16 @@
 """Synthetic-shop throughput: episodes/s of one jit(vmap(lax.scan)) rollout over many worlds, against a side-by-side
 reference: a Python loop over the same jitted reset/step/policy functions, one world at a time.
 
-    python -m benchmarks.bench_envs [--worlds 1024] [--loop-worlds 8] [--policy reference|random|greedy]
+    python -m benchmarks.bench_envs [--worlds 1024] [--loop_worlds 8] [--policy reference|random|greedy]
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
+from absl import flags
 
+from gopo_jax import command_line
 from gopo_jax.envs import policies
 from gopo_jax.envs import synthetic_shop as ss
 
@@ -21,13 +22,16 @@ def _time(fn, reps: int) -> float:
     return (time.perf_counter() - start) / reps
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--worlds", type=int, default=1024)
-    parser.add_argument("--loop-worlds", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--policy", default="reference", choices=policies.POLICIES)
-    args = parser.parse_args()
+def define_flags() -> None:
+    flags.DEFINE_integer("worlds", 1024, "worlds in the one vmapped rollout")
+    flags.DEFINE_integer("loop_worlds", 8, "worlds of the Python loop")
+    flags.DEFINE_integer("reps", 3, "timed repetitions")
+    flags.DEFINE_enum("policy", "reference", policies.POLICIES, "the scripted policy")
+
+
+def main(argv) -> None:
+    del argv
+    args = flags.FLAGS
 
     env = ss.make_env()
     policy = policies.jax_policy(env, args.policy)
@@ -64,5 +68,9 @@ def main() -> None:
     print(f"  ratio: {vmapped_eps / looped_eps:,.0f}x")
 
 
+def cli() -> None:
+    command_line.run(define_flags, main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

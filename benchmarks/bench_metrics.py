@@ -4,15 +4,16 @@ reference: one forward pass of the tiny Qwen3 on a small batch (a lower bound on
 Run: `python -m benchmarks.bench_metrics [--dialogues 100000] [--turns 20]`. Prints one JSON line per function.
 """
 
-import argparse
 import functools
 import json
 import time
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 from flax import nnx
 
+from gopo_jax import command_line
 from gopo_jax.metrics import business_reward, esndcg, tse
 
 
@@ -24,11 +25,14 @@ def _time(fn, *args, repeats: int = 5) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dialogues", type=int, default=100_000)
-    parser.add_argument("--turns", type=int, default=20)
-    args = parser.parse_args()
+def define_flags() -> None:
+    flags.DEFINE_integer("dialogues", 100_000, "dialogues per metric call")
+    flags.DEFINE_integer("turns", 20, "turns per dialogue")
+
+
+def main(argv) -> None:
+    del argv
+    args = flags.FLAGS
     n, t = args.dialogues, args.turns
     k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
     gain = jax.random.dirichlet(k1, jnp.ones(t), (n,)).astype(jnp.float32)
@@ -76,5 +80,9 @@ def main() -> None:
         )
 
 
+def cli() -> None:
+    command_line.run(define_flags, main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

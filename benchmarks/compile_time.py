@@ -17,7 +17,6 @@ compilation cache is disabled so every number is a cold compile.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -28,8 +27,10 @@ import jax
 jax.config.update("jax_enable_compilation_cache", False)
 
 import jax.numpy as jnp  # noqa: E402
+from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from gopo_jax import command_line  # noqa: E402
 from gopo_jax.models import qwen3  # noqa: E402
 
 HEAD_ROWS = 8  # output-embedding rows the training loss reads (the Expert's strategy tokens)
@@ -97,15 +98,18 @@ def measure(cfg, name: str, batch: int, seq: int) -> list[dict]:
     return rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="toy-size model (for tests)")
-    parser.add_argument("--layers", type=int, default=0, help="override the number of layers")
-    parser.add_argument("--seq", type=int, default=256, help="tokens per row (train) / cache slots (decode)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--json", help="write the measured rows to this file")
-    parser.add_argument("--before", help="rows from a run on the old code (--json there) to show alongside")
-    args = parser.parse_args(argv)
+def define_flags() -> None:
+    flags.DEFINE_bool("quick", False, "toy-size model (for tests)")
+    flags.DEFINE_integer("layers", 0, "override the number of layers")
+    flags.DEFINE_integer("seq", 256, "tokens per row (train) / cache slots (decode)")
+    flags.DEFINE_integer("batch", 1, "rows")
+    flags.DEFINE_string("json", None, "write the measured rows to this file")
+    flags.DEFINE_string("before", None, "rows from a run on the old code (--json there) to show alongside")
+
+
+def main(argv) -> None:
+    del argv
+    args = flags.FLAGS
     cfg = _config(args)
     jax.jit(lambda x: x + 1).lower(1).compile()  # backend start-up is not part of any row
 
@@ -143,5 +147,9 @@ def main(argv=None):
     print(f"RESULT compile_time ratio={ratio:.2f} goal=5")
 
 
+def cli() -> None:
+    command_line.run(define_flags, main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

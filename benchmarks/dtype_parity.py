@@ -17,13 +17,13 @@ the clip boundary. (RESULT's ratio is that max difference: lower is better.)
 """
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
+from gopo_jax import command_line
 from gopo_jax.models import qwen3
 
 GOAL = 0.1
@@ -93,12 +93,15 @@ def compare(cfg32: qwen3.Qwen3Config, batch: int, seq: int, seed: int = 0) -> di
                 argmax_agree=float((l16.argmax(-1) == l32.argmax(-1))[v].mean()))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny and small presets only, short sequences")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=0, help="slots per row (default 64 quick, 256 full)")
-    args = parser.parse_args(argv)
+def define_flags() -> None:
+    flags.DEFINE_bool("quick", False, "tiny and small presets only, short sequences")
+    flags.DEFINE_integer("batch", 4, "rows")
+    flags.DEFINE_integer("seq", 0, "slots per row (default 64 quick, 256 full)")
+
+
+def main(argv) -> None:
+    del argv
+    args = flags.FLAGS
     seq = args.seq or (64 if args.quick else 256)
     print(f"same fp32 params, dtype float32 vs bfloat16; [{args.batch}, {seq}] tokens with pads; "
           f"backend={jax.default_backend()}")
@@ -113,5 +116,9 @@ def main(argv=None):
     print(f"RESULT dtype_parity ratio={worst:.4f} goal={GOAL}")
 
 
+def cli() -> None:
+    command_line.run(define_flags, main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -6,9 +6,11 @@ cycle finder and table this reuses). Point --root at another checkout to compare
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 
+from absl import flags
+
+from gopo_jax import command_line
 from tests.test_layering import LAYERS, REPO_ROOT, cycles, graph_of, import_edges, layer_violations, module_files
 
 
@@ -41,11 +43,18 @@ def report(root: pathlib.Path) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=pathlib.Path, default=REPO_ROOT, help="checkout holding gopo_jax/")
-    print(report(parser.parse_args().root))
+def define_flags() -> None:
+    flags.DEFINE_string("root", str(REPO_ROOT), "checkout holding gopo_jax/")
+
+
+def main(argv) -> None:
+    del argv
+    print(report(pathlib.Path(flags.FLAGS.root)))
+
+
+def cli() -> None:
+    command_line.run(define_flags, main)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,6 +1,6 @@
 """P6: the memory planner (`gopo_jax.plan`) against XLA's own accounting, and what fits one 8 x H100 80 GB host.
 
-    python -m benchmarks.memory_plan [--quick] [--skip-fit]
+    python -m benchmarks.memory_plan [--quick] [--skip_fit]
 
 Part 1 (check): for tiny/small GOPO configs on fake-CPU-device meshes, each of the three jits of an iteration is
 compiled from abstract arguments laid out like the trainer lays them out (parameters by `parallel.param_shardings`,
@@ -17,32 +17,32 @@ import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
-import argparse
 import math
 import time
 
 import jax
+from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
-from experiments.compare import apply_overrides, load_config_file, parse_overrides
-from gopo_jax import parallel, plan
+from experiments.common import apply_overrides, load_config_file
+from gopo_jax import command_line, parallel, plan
 from gopo_jax.train.step import pure_train_step
 from gopo_jax.train.world import build_world
 
 MiB = 2 ** 20
 GB = 1e9
 # Small enough to compile 12 times on 2 CPU cores; 16 dialogues so every device of 8 holds whole groups.
-TINY = ("model.preset=tiny,model.hidden_size=64,model.intermediate_size=128,model.num_layers=2,train.groups=8,"
-        "train.group_size=2,train.minibatches=1,method=gopo")
-SMALL = ("model.preset=small,model.hidden_size=128,model.intermediate_size=384,model.num_layers=4,train.groups=8,"
-         "train.group_size=2,train.minibatches=1,method=gopo")
+TINY = {"model.preset": "tiny", "model.hidden_size": 64, "model.intermediate_size": 128, "model.num_layers": 2,
+        "train.groups": 8, "train.group_size": 2, "train.minibatches": 1, "method": "gopo"}
+SMALL = {"model.preset": "small", "model.hidden_size": 128, "model.intermediate_size": 384, "model.num_layers": 4,
+         "train.groups": 8, "train.group_size": 2, "train.minibatches": 1, "method": "gopo"}
 # tensor=2: the tiny/small models have 2 KV heads, so a wider tensor axis would leave attention replicated.
 MESHES = ({"data": 1}, {"data": 8}, {"data": 2, "fsdp": 4}, {"fsdp": 4, "tensor": 2})
 
 
-def config_of(overrides: str):
-    c = load_config_file("configs/mgshop.py")
-    apply_overrides(c, parse_overrides(overrides, where="benchmark"), where="benchmark")
+def config_of(overrides: dict):
+    c = load_config_file("configs/mgshop.py", where="benchmark")
+    apply_overrides(c, overrides, where="benchmark")
     return c
 
 
@@ -99,7 +99,7 @@ def check(quick: bool) -> float:
     worst = 1.0
     cases = [("tiny", TINY, MESHES[:2] if quick else MESHES)]
     if not quick:
-        cases += [("small", SMALL, MESHES), ("tiny remat=full", TINY + ",model.remat=full", MESHES[1:2])]
+        cases += [("small", SMALL, MESHES), ("tiny remat=full", TINY | {"model.remat": "full"}, MESHES[1:2])]
     print(f"{'case':<34} {'jit':<15} {'arg p/m MiB':>17} {'temp p/m MiB':>17} {'total p/m MiB':>19} {'ratio':>6}")
     for name, overrides, meshes in cases:
         config = config_of(overrides)
@@ -132,17 +132,23 @@ def check(quick: bool) -> float:
 # Part 2: Qwen3 on one 8 x H100 80 GB host
 # --------------------------------------------------------------------------------------------------------------
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny config on two meshes only")
-    ap.add_argument("--skip-fit", action="store_true", help="leave out the Qwen3 8 x H100 table")
-    args = ap.parse_args()
-    worst = check(args.quick)
-    if not args.skip_fit:
+def define_flags() -> None:
+    flags.DEFINE_bool("quick", False, "tiny config on two meshes only")
+    flags.DEFINE_bool("skip_fit", False, "leave out the Qwen3 8 x H100 table")
+
+
+def main(argv) -> None:
+    del argv
+    worst = check(flags.FLAGS.quick)
+    if not flags.FLAGS.skip_fit:
         print()
-        print(plan.fit_table(config_of("")))
+        print(plan.fit_table(config_of({})))
     print(f"RESULT memory_plan ratio={worst:.3f} goal=1.1")
 
 
+def cli() -> None:
+    command_line.run(define_flags, main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

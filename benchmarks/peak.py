@@ -8,11 +8,13 @@ default matmul precision: on GPUs that allows TF32 for float32 inputs, and the m
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
 import jax.numpy as jnp
+from absl import flags
+
+from gopo_jax import command_line
 
 
 def default_size() -> int:
@@ -44,16 +46,23 @@ def matmul_peak_flops(size: int | None = None, dtype: str = "float32", repeats: 
     return chained * 2.0 * size ** 3 / best
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, default=None)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args()
+def define_flags() -> None:
+    flags.DEFINE_integer("size", None, "matrix size (default: by backend)")
+    flags.DEFINE_string("dtype", "float32", "matmul dtype")
+    flags.DEFINE_integer("repeats", 5, "timed repetitions (the best is kept)")
+
+
+def main(argv) -> None:
+    del argv
+    args = flags.FLAGS
     peak = matmul_peak_flops(args.size, args.dtype, args.repeats)
     print(f"{jax.devices()[0].device_kind}: {args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s "
           f"(size {args.size or default_size()}, best of {args.repeats})")
 
 
+def cli() -> None:
+    command_line.run(define_flags, main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -17,7 +17,6 @@ Ends with `RESULT rollout_scan ratio=<min over the grid of loop time / scan time
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from typing import Any
@@ -25,9 +24,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from configs.mgshop import get_config
-from gopo_jax import parallel
+from gopo_jax import command_line, parallel
 from gopo_jax.dialogue.rollout import SamplingConfig, python_loop_rollout
 from gopo_jax.models import qwen3
 from gopo_jax.train.build import build
@@ -117,14 +117,17 @@ def iteration_row(preset: str, batch: int, turns: int, repeats: int) -> dict:
             "host_compile": host_first - host_best, "host": host_best}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny model, batch 16, 4 turns, 2 repeats")
-    ap.add_argument("--presets", default="tiny,small")
-    ap.add_argument("--batches", default="64,256")
-    ap.add_argument("--turns", default="8,12")
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args(argv)
+def define_flags() -> None:
+    flags.DEFINE_bool("quick", False, "tiny model, batch 16, 4 turns, 2 repeats")
+    flags.DEFINE_string("presets", "tiny,small", "model presets, comma-separated")
+    flags.DEFINE_string("batches", "64,256", "dialogue batch sizes, comma-separated")
+    flags.DEFINE_string("turns", "8,12", "agent turns per dialogue, comma-separated")
+    flags.DEFINE_integer("repeats", 3, "timed repetitions")
+
+
+def main(argv) -> None:
+    del argv
+    args = flags.FLAGS
     if args.quick:
         presets, batches, turns, repeats = ["tiny"], [16], [4], 2
     else:
@@ -158,5 +161,9 @@ def main(argv=None):
     print(f"RESULT rollout_scan ratio={ratio:.2f} goal=5")
 
 
+def cli() -> None:
+    command_line.run(define_flags, main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -14,7 +14,6 @@ bare model calls, one model call and the sampler head (static and traced greedy 
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -22,9 +21,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
-from gopo_jax import sampling
+from gopo_jax import command_line, sampling
 from gopo_jax.models import hf_io, qwen3
 
 MODEL = qwen3.Qwen3Config(vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
@@ -145,15 +145,18 @@ def profile_ours(model, prompts: np.ndarray, new_tokens: int, repeats: int) -> N
           f"{(loop - bare) * 1e3:.2f} ms (sampling, cond, carries)")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--prompt", type=int, default=32)
-    p.add_argument("--new", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="toy sizes (batch 4, prompt 8, 16 new tokens, 1 repeat)")
-    p.add_argument("--profile", action="store_true", help="also break our time down by phase")
-    args = p.parse_args()
+def define_flags() -> None:
+    flags.DEFINE_integer("batch", 32, "prompts decoded together")
+    flags.DEFINE_integer("prompt", 32, "prompt tokens")
+    flags.DEFINE_integer("new", 128, "new tokens decoded greedily")
+    flags.DEFINE_integer("repeats", 3, "timed repetitions")
+    flags.DEFINE_bool("quick", False, "toy sizes (batch 4, prompt 8, 16 new tokens, 1 repeat)")
+    flags.DEFINE_bool("profile", False, "also break our time down by phase")
+
+
+def main(argv) -> None:
+    del argv
+    args = flags.FLAGS
     if args.quick:
         args.batch, args.prompt, args.new, args.repeats = 4, 8, 16, 1
 
@@ -189,5 +192,9 @@ def main():
     print(f"RESULT sampler_vs_hf ratio={ours_rate / hf_rate:.3f} goal=3")
 
 
+def cli() -> None:
+    command_line.run(define_flags, main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -27,7 +27,9 @@ import time
 import jax
 import numpy as np
 import openai
-from absl import app, flags
+from absl import flags
+
+from gopo_jax import command_line
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -182,8 +184,7 @@ def main(argv) -> None:
 
 
 def cli() -> None:
-    define_flags()
-    app.run(main)
+    command_line.run(define_flags, main)
 
 
 if __name__ == "__main__":

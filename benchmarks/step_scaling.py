@@ -13,15 +13,15 @@ Ends with `RESULT step_scaling ratio=<R² of the line> goal=0.98`.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from configs.mgshop import get_config
-from gopo_jax import parallel
+from gopo_jax import command_line, parallel
 from gopo_jax.train.build import build
 from gopo_jax.train.phases import Phases
 
@@ -79,20 +79,23 @@ def fits(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, np.ndarray, f
     return line, float(r2), quad, float(quad[0] * x_max ** 2 / np.polyval(quad, x_max))
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="turns 2,4; batches 8,16; 3 repeats")
-    ap.add_argument("--turns", default="2,4,8,12")
-    ap.add_argument("--batches", default="16,32,64")
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args(argv)
+def define_flags() -> None:
+    flags.DEFINE_bool("quick", False, "turns 2,4; batches 8,16; 3 repeats")
+    flags.DEFINE_string("turns", "2,4,8,12", "agent turns per dialogue, comma-separated")
+    flags.DEFINE_string("batches", "16,32,64", "dialogue batch sizes, comma-separated (multiples of 4)")
+    flags.DEFINE_integer("repeats", 3, "timed repetitions")
+
+
+def main(argv) -> None:
+    del argv
+    args = flags.FLAGS
     if args.quick:
         turns, batches, repeats = [2, 4], [8, 16], 3
     else:
         turns, repeats = [int(t) for t in args.turns.split(",")], args.repeats
         batches = sorted(int(b) for b in args.batches.split(","))
     if any(b % 4 for b in batches):
-        raise SystemExit(f"--batches {batches}: each must be a multiple of the group size 4")
+        command_line.fail(f"--batches {batches}: each must be a multiple of the group size 4")
 
     print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; GOPO step (both agents, one update)")
     print(f"{'turns':>5} {'batch':>5} {'slots':>5} {'tokens':>7} {'step ms':>9} {'us/token':>9}")
@@ -110,5 +113,9 @@ def main(argv=None):
     print(f"RESULT step_scaling ratio={r2:.4f} goal=0.98")
 
 
+def cli() -> None:
+    command_line.run(define_flags, main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

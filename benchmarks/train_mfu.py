@@ -1,6 +1,6 @@
 """FLOP utilisation of the warm-start (SFT) and the GOPO train steps on real rollout batches.
 
-    python -m benchmarks.train_mfu [--presets tiny small] [--groups 16] [--group-size 4] [--minibatches 2]
+    python -m benchmarks.train_mfu [--presets tiny --presets small] [--groups 16] [--group_size 4] [--minibatches 2]
                                    [--steps 5] [--dtype float32] [--quick]
 
 For each model preset a run is built from configs/mgshop.py (the synthetic shop; `model.preset` with the preset's
@@ -24,7 +24,6 @@ loop body ONCE: with the layer scan unrolled (like a Python loop over layers) it
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import tempfile
 import time
@@ -33,9 +32,11 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from benchmarks.peak import matmul_peak_flops
 from configs import mgshop
+from gopo_jax import command_line
 from gopo_jax.algorithms.sft import DemoBatch
 from gopo_jax.dialogue.layout import Trajectory
 from gopo_jax.models import qwen3
@@ -174,16 +175,19 @@ def run_config(preset: str, args) -> dict:
     return {"cfg": cfg, "rows": config.sft.batch_size, "length": c.world.layout.length, "steps": (sft, gopo)}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(qwen3.PRESETS))
-    p.add_argument("--groups", type=int, default=16)
-    p.add_argument("--group-size", type=int, default=4)
-    p.add_argument("--minibatches", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--dtype", default="float32", help="the model's compute dtype (and the peak's)")
-    p.add_argument("--quick", action="store_true", help="tiny preset, 4 groups of 2, one minibatch, 2 steps")
-    args = p.parse_args()
+def define_flags() -> None:
+    flags.DEFINE_multi_enum("presets", ["tiny", "small"], sorted(qwen3.PRESETS), "model presets (repeat the flag)")
+    flags.DEFINE_integer("groups", 16, "dialogue groups per step")
+    flags.DEFINE_integer("group_size", 4, "dialogues per group")
+    flags.DEFINE_integer("minibatches", 2, "minibatches per step")
+    flags.DEFINE_integer("steps", 5, "timed steps")
+    flags.DEFINE_string("dtype", "float32", "the model's compute dtype (and the peak's)")
+    flags.DEFINE_bool("quick", False, "tiny preset, 4 groups of 2, one minibatch, 2 steps")
+
+
+def main(argv) -> None:
+    del argv
+    args = flags.FLAGS
     if args.quick:
         args.presets, args.groups, args.group_size, args.minibatches, args.steps = ["tiny"], 4, 2, 1, 2
 
@@ -217,5 +221,9 @@ def main():
     print(f"RESULT train_mfu ratio={gopo_util[result_preset]:.3f} goal=0.4")
 
 
+def cli() -> None:
+    command_line.run(define_flags, main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -2,9 +2,11 @@
 
 Every run is the environment's own run config (`env_configs`) plus overrides, in this order: the environment's
 short-training overrides (`env_overrides`), `tiny` when `--config.quick=True` (tests), the method's overrides,
-`seed=<s>`. Overrides are comma-separated `key=value` strings with dotted keys of the run config, e.g.
-"gopo.use_expert=False,train.steps=5"; a key the run config lacks is an error. A method name without an entry in
-`variants` means `method=<name>`. Runs of one seed whose warm starts are equal share one (`share_warm_starts`).
+`seed=<s>`. Overrides are written with the run config's flattened keys (`configs.overrides`), e.g.
+{"gopo.use_expert": False, "train.steps": 5}, and each is a command-line flag of this config
+(`--config.variants.gopo_no_ea.gopo.use_expert=True`); a key the run config lacks, or a value of the wrong type, is
+an error naming the key. A method name without an entry in `variants` means `method=<name>`. Runs of one seed
+whose warm starts are equal share one (`share_warm_starts`).
 
     python -m experiments.compare --config configs/compare.py --workdir runs/compare   # the three worlds
     python -m experiments.compare --config configs/compare.py --config.environments=synthetic_shop --workdir ...
@@ -15,57 +17,65 @@ with `convergence_seeds` seeds; the GOPO runs of the comparison are its "default
 """
 import ml_collections
 
+from configs import overrides
+
 # SHORT training for the embedded default on 2 CPU cores: the run config's agents and warm start (300 SFT steps),
 # 20 GOPO iterations instead of 40, 128 held-out customers. Shorter training (8 iterations of 8 × 4 dialogues on
 # 1-layer agents) was tried and moved no method measurably away from its warm start, so it compared nothing.
-SHORT = "train.steps=20,train.eval_every=5,train.checkpoint_every=5,eval.episodes=128"
+SHORT = {"train.steps": 20, "train.eval_every": 5, "train.checkpoint_every": 5, "eval.episodes": 128}
 # SHORT for the host (real-data) worlds: their configs/host_short.py runs (2-layer 64-wide agents, 60 warm-start
 # steps, 4 GOPO iterations of 4 × 4 dialogues) with dialogues cut at 6 turns (the buffer length drives the cost of
 # every forward pass) and 32 held-out customers. Smaller agents (1 layer, 32 wide) were tried: their warm start
 # completed no MultiWOZ task at all, so every method sat at TSE 0 and the table compared nothing.
-HOST_SHORT = "layout.max_turns=6,eval.episodes=32"
+HOST_SHORT = {"layout.max_turns": 6, "eval.episodes": 32}
 
 # The test-sized variant: seconds of training, enough to exercise every file the driver writes.
-TINY = ("model.hidden_size=32,model.intermediate_size=64,model.num_layers=1,sft.episodes=16,sft.steps=2,"
-        "sft.batch_size=8,train.steps=2,train.groups=4,train.group_size=2,train.epochs=1,train.minibatches=1,"
-        "train.eval_every=1,train.checkpoint_every=1,eval.episodes=8")
+TINY = {"model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 1, "sft.episodes": 16,
+        "sft.steps": 2, "sft.batch_size": 8, "train.steps": 2, "train.groups": 4, "train.group_size": 2,
+        "train.epochs": 1, "train.minibatches": 1, "train.eval_every": 1, "train.checkpoint_every": 1,
+        "eval.episodes": 8}
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.quick = False  # True: `tiny` after the environment's overrides (tests)
-    c.tiny = TINY
+    c.tiny = overrides(TINY)
     c.share_warm_starts = True  # one SFT phase per (environment, seed, with/without Expert), in <workdir>/warm_starts
     c.seeds = 3  # seeds 0 .. seeds-1 per method and environment
     c.methods = "gopo,sft,grpo,ppo,dpo,memento,gopo_no_ea"
     c.gopo_label = "gopo"  # the method the relative differences are taken against
     # Labels that are not a plain `method=<name>`: ablations and named variants.
     c.variants = ml_collections.ConfigDict()
-    c.variants.gopo_no_ea = "method=gopo,gopo.use_expert=False"
-    c.variants.gopo_no_esndcg = "method=gopo,gopo.use_esndcg=False"
-    c.variants.gopo_no_sop_mask = "method=gopo,gopo.sop_mask=False"
-    c.variants.gopo_no_constraint = "method=gopo,gopo.constraint=False"
-    c.variants.gopo_clipped_pg = "method=gopo,gopo.expert_loss=clipped_pg"
+    c.variants.gopo_no_ea = overrides({"method": "gopo", "gopo.use_expert": False})
+    c.variants.gopo_no_esndcg = overrides({"method": "gopo", "gopo.use_esndcg": False})
+    c.variants.gopo_no_sop_mask = overrides({"method": "gopo", "gopo.sop_mask": False})
+    c.variants.gopo_no_constraint = overrides({"method": "gopo", "gopo.constraint": False})
+    c.variants.gopo_clipped_pg = overrides({"method": "gopo", "gopo.expert_loss": "clipped_pg"})
     # A prompted chat model as the CS (host worlds): add `prompted` to `methods` and point it at an endpoint, e.g.
-    # --config.variants.prompted="method=prompted,baselines.prompted.base_url=http://127.0.0.1:8000,baselines.prompted.model=NAME"
-    c.variants.prompted = "method=prompted"
+    # --config.variants.prompted.baselines.prompted.base_url=http://127.0.0.1:8000
+    # --config.variants.prompted.baselines.prompted.model=NAME
+    c.variants.prompted = overrides({"method": "prompted", "baselines.prompted.base_url": "",
+                                     "baselines.prompted.model": ""})
     c.environments = "synthetic_shop,mg_shopdial,multiwoz"
-    # The run config of each environment (relative paths are from the repository root) ...
+    # The run config of each environment (a path relative to the current directory, or configs/<name> of the
+    # installed configs package) ...
     c.env_configs = ml_collections.ConfigDict()
     c.env_configs.synthetic_shop = "configs/mgshop.py"
     c.env_configs.mg_shopdial = "configs/mgshop_real.py"
     c.env_configs.multiwoz = "configs/multiwoz.py"
     c.env_configs.tmallbrand = "configs/tmallbrand.py"
-    # ... and its short-training overrides (data-backed worlds read their folder under ../shared/data).
+    # ... and its short-training overrides (data-backed worlds read their folder under ../shared/data; a relative
+    # env.data_dir is taken from the directory that holds the configs package, the repository root of a checkout).
     c.env_overrides = ml_collections.ConfigDict()
-    c.env_overrides.synthetic_shop = SHORT
-    c.env_overrides.mg_shopdial = HOST_SHORT + ",env.data_dir=../shared/data/mgshopdial"
-    c.env_overrides.multiwoz = HOST_SHORT + ",env.max_turns=6,env.data_dir=../shared/data/multiwoz"
-    c.env_overrides.tmallbrand = HOST_SHORT + ",env.data_dir=../shared/data/abcd"
-    # Figure 3: GOPO settings (label -> overrides) run on the first environment; "" disables.
+    c.env_overrides.synthetic_shop = overrides(SHORT)
+    c.env_overrides.mg_shopdial = overrides(HOST_SHORT | {"env.data_dir": "../shared/data/mgshopdial"})
+    c.env_overrides.multiwoz = overrides(HOST_SHORT | {"env.max_turns": 6, "env.data_dir": "../shared/data/multiwoz"})
+    c.env_overrides.tmallbrand = overrides(HOST_SHORT | {"env.data_dir": "../shared/data/abcd"})
+    # Figure 3: GOPO settings (label -> overrides) run on the first environment; --config.convergence_seeds=0 runs
+    # none of them.
     c.convergence = ml_collections.ConfigDict()
-    c.convergence.beta_pref_0p2 = "gopo.beta_pref=0.2"
-    c.convergence.lambda_b_0 = "gopo.lambda_b=0.0"
+    c.convergence.beta_pref_0p2 = overrides({"gopo.beta_pref": 0.2})
+    c.convergence.lambda_b_0 = overrides({"gopo.lambda_b": 0.0})
     c.convergence_seeds = 1
     # G-Eval judge of the runs' held-out turns (gopo_jax.metrics.geval.make_judge): "none" reports G-Eval as absent;
     # "endpoint" (an OpenAI-compatible server: endpoint_url, endpoint_model, its key read from the environment
@@ -79,6 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.geval.use_logprobs = True
     c.geval.top_logprobs = 20  # alternatives asked per score token (OpenAI allows up to 20)
     c.geval.n_samples = 5
+    c.geval.timeout = 60.0  # seconds per attempt
+    c.geval.max_retries = 4  # the openai SDK's retries of 408/409/429/5xx, connection errors and timeouts
+    c.geval.max_concurrency = 8  # judge prompts in flight at once
     c.geval.model_path = ""
     c.geval.criteria = "fluency,coherence,strategy_faithfulness,helpfulness"
     c.lock()

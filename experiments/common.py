@@ -1,60 +1,57 @@
-"""The shared command line of every experiment: `--config configs/<name>.py [--config.a.b=v ...] --workdir DIR`.
+"""What the experiment drivers share: reading a config file named inside another config (a comparison's run
+configs, a sweep's base) and applying overrides to it, the way the command line reads and overrides `--config`.
 
-ml_collections' config flags apply the overrides to a locked ConfigDict, so a typo (`--config.train.stpes=5`)
-is an error instead of a silently new key. Errors meant for people (bad config values, missing data, checkpoint
-mismatches) are printed as one line and exit with status 2, without a traceback.
+A config file is loaded by ml_collections' own config-file parser (`get_config()`, locked), and overrides go through
+`ConfigDict.update_from_flattened_dict`, so a key the run config lacks (a typo) or a value of the wrong type is an
+error naming the key, never a silently new key.
 """
 from __future__ import annotations
 
-import logging
-import sys
+import pathlib
+from typing import Any
 
-from absl import app, flags
-from ml_collections import config_flags
+import ml_collections
+from ml_collections.config_flags import config_flags
 
-from gopo_jax.dialogue.sop import SOPError
-from gopo_jax.train.checkpoint import CheckpointError
-
-FLAGS = flags.FLAGS
-_PEOPLE_ERRORS = (ValueError, FileNotFoundError, SOPError, CheckpointError)
+from configs import CONFIGS_DIR
+from gopo_jax.train.checkpoint import flatten_json
 
 
-def define_flags(default_config: str) -> None:
-    config_flags.DEFINE_config_file("config", default_config, "experiment config (a configs/*.py file)",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "run directory (config, metrics, checkpoints, summary); rerun to resume")
+class ConfigError(ValueError):
+    """A config that cannot be used as written; the message names the key or file and the fix."""
 
 
-def run_main(train_fn) -> None:
-    """`train_fn(config, workdir) -> summary`; prints the summary's headline and exits 0."""
+def config_file(path: str | pathlib.Path, *, where: str) -> pathlib.Path:
+    """The file `path` names: as given (relative to the current directory, or absolute) when it exists, else
+    `configs/<name>` is the installed configs package's file, so a config that names another works from any
+    directory."""
+    given = pathlib.Path(path)
+    if given.is_file():
+        return given
+    if given.parts[:1] == ("configs",) and CONFIGS_DIR.joinpath(*given.parts[1:]).is_file():
+        return CONFIGS_DIR.joinpath(*given.parts[1:])
+    raise ConfigError(f"{where}: config file {path} does not exist (a path relative to the current directory, "
+                      f"absolute, or configs/<name> of the installed configs in {CONFIGS_DIR})")
 
-    def main(argv):
-        del argv
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        # orbax reports every save and restore at INFO through absl; keep the console for the progress line.
-        logging.getLogger("absl").setLevel(logging.WARNING)
-        if not FLAGS.workdir:
-            print("error: --workdir is required (the run directory; rerunning on it resumes)", file=sys.stderr)
-            sys.exit(2)
+
+def load_config_file(path: str | pathlib.Path, *, where: str) -> ml_collections.ConfigDict:
+    """`get_config()` of the config file `path` (see `config_file`), locked, as `--config` would load it."""
+    return config_flags.ConfigFileFlagParser(name="run", lock_config=True).parse(str(config_file(path, where=where)))
+
+
+def flattened(overrides: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+    """{"gopo": {"use_expert": False}} -> {"gopo.use_expert": False}, in the order the keys were written."""
+    return flatten_json(overrides.to_dict() if isinstance(overrides, ml_collections.ConfigDict) else overrides)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: ml_collections.ConfigDict | dict, *,
+                    where: str) -> None:
+    """Sets each override (`configs.overrides`) in the locked `config`; `where` names them in an error."""
+    for key, value in flattened(overrides).items():
         try:
-            summary = train_fn(FLAGS.config, FLAGS.workdir)
-        except _PEOPLE_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        print(headline(summary))
-
-    app.run(main)
-
-
-def headline(summary: dict) -> str:
-    if summary.get("stopped"):
-        return f"stopped at iteration {summary['iteration']} (checkpoint saved; rerun the command to resume)"
-    lines = [f"{summary['env']} · {summary['method']} · {summary['eval_episodes']} held-out episodes "
-             f"· {summary['wall_seconds']:.0f} s"]
-    for name in ("reference", "sft", summary["method"]):
-        block = summary.get(name)
-        if block:
-            lines.append(f"  {name:>9}: " + "  ".join(
-                f"{k} {block[k]['mean']:.3f} [{block[k]['lo']:.3f}, {block[k]['hi']:.3f}]"
-                for k in ("tse", "gre", "esndcg", "alignment")))
-    return "\n".join(lines)
+            config.update_from_flattened_dict({key: value})
+        except KeyError:
+            raise ConfigError(f"{where}: the run config has no key {key!r}; check the spelling against "
+                              "configs/mgshop.py") from None
+        except TypeError as e:
+            raise ConfigError(f"{where}: {key}={value!r} has the wrong type ({e})") from None

@@ -1,7 +1,8 @@
 """The comparison driver: methods × environments × seeds, each run a config override of the run config.
 
-    python -m experiments.compare --config configs/compare.py --workdir runs/compare [--config.seeds=5]
-    python -m experiments.compare --config configs/compare.py --workdir runs/compare --report_only
+    gopo-compare --workdir runs/compare [--config.seeds=5]   # --config: the installed configs/compare.py
+    gopo-compare --workdir runs/compare --report_only
+    python -m experiments.compare --config configs/compare.py --workdir runs/compare   # the same, from a checkout
 
 Each run trains in this process with `gopo_jax.launch.train` in `<workdir>/runs/<env>/<label>/seed<s>/`.
 Resumable: a run whose summary.json exists is read, not retrained; a half-finished run resumes through its own
@@ -17,78 +18,35 @@ or a local Hugging Face causal LM), every finished run's held-out turns (`judge_
 """
 from __future__ import annotations
 
-import ast
 import collections
-import importlib.util
 import json
 import logging
 import math
 import os
 import pathlib
-import sys
 import time
 import traceback
-from typing import Any, Callable
+from typing import Callable
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
+import configs
+from experiments.common import ConfigError, apply_overrides, flattened, load_config_file
+from gopo_jax import command_line
 from gopo_jax.metrics import geval as geval_lib
 from gopo_jax.report import figures, tables
 
 _log = logging.getLogger(__name__)
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+FLAGS = flags.FLAGS
+# A relative env.data_dir of the comparison config (../shared/data/...) is taken from the repository root of a
+# checkout: the directory that holds the configs package.
+DATA_ROOT = configs.CONFIGS_DIR.parent
 
 
-class ComparisonError(ValueError):
+class ComparisonError(ConfigError):
     """A comparison that cannot go on as configured; the message names the key or directory and the fix."""
-
-
-def load_config_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """`get_config()` of a configs/*.py file (relative paths are taken from the repository root)."""
-    path = pathlib.Path(path)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    if not path.exists():
-        raise ComparisonError(f"config file {path} does not exist (compare config key `base`)")
-    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def parse_overrides(text: str, *, where: str) -> list[tuple[str, Any]]:
-    """"a.b=1,c=False,d=name" -> [("a.b", 1), ("c", False), ("d", "name")] (values as Python literals, else
-    strings)."""
-    out = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ComparisonError(f"{where}: override {item!r} is not key=value (e.g. 'train.steps=5')")
-        try:
-            value = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            value = raw.strip()
-        out.append((key.strip(), value))
-    return out
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: list[tuple[str, Any]], *, where: str) -> None:
-    for key, value in overrides:
-        *parents, leaf = key.split(".")
-        node = config
-        try:
-            for p in parents:
-                node = node[p]
-            if leaf not in node:
-                raise KeyError(leaf)
-            if isinstance(node[leaf], float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            node[leaf] = value
-        except (KeyError, AttributeError):
-            raise ComparisonError(f"{where}: the run config has no key {key!r}; check the spelling against "
-                                  "configs/mgshop.py") from None
-        except TypeError as e:
-            raise ComparisonError(f"{where}: {key}={value!r} has the wrong type ({e})") from None
 
 
 def _names(text: str, key: str) -> list[str]:
@@ -100,39 +58,38 @@ def _names(text: str, key: str) -> list[str]:
 
 def plan(cfg: ml_collections.ConfigDict) -> list[dict]:
     """The runs of a comparison: dicts {env, label, seed, kind, config} with the resolved run config."""
-    tiny = parse_overrides(cfg.tiny, where="compare config `tiny`") if cfg.quick else []
     if cfg.seeds < 1:
         raise ComparisonError("compare config: seeds must be >= 1")
     envs = _names(cfg.environments, "environments")
     runs = []
 
-    def resolved(env: str, label: str, extra: str, seed: int, where: str) -> ml_collections.ConfigDict:
+    def resolved(env: str, method_overrides: list, seed: int, where: str) -> ml_collections.ConfigDict:
         if env not in cfg.env_configs or env not in cfg.env_overrides:
             raise ComparisonError(f"compare config: environment {env!r} needs an entry in env_configs (its run "
-                                  f"config file) and in env_overrides; add --config.env_configs.{env}=configs/... "
-                                  f"and --config.env_overrides.{env}='env.data_dir=...' to configs/compare.py")
-        run_cfg = load_config_file(cfg.env_configs[env])
-        apply_overrides(run_cfg, parse_overrides(cfg.env_overrides[env], where=f"env_overrides.{env}"),
-                        where=f"env_overrides.{env}")
-        apply_overrides(run_cfg, tiny, where="compare config `tiny`")
-        method = extra if extra else f"method={label}"
-        apply_overrides(run_cfg, parse_overrides(method, where=where), where=where)
+                                  "config file) and in env_overrides (its short-training overrides); add them to "
+                                  "configs/compare.py")
+        run_cfg = load_config_file(cfg.env_configs[env], where=f"env_configs.{env}")
+        apply_overrides(run_cfg, cfg.env_overrides[env], where=f"env_overrides.{env}")
+        if cfg.quick:
+            apply_overrides(run_cfg, cfg.tiny, where="compare config `tiny`")
+        for overrides in method_overrides:
+            apply_overrides(run_cfg, overrides, where=where)
         run_cfg.seed = seed
         if run_cfg.env.data_dir and not pathlib.Path(run_cfg.env.data_dir).is_absolute():
-            run_cfg.env.data_dir = str((REPO_ROOT / run_cfg.env.data_dir).resolve())
+            run_cfg.env.data_dir = str((DATA_ROOT / run_cfg.env.data_dir).resolve())
         return run_cfg
 
     for env in envs:
         for label in _names(cfg.methods, "methods"):
-            extra = cfg.variants[label] if label in cfg.variants else ""
+            method_overrides = [cfg.variants[label] if label in cfg.variants else {"method": label}]
             for seed in range(cfg.seeds):
                 runs.append(dict(env=env, label=label, seed=seed, kind="compare",
-                                 config=resolved(env, label, extra, seed, f"variants.{label}")))
+                                 config=resolved(env, method_overrides, seed, f"variants.{label}")))
     for setting in cfg.convergence:
         for seed in range(cfg.convergence_seeds):
-            extra = f"method=gopo,{cfg.convergence[setting]}"
+            method_overrides = [{"method": "gopo"}, cfg.convergence[setting]]
             runs.append(dict(env=envs[0], label=f"conv_{setting}", seed=seed, kind="convergence",
-                             config=resolved(envs[0], setting, extra, seed, f"convergence.{setting}")))
+                             config=resolved(envs[0], method_overrides, seed, f"convergence.{setting}")))
     return runs
 
 
@@ -143,6 +100,9 @@ def run_dir(workdir: pathlib.Path, run: dict) -> pathlib.Path:
 # Run config keys that change neither training nor evaluation: where shared warm starts live (a moved workdir
 # still resumes) and how many dialogues are written out for a judge.
 _NOT_RESULTS = frozenset({"sft.cache_dir", "eval.judge_dialogues"})
+# Where metrics are sent (TensorBoard, W&B) changes nothing a run computes: switching W&B on for a resumed
+# comparison, or a workdir from before the `log` section existed, is the same run.
+_NOT_RESULTS_PREFIXES = ("log.",)
 
 
 def check_same_config(directory: pathlib.Path, config: ml_collections.ConfigDict) -> None:
@@ -152,14 +112,9 @@ def check_same_config(directory: pathlib.Path, config: ml_collections.ConfigDict
     stored = json.loads(path.read_text())
     wanted = json.loads(config.to_json_best_effort())
 
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    a, b = flat(stored), flat(wanted)
-    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in _NOT_RESULTS)
+    a, b = flattened(stored), flattened(wanted)
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in _NOT_RESULTS
+                  and not k.startswith(_NOT_RESULTS_PREFIXES))
     if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
         raise ComparisonError(f"{directory} was trained with a different config ({shown}); use a fresh --workdir "
@@ -318,36 +273,36 @@ def write_results(workdir: pathlib.Path, results: dict, cfg) -> None:
                         workdir / "figure3.png")
 
 
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", configs.config_path("compare.py"),
+                                    "comparison config (configs/compare.py); override its keys with "
+                                    "--config.KEY=VALUE", lock_config=True)
+    flags.DEFINE_string("workdir", None, "comparison directory; rerun the same command to resume")
+    flags.DEFINE_bool("report_only", False, "train nothing: write the results of the runs that have finished "
+                      "(e.g. while other processes still train parts of the comparison in the same workdir)")
+
+
 def main(argv) -> None:
-    from absl import flags  # noqa: PLC0415
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    FLAGS = flags.FLAGS
+    command_line.quiet_logging()
     if not FLAGS.workdir:
-        print("error: --workdir is required (the comparison directory; rerunning on it resumes)", file=sys.stderr)
-        sys.exit(2)
-    import jax  # noqa: PLC0415
+        command_line.fail("--workdir is required (the comparison directory; rerunning on it resumes)")
+    import jax  # noqa: PLC0415  (after the flags, so --help stays quick)
     if not jax.config.jax_compilation_cache_dir:
         # The runs of a comparison compile the same rollouts and steps again and again: compile each once.
         jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(FLAGS.workdir).resolve() / "jax_cache"))
     try:
         results = compare(FLAGS.config, FLAGS.workdir, report_only=FLAGS.report_only)
-    except ComparisonError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except ConfigError as e:
+        command_line.fail(str(e))
     counts = dict(collections.Counter(r["status"] for r in results["runs"]))
     print(f"{FLAGS.workdir}: runs {counts}; results.md, results.json, figures written; "
           f"{results['wall_seconds']:.0f} s")
 
 
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+def cli() -> None:
+    command_line.run(define_flags, main)
 
-    config_flags.DEFINE_config_file("config", "configs/compare.py", "comparison config (configs/compare.py)",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "comparison directory; rerun the same command to resume")
-    flags.DEFINE_bool("report_only", False, "train nothing: write the results of the runs that have finished "
-                      "(e.g. while other processes still train parts of the comparison in the same workdir)")
-    app.run(main)
+
+if __name__ == "__main__":
+    cli()

@@ -1,11 +1,9 @@
-"""GOPO on the e-commerce world (default: the embedded synthetic shop; no files needed).
+"""GOPO on the e-commerce world (default: the embedded synthetic shop; no files needed): `gopo-train` with
+configs/mgshop.py as the default `--config`.
 
     python -m experiments.mgshop --config configs/mgshop.py --workdir runs/mgshop
 """
-from experiments.common import define_flags, run_main
-from gopo_jax.launch import train
-
-define_flags("configs/mgshop.py")
+from experiments import train
 
 if __name__ == "__main__":
-    run_main(train)
+    train.cli("mgshop.py")

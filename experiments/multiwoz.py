@@ -1,11 +1,9 @@
-"""GOPO on multiwoz (a host environment on the real data in ../shared/data).
+"""GOPO on multiwoz (a host environment on the real data in ../shared/data): `gopo-train` with configs/multiwoz.py
+as the default `--config`.
 
     python -m experiments.multiwoz --config configs/multiwoz.py --workdir runs/multiwoz
 """
-from experiments.common import define_flags, run_main
-from gopo_jax.launch import train
-
-define_flags("configs/multiwoz.py")
+from experiments import train
 
 if __name__ == "__main__":
-    run_main(train)
+    train.cli("multiwoz.py")

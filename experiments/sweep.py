@@ -25,49 +25,46 @@ import itertools
 import json
 import logging
 import pathlib
-import sys
 import time
 import traceback
 from typing import Any, Callable
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
-from experiments.compare import (ComparisonError, apply_overrides, check_same_config, execute, jsonable,
-                                 load_config_file, parse_overrides)
+import configs
+from experiments.common import ConfigError, apply_overrides, flattened, load_config_file
+from experiments.compare import check_same_config, execute, jsonable
+from gopo_jax import command_line
 from gopo_jax.report import figures, tables
 
 _log = logging.getLogger(__name__)
+FLAGS = flags.FLAGS
 
 
-def parse_grid(text: str) -> list[tuple[str, list[Any]]]:
-    """"a.b=1|2;c=x|y" -> [("a.b", [1, 2]), ("c", ["x", "y"])] (values as Python literals, else strings)."""
-    axes = []
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        key, sep, values = part.partition("=")
-        options = [v.strip() for v in values.split("|") if v.strip()]
-        if not sep or not key.strip() or not options:
-            raise ComparisonError(f"sweep grid: {part!r} is not key=v1|v2|... (e.g. 'gopo.beta_pref=0.2|1.0')")
-        parsed = [parse_overrides(f"x={v}", where="sweep grid")[0][1] for v in options]
-        axes.append((key.strip(), parsed))
-    keys = [k for k, _ in axes]
-    if len(set(keys)) != len(keys):
-        raise ComparisonError(f"sweep grid: a key appears twice in {keys}")
-    return axes
+def grid_axes(grid: ml_collections.ConfigDict) -> list[tuple[str, tuple[Any, ...]]]:
+    """{"gopo": {"beta_pref": (0.2, 1.0)}, ...} -> [("gopo.beta_pref", (0.2, 1.0)), ...] in the order written."""
+    axes = list(flattened(grid).items())
+    for key, values in axes:
+        if not isinstance(values, (tuple, list)) or not values:
+            raise ConfigError(f"sweep grid: {key}={values!r} is not a tuple of the values it takes, e.g. "
+                              f"overrides({{{key!r}: (0.2, 1.0)}}) in the sweep config")
+    return [(key, tuple(values)) for key, values in axes]
 
 
 def expand(cfg: ml_collections.ConfigDict) -> list[dict]:
     """Every (setting, seed) of the sweep: dicts {label, seed, overrides, config} in a stable order."""
     if cfg.seeds < 1:
-        raise ComparisonError("sweep config: seeds must be >= 1")
-    axes = parse_grid(cfg.grid)
-    fixed = parse_overrides(cfg.fixed, where="sweep config `fixed`")
+        raise ConfigError("sweep config: seeds must be >= 1")
+    axes = grid_axes(cfg.grid)
     runs = []
-    for values in itertools.product(*(v for _, v in axes)) if axes else [()]:
-        overrides = list(zip((k for k, _ in axes), values))
-        label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides) or "base"
+    for values in itertools.product(*(v for _, v in axes)):
+        overrides = dict(zip((k for k, _ in axes), values))
+        label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items()) or "base"
         for seed in range(cfg.seeds):
-            run_cfg = load_config_file(cfg.base)
-            apply_overrides(run_cfg, fixed, where="sweep config `fixed`")
+            run_cfg = load_config_file(cfg.base, where="sweep config `base`")
+            apply_overrides(run_cfg, cfg.fixed, where="sweep config `fixed`")
             apply_overrides(run_cfg, overrides, where=f"sweep grid ({label})")
             run_cfg.seed = seed
             runs.append(dict(label=label, seed=seed, overrides=overrides, config=run_cfg, env=run_cfg.env.name,
@@ -134,7 +131,7 @@ def sweep(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, shard:
     workdirs)` the seeds of a setting together when `cfg.vmap_seeds` (default
     `gopo_jax.train.driver.train_seeds`)."""
     if not 0 <= shard < num_shards:
-        raise ComparisonError(f"--shard={shard} must be in 0..{num_shards - 1} (--num_shards={num_shards})")
+        raise ConfigError(f"--shard={shard} must be in 0..{num_shards - 1} (--num_shards={num_shards})")
     vmap_seeds = bool(cfg.get("vmap_seeds", False))
     if train_fn is None and not report_only:
         from gopo_jax.launch import train as train_fn  # noqa: PLC0415
@@ -177,8 +174,7 @@ def sweep(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, shard:
     done = [(run, rec) for run, rec in zip(runs, records) if rec["status"] == "done"]
     summaries = [(run["env"], run["label"], run["seed"], json.loads((run_dir(workdir, run) / "summary.json")
                                                                      .read_text())) for run, _ in done]
-    results = {"config": cfg.to_dict(), "runs": records, "settings": {r["label"]: dict(r["overrides"])
-                                                                      for r in runs}}
+    results = {"config": cfg.to_dict(), "runs": records, "settings": {r["label"]: r["overrides"] for r in runs}}
     results.update(tables.aggregate(summaries, gopo_label=""))
     curves = {}
     for run, _ in done:
@@ -193,33 +189,33 @@ def sweep(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, shard:
     return results
 
 
-def main(argv) -> None:
-    from absl import flags  # noqa: PLC0415
-    del argv
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    FLAGS = flags.FLAGS
-    if not FLAGS.workdir:
-        print("error: --workdir is required (the sweep directory; rerunning on it resumes)", file=sys.stderr)
-        sys.exit(2)
-    try:
-        results = sweep(FLAGS.config, FLAGS.workdir, shard=FLAGS.shard, num_shards=FLAGS.num_shards,
-                        report_only=FLAGS.report_only)
-    except ComparisonError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    counts = dict(collections.Counter(r["status"] for r in results["runs"]))
-    print(f"{FLAGS.workdir}: runs {counts}; sweep.md written; {results['wall_seconds']:.0f} s")
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", "configs/sweeps/gopo_hparams.py", "sweep config (configs/sweeps/*.py)",
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", configs.config_path("sweeps/gopo_hparams.py"),
+                                    "sweep config (configs/sweeps/*.py); override its keys with --config.KEY=VALUE",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "sweep directory; rerun the same command to resume")
     flags.DEFINE_integer("shard", 0, "this process's share of the runs: run i when i % num_shards == shard")
     flags.DEFINE_integer("num_shards", 1, "processes splitting the runs")
     flags.DEFINE_bool("report_only", False, "only (re)write the report from finished runs")
-    app.run(main)
+
+
+def main(argv) -> None:
+    del argv
+    command_line.quiet_logging()
+    if not FLAGS.workdir:
+        command_line.fail("--workdir is required (the sweep directory; rerunning on it resumes)")
+    try:
+        results = sweep(FLAGS.config, FLAGS.workdir, shard=FLAGS.shard, num_shards=FLAGS.num_shards,
+                        report_only=FLAGS.report_only)
+    except ConfigError as e:
+        command_line.fail(str(e))
+    counts = dict(collections.Counter(r["status"] for r in results["runs"]))
+    print(f"{FLAGS.workdir}: runs {counts}; sweep.md written; {results['wall_seconds']:.0f} s")
+
+
+def cli() -> None:
+    command_line.run(define_flags, main)
+
+
+if __name__ == "__main__":
+    cli()

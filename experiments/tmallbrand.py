@@ -1,11 +1,9 @@
-"""GOPO on tmallbrand (a host environment on the real data in ../shared/data).
+"""GOPO on tmallbrand (a host environment on the real data in ../shared/data): `gopo-train` with
+configs/tmallbrand.py as the default `--config`.
 
     python -m experiments.tmallbrand --config configs/tmallbrand.py --workdir runs/tmallbrand
 """
-from experiments.common import define_flags, run_main
-from gopo_jax.launch import train
-
-define_flags("configs/tmallbrand.py")
+from experiments import train
 
 if __name__ == "__main__":
-    run_main(train)
+    train.cli("tmallbrand.py")

@@ -1,6 +1,6 @@
 """An interactive terminal chat with a trained agent pair: you are the customer, the run's Expert and CS answer.
 
-    python -m gopo_jax.chat --workdir runs/mgshop [--sample] [--seed 0] [--context TEXT] [--step N]
+    gopo-chat --workdir runs/mgshop [--sample] [--seed 0] [--context TEXT] [--step N]   # or python -m gopo_jax.chat
 
 The dialogue opens with the world's business context (the synthetic shop's context of episode `--seed`, a text
 world's scenario of reset seed `--seed`) or `--context`. Each line you type is a customer turn; an empty line or
@@ -27,9 +27,10 @@ from typing import TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from gopo_jax import command_line
 from gopo_jax.dialogue.rollout import ModelAgents, ModelAgentsState, SamplingConfig, TurnInput, make_header
 from gopo_jax.dialogue.sop import UNRECOGNISED, masked_strategy_log_softmax
 from gopo_jax.export import RestoredRun, RunError, load_run
@@ -254,6 +255,15 @@ def prompted_lines(prompt: str = "customer> ") -> Iterator[str]:
             return
 
 
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "a run directory written by the trainer")
+    flags.DEFINE_integer("step", None, "the checkpoint step to talk to (default: the newest)")
+    flags.DEFINE_bool("sample", False, "sample the Expert's choice and the CS reply (default: greedy)")
+    flags.DEFINE_integer("seed", 0, "the world episode whose business context opens the dialogue, and the sampling "
+                                    "seed")
+    flags.DEFINE_string("context", None, "a business context of your own instead of the world's")
+
+
 def main(argv) -> None:
     del argv
     f = flags.FLAGS
@@ -263,17 +273,14 @@ def main(argv) -> None:
             raise RunError("--workdir (a run directory written by the trainer) is required")
         chat = Chat(load_run(f.workdir, f.step), sample=f.sample, seed=f.seed, context=f.context)
     except (RunError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        command_line.fail(str(e))
     interactive = sys.stdin.isatty()
     chat_loop(chat, prompted_lines() if interactive else sys.stdin, sys.stdout, echo=not interactive)
 
 
+def cli() -> None:
+    command_line.run(define_flags, main)
+
+
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", None, "a run directory written by the trainer")
-    flags.DEFINE_integer("step", None, "the checkpoint step to talk to (default: the newest)")
-    flags.DEFINE_bool("sample", False, "sample the Expert's choice and the CS reply (default: greedy)")
-    flags.DEFINE_integer("seed", 0, "the world episode whose business context opens the dialogue, and the sampling "
-                                    "seed")
-    flags.DEFINE_string("context", None, "a business context of your own instead of the world's")
-    app.run(main)
+    cli()

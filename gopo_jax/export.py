@@ -1,6 +1,6 @@
 """Exports a finished run's agent pair as Hugging Face model folders that `transformers` loads as they are.
 
-    python -m gopo_jax.export --workdir runs/mgshop --out exported/mgshop [--step N]
+    gopo-export --workdir runs/mgshop --out exported/mgshop [--step N]   # or python -m gopo_jax.export
 
 `DIR/expert` and `DIR/cs` each hold:
 * `config.json` + `model.safetensors` (shards above 4 GB): the agent as a `Qwen3ForCausalLM`, LoRA adapters merged
@@ -25,14 +25,14 @@ import json
 import logging
 import pathlib
 import shutil
-import sys
 from typing import Any
 
 import ml_collections
 import transformers
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from gopo_jax import command_line
 from gopo_jax.models import hf_io, lora
 from gopo_jax.models import tokenizer as tokenizer_lib
 from gopo_jax.models.qwen3 import Qwen3
@@ -174,6 +174,13 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: in
     return written
 
 
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "a run directory written by the trainer (config.json, tokenizer/, "
+                                         "checkpoints/)")
+    flags.DEFINE_string("out", None, "the export folder: DIR/expert and DIR/cs are written there")
+    flags.DEFINE_integer("step", None, "the checkpoint step to export (default: the newest)")
+
+
 def main(argv) -> None:
     del argv
     f = flags.FLAGS
@@ -183,13 +190,12 @@ def main(argv) -> None:
             raise RunError("--workdir (a run directory) and --out (the export folder) are both required")
         export_run(f.workdir, f.out, step=f.step)
     except (RunError, CheckpointError, hf_io.HFModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        command_line.fail(str(e))
+
+
+def cli() -> None:
+    command_line.run(define_flags, main)
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("workdir", None, "a run directory written by the trainer (config.json, tokenizer/, "
-                                         "checkpoints/)")
-    flags.DEFINE_string("out", None, "the export folder: DIR/expert and DIR/cs are written there")
-    flags.DEFINE_integer("step", None, "the checkpoint step to export (default: the newest)")
-    app.run(main)
+    cli()

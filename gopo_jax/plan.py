@@ -1,6 +1,6 @@
 """Memory planner: the bytes PER DEVICE a run needs, before it runs.
 
-    python -m gopo_jax.plan --config configs/mgshop.py [--mesh data=2,fsdp=4,tensor=1] [--config.model.preset=...]
+    python -m gopo_jax.plan [--config configs/mgshop.py] [--mesh data=2,fsdp=4,tensor=1] [--config.model.preset=...]
     python -m gopo_jax.plan --config configs/mgshop.py --fit_8xh100   # + Qwen3-1.7B..14B on one 8 x H100 host
 
 What is counted, and where each number comes from (the planner reads the code's own objects, so it follows the code
@@ -37,7 +37,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,10 +44,13 @@ import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
+from ml_collections import config_flags
 
-from gopo_jax import parallel
+import configs
+from gopo_jax import command_line, parallel
 from gopo_jax.dialogue.layout import Layout, Trajectory
 from gopo_jax.dialogue.rollout import SamplingConfig
 from gopo_jax.metrics.episode import EpisodeMetricSettings
@@ -603,32 +605,32 @@ def mesh_from_config(config, num_devices: int) -> dict[str, int]:
     return dict(zip(parallel.AXES, parallel._axis_sizes(dict(config.mesh), num_devices)))
 
 
-def main(argv=None) -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", "configs/mgshop.py", "run config (a configs/*.py file)",
+def define_flags() -> None:
+    config_flags.DEFINE_config_file("config", configs.config_path("mgshop.py"),
+                                    "run config (a configs/*.py file); override its keys with --config.KEY=VALUE",
                                     lock_config=True)
     flags.DEFINE_string("mesh", "", "data=N,fsdp=N,tensor=N (default: the config's mesh over --devices)")
     flags.DEFINE_integer("devices", 8, "devices the config's mesh is resolved over when --mesh is not given")
     flags.DEFINE_bool("fit_8xh100", False, "also plan GOPO with Qwen3-1.7B/4B/8B/14B on one 8 x H100 80 GB host "
                       "(full fine-tune and LoRA) on this config's text layout and batch")
 
-    def run(argv):
-        del argv
-        f = flags.FLAGS
-        try:
-            sizes = parse_mesh(f.mesh) if f.mesh else mesh_from_config(f.config, f.devices)
-            print(make_plan(f.config, sizes).table())
-            if f.fit_8xh100:
-                print()
-                print(fit_table(f.config))
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
 
-    app.run(run, argv=argv)
+def main(argv) -> None:
+    del argv
+    f = flags.FLAGS
+    try:
+        sizes = parse_mesh(f.mesh) if f.mesh else mesh_from_config(f.config, f.devices)
+        print(make_plan(f.config, sizes).table())
+        if f.fit_8xh100:
+            print()
+            print(fit_table(f.config))
+    except ValueError as e:
+        command_line.fail(str(e))
+
+
+def cli() -> None:
+    command_line.run(define_flags, main)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

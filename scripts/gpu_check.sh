@@ -106,7 +106,7 @@ if ((SMOKE)); then
 elif ((BACKEND_OK)); then
   run_step dtype_parity 60 python -m benchmarks.dtype_parity
   run_step sampler_vs_hf 90 python -m benchmarks.sampler_vs_hf --repeats 2 --profile
-  run_step train_mfu 180 python -m benchmarks.train_mfu --presets small qwen3-0.6b --dtype bfloat16 --steps 3
+  run_step train_mfu 180 python -m benchmarks.train_mfu --presets small --presets qwen3-0.6b --dtype bfloat16 --steps 3
   # Qwen3-0.6B's shape (28 layers, hidden 1024, 16 heads over 8 KV heads of 128, tied 151,936-row embedding).
   run_step checkpoint_qwen3_0.6b 180 python -m tests.hf_fixtures --out "$WORK/ckpt" --hidden_size 1024 \
     --intermediate_size 3072 --num_layers 28 --num_heads 16 --num_kv_heads 8 --head_dim 128

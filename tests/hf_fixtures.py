@@ -18,6 +18,9 @@ import shutil
 
 import pytest
 import transformers
+from absl import flags
+
+from gopo_jax import command_line
 
 # Bump when the tokenizer build below changes: it names the on-disk cache.
 TOKENIZER_VERSION = "qwen3-tokenizer-v1"
@@ -212,22 +215,32 @@ def tiny_qwen3(qwen3_tok, tmp_path_factory) -> pathlib.Path:
     return tiny_qwen3_checkpoint(tmp_path_factory.mktemp("tiny_qwen3"), tokenizer=qwen3_tok)
 
 
-def main(argv=None) -> None:
+SIZES = (("hidden_size", 64), ("intermediate_size", 128), ("num_layers", 2), ("num_heads", 4), ("num_kv_heads", 2),
+         ("head_dim", 16), ("seed", 0))
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("out", None, "the folder to write (config.json, safetensors, tokenizer)")
+    flags.DEFINE_bool("untied", False, "an untied lm_head")
+    for name, default in SIZES:
+        flags.DEFINE_integer(name, default, f"the checkpoint's {name}")
+
+
+def main(argv) -> None:
     """`python -m tests.hf_fixtures --out DIR [--untied] [--hidden_size N] ...`: a tiny Qwen3 folder to run the
     pretrained path end to end without a download (README "Post-train a pretrained Qwen3")."""
-    import argparse
+    del argv
+    f = flags.FLAGS
+    if not f.out:
+        command_line.fail("--out (the folder to write) is required")
+    sizes = {name: f[name].value for name, _ in SIZES}
+    folder = tiny_qwen3_checkpoint(f.out, tie_word_embeddings=not f.untied, **sizes)
+    print(f"wrote a tiny Qwen3 ({sizes}, tied={not f.untied}) with the 151,669-token Qwen3 tokenizer to {folder}")
 
-    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="the folder to write (config.json, safetensors, tokenizer)")
-    parser.add_argument("--untied", action="store_true", help="an untied lm_head")
-    for name, default in (("hidden_size", 64), ("intermediate_size", 128), ("num_layers", 2), ("num_heads", 4),
-                          ("num_kv_heads", 2), ("head_dim", 16), ("seed", 0)):
-        parser.add_argument(f"--{name}", type=int, default=default)
-    args = parser.parse_args(argv)
-    sizes = {k: v for k, v in vars(args).items() if k not in ("out", "untied")}
-    folder = tiny_qwen3_checkpoint(args.out, tie_word_embeddings=not args.untied, **sizes)
-    print(f"wrote a tiny Qwen3 ({sizes}, tied={not args.untied}) with the 151,669-token Qwen3 tokenizer to {folder}")
+
+def cli() -> None:
+    command_line.run(define_flags, main)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -4,8 +4,11 @@ import json
 
 import pytest
 
+import configs
 from configs import compare as compare_config
+from configs import overrides
 from experiments import compare as compare_lib
+from experiments.common import ConfigError
 from gopo_jax.report import tables
 
 
@@ -41,13 +44,38 @@ def test_plan_host_worlds_use_their_own_run_config():
 
 def test_plan_errors_name_the_key():
     c = compare_config.get_config()
-    c.env_overrides.synthetic_shop = "train.stepz=3"
-    with pytest.raises(compare_lib.ComparisonError, match="no key 'train.stepz'"):
+    c.env_overrides.synthetic_shop = overrides({"train.stepz": 3})
+    with pytest.raises(ConfigError, match="env_overrides.synthetic_shop: the run config has no key 'train.stepz'"):
+        compare_lib.plan(c)
+    c = compare_config.get_config()
+    c.variants.gopo_no_ea = overrides({"gopo.use_expert": "no"})
+    c.methods = "gopo_no_ea"
+    with pytest.raises(ConfigError, match="variants.gopo_no_ea: gopo.use_expert='no' has the wrong type"):
         compare_lib.plan(c)
     c = compare_config.get_config()
     c.environments = "atlantis"
     with pytest.raises(compare_lib.ComparisonError, match="'atlantis' needs an entry in env_configs"):
         compare_lib.plan(c)
+    c = compare_config.get_config()
+    c.env_configs.synthetic_shop = "configs/nowhere.py"
+    with pytest.raises(ConfigError, match="env_configs.synthetic_shop: config file configs/nowhere.py does not exist"):
+        compare_lib.plan(c)
+
+
+def test_command_line_overrides_reach_a_variant(monkeypatch):
+    """A variant's overrides are flags of the comparison config; its run config files resolve from any directory."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    monkeypatch.chdir("/")
+    values = flags.FlagValues()
+    argv = ["gopo-compare", "--config.variants.prompted.baselines.prompted.base_url=http://127.0.0.1:8000",
+            "--config.environments=synthetic_shop", "--config.methods=prompted", "--config.convergence_seeds=0"]
+    config_flags.DEFINE_config_file("config", configs.config_path("compare.py"), flag_values=values, sys_argv=argv)
+    values(argv)
+    run = compare_lib.plan(values.config)[0]
+    prompted = run["config"].baselines.prompted
+    assert run["config"].method == "prompted" and prompted.base_url == "http://127.0.0.1:8000"
 
 
 def summary(method, tse, gre, ref_tse=0.5):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.compare import apply_overrides, load_config_file, parse_overrides
+from experiments.common import apply_overrides, load_config_file
 from gopo_jax import parallel, plan
 from gopo_jax.models import lora, qwen3
 from gopo_jax.train.build import init_agent_params
@@ -21,13 +21,13 @@ from gopo_jax.train.world import build_world
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Two layers: with one, XLA drops the layer scan's loop and fuses differently from any deeper model.
-TINY = "model.hidden_size=32,model.intermediate_size=64,model.num_layers=2,train.groups=4,train.group_size=2," \
-       "train.minibatches=1"
+TINY = {"model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2, "train.groups": 4,
+        "train.group_size": 2, "train.minibatches": 1}
 
 
 def tiny_config(method="gopo"):
-    c = load_config_file("configs/mgshop.py")
-    apply_overrides(c, parse_overrides(TINY + f",method={method}", where="test"), where="test")
+    c = load_config_file("configs/mgshop.py", where="test")
+    apply_overrides(c, TINY | {"method": method}, where="test")
     return c
 
 
@@ -141,7 +141,7 @@ def test_parse_mesh():
 
 def test_cli_prints_the_table_for_the_mgshop_config():
     out = subprocess.run([sys.executable, "-m", "gopo_jax.plan", "--config", "configs/mgshop.py", "--mesh",
-                          "data=2,fsdp=4", f"--config.{TINY.split(',')[0]}"],
+                          "data=2,fsdp=4", "--config.model.hidden_size=32"],
                          check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-2000:]

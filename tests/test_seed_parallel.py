@@ -24,16 +24,18 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import overrides as config_overrides
 from experiments import sweep as sweep_lib
-from experiments.compare import apply_overrides, load_config_file, parse_overrides
+from experiments.common import apply_overrides, load_config_file
 from gopo_jax.train import driver
 
 # A warm start long enough for the agents to move off chance (50 steps), two GOPO iterations of 2 epochs × 2
 # minibatches of 8 dialogues (both scans of the iteration, one row per device of the 8-device mesh), 32 held-out
 # customers (enough for the intervals to mean something).
-TINY = ("model.hidden_size=32,model.intermediate_size=64,model.num_layers=1,sft.episodes=64,sft.steps=50,"
-        "sft.batch_size=16,train.steps=2,train.groups=8,train.group_size=2,train.epochs=2,train.minibatches=2,"
-        "train.eval_every=1,train.checkpoint_every=1,eval.episodes=32,method=gopo")
+TINY = {"model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 1, "sft.episodes": 64,
+        "sft.steps": 50, "sft.batch_size": 16, "train.steps": 2, "train.groups": 8, "train.group_size": 2,
+        "train.epochs": 2, "train.minibatches": 2, "train.eval_every": 1, "train.checkpoint_every": 1,
+        "eval.episodes": 32, "method": "gopo"}
 SEEDS = 2
 SCRIPTED_ATOL = 1e-6  # the reference policy: no model, no sampling
 # Observed on this machine over the 50 SFT steps: losses and NLLs within 5.4e-6 relative, gradient norms within
@@ -44,15 +46,15 @@ SUMMARY_METRICS = ("tse", "gre", "esndcg", "alignment")
 
 
 def run_config(seed=0, overrides=TINY):
-    c = load_config_file("configs/mgshop.py")
-    apply_overrides(c, parse_overrides(overrides, where="test"), where="test")
+    c = load_config_file("configs/mgshop.py", where="test")
+    apply_overrides(c, overrides, where="test")
     c.seed = seed
     return c
 
 
 def sweep_config(vmap_seeds, fixed=TINY):
-    return ml_collections.ConfigDict({"base": "configs/mgshop.py", "fixed": fixed, "grid": "", "seeds": SEEDS,
-                                      "vmap_seeds": vmap_seeds})
+    return ml_collections.ConfigDict({"base": "configs/mgshop.py", "fixed": config_overrides(fixed),
+                                      "grid": config_overrides({}), "seeds": SEEDS, "vmap_seeds": vmap_seeds})
 
 
 def lines(directory):
@@ -173,15 +175,15 @@ def test_stopped_group_resumes_to_the_same_result(sweeps, tmp_path, monkeypatch)
 
 
 def test_host_world_and_other_methods_are_refused_clearly():
-    host = run_config(overrides="env.name=mg_shopdial")
+    host = run_config(overrides={"env.name": "mg_shopdial"})
     with pytest.raises(ValueError, match="needs a pure-JAX world; env.name=mg_shopdial is a host world"):
         driver.check_supported(host)
     with pytest.raises(ValueError, match="needs a pure-JAX world; env.name=mg_shopdial"):
         driver.train_seeds([host], ["/nonexistent/never-made"])
     with pytest.raises(ValueError, match="method='prompted'"):
-        driver.check_supported(run_config(overrides="method=prompted"))
+        driver.check_supported(run_config(overrides={"method": "prompted"}))
     with pytest.raises(ValueError, match=r"differ in more than `seed` \(\['train.steps'\]\)"):
-        driver.train_seeds([run_config(0), run_config(1, TINY + ",train.steps=3")], ["/x/a", "/x/b"])
+        driver.train_seeds([run_config(0), run_config(1, TINY | {"train.steps": 3})], ["/x/a", "/x/b"])
 
 
 def test_sweep_falls_back_to_one_seed_at_a_time_on_a_host_world(tmp_path, caplog):
@@ -193,7 +195,7 @@ def test_sweep_falls_back_to_one_seed_at_a_time_on_a_host_world(tmp_path, caplog
         calls.append(c.seed)
         return fake_train(c, d)
 
-    cfg = sweep_config(True, fixed="env.name=mg_shopdial,train.steps=3")
+    cfg = sweep_config(True, fixed={"env.name": "mg_shopdial", "train.steps": 3})
     with caplog.at_level(logging.INFO):
         res = sweep_lib.sweep(cfg, tmp_path, train_fn=train, train_group_fn=lambda *a: pytest.fail("vmapped"))
     assert calls == [0, 1] and [r["status"] for r in res["runs"]] == ["done", "done"]
@@ -211,8 +213,9 @@ def test_sweep_shards_whole_settings_and_records_a_failing_group(tmp_path):
             raise RuntimeError("boom")
         return [fake_train(c, d) or {} for c, d in zip(configs, dirs)]
 
-    cfg = ml_collections.ConfigDict({"base": "configs/mgshop.py", "fixed": "train.steps=3",
-                                     "grid": "gopo.beta_pref=1.0|3.0|5.0", "seeds": 2, "vmap_seeds": True})
+    cfg = ml_collections.ConfigDict({"base": "configs/mgshop.py", "fixed": config_overrides({"train.steps": 3}),
+                                     "grid": config_overrides({"gopo.beta_pref": (1.0, 3.0, 5.0)}), "seeds": 2,
+                                     "vmap_seeds": True})
     first = sweep_lib.sweep(cfg, tmp_path, shard=0, num_shards=2, train_group_fn=train_group)
     assert groups == [[0, 1], [0, 1]]  # settings 0 and 2 of 3, each with both seeds
     assert [r["status"] for r in first["runs"]] == ["done", "done", "not run here", "not run here", "done", "done"]

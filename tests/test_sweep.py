@@ -3,14 +3,17 @@
 import ml_collections
 import pytest
 
+from configs import overrides
+from configs.sweeps import ablations, gopo_hparams
 from experiments import sweep as sweep_lib
-from experiments.compare import ComparisonError
+from experiments.common import ConfigError
 from tests.helpers import fake_train
 
 
-def config(grid="gopo.beta_pref=0.2|1.0;train.group_size=2|4", seeds=2, fixed="train.steps=3"):
-    c = ml_collections.ConfigDict(dict(base="configs/mgshop.py", fixed=fixed, grid=grid, seeds=seeds))
-    return c
+def config(grid=None, seeds=2, fixed=None):
+    grid = {"gopo.beta_pref": (0.2, 1.0), "train.group_size": (2, 4)} if grid is None else grid
+    return ml_collections.ConfigDict(dict(base="configs/mgshop.py", fixed=overrides(fixed or {"train.steps": 3}),
+                                          grid=overrides(grid), seeds=seeds))
 
 
 def test_grid_expansion():
@@ -24,18 +27,32 @@ def test_grid_expansion():
     assert r["config"].train.steps == 3  # fixed overrides apply to every run
 
 
+def test_grid_keeps_the_order_written():
+    runs = sweep_lib.expand(config(grid={"train.group_size": (2,), "gopo.use_expert": (True, False)}, seeds=1))
+    assert [r["label"] for r in runs] == ["group_size=2,use_expert=True", "group_size=2,use_expert=False"]
+
+
 def test_grid_errors_name_the_problem():
-    with pytest.raises(ComparisonError, match="no key 'gopo.betta'"):
-        sweep_lib.expand(config(grid="gopo.betta=1|2"))
-    with pytest.raises(ComparisonError, match="not key=v1"):
-        sweep_lib.parse_grid("gopo.beta_pref")
-    with pytest.raises(ComparisonError, match="appears twice"):
-        sweep_lib.parse_grid("seed=1|2;seed=3")
-    assert sweep_lib.parse_grid("a.b=1|x|False") == [("a.b", [1, "x", False])]
+    with pytest.raises(ConfigError, match="no key 'gopo.betta'"):
+        sweep_lib.expand(config(grid={"gopo.betta": (1.0, 2.0)}))
+    with pytest.raises(ConfigError, match="sweep config `fixed`: the run config has no key 'train.stepz'"):
+        sweep_lib.expand(config(fixed={"train.stepz": 3}))
+    with pytest.raises(ConfigError, match="train.group_size='x' has the wrong type"):
+        sweep_lib.expand(config(grid={"train.group_size": (2, "x")}))
+    with pytest.raises(ConfigError, match="gopo.beta_pref=0.2 is not a tuple of the values"):
+        sweep_lib.grid_axes(overrides({"gopo.beta_pref": 0.2}))
+
+
+@pytest.mark.parametrize("sweep_config", [ablations, gopo_hparams])
+def test_shipped_sweeps_expand(sweep_config):
+    cfg = sweep_config.get_config()
+    runs = sweep_lib.expand(cfg)
+    settings = {r["label"] for r in runs}
+    assert len(runs) == len(settings) * cfg.seeds and all(r["config"].method == "gopo" for r in runs)
 
 
 def test_sweep_report_and_sharding(tmp_path):
-    cfg = config(grid="gopo.beta_pref=1.0|3.0")
+    cfg = config(grid={"gopo.beta_pref": (1.0, 3.0)})
     calls = []
 
     def train(c, d):

@@ -105,7 +105,9 @@ import pathlib
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from absl import flags
 
+from gopo_jax import command_line
 from gopo_jax.dialogue.env_protocol import DemoTurn, Demonstration, EnvSpec, EpisodeOutcome, HostObs, TurnSignals
 from gopo_jax.dialogue.sop import UNRECOGNISED, load_sop, sop_from_dict
 from gopo_jax.envs import logged
@@ -148,7 +150,7 @@ class _World:
         if opts.sop_path is None and self.sop.to_json()["stages"] != sop_from_dict(derived).to_json()["stages"]:
             raise MgshopDataError(f"{SOP_PATH} does not match the SOP derived from {path} with min_count="
                                   f"{opts.min_count}, min_share={opts.min_share}; regenerate it with "
-                                  "`python -m gopo_jax.envs.mgshop --write-sop` or pass sop_path=")
+                                  "`python -m gopo_jax.envs.mgshop --write_sop` or pass sop_path=")
         self.encoder = sentence_encoder()
         self._cache: dict[str, np.ndarray] = {}
         texts = sorted({t for c in self.conversations for turn in c.turns
@@ -489,23 +491,33 @@ def make_env(data_dir: str | pathlib.Path | None = None, split: str = "all", **o
     return MgshopEnv(_world(str(path.resolve()), opts))
 
 
-def _main(argv: Sequence[str] | None = None) -> None:
-    import argparse
+def define_flags() -> None:
+    flags.DEFINE_string("data_dir", None, "the MG-ShopDial folder (default: ../shared/data/mgshopdial)")
+    flags.DEFINE_bool("write_sop", False, f"re-derive {SOP_PATH} from the data")
+    flags.DEFINE_bool("describe", False, "print the fitted numbers")
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--write-sop", action="store_true", help=f"re-derive {SOP_PATH} from the data")
-    parser.add_argument("--describe", action="store_true", help="print the fitted numbers")
-    args = parser.parse_args(argv)
-    if args.write_sop:
-        convs = load_conversations(resolve_data_path(args.data_dir))
-        train = [convs[i] for i in split_indices(convs, "train")]
-        SOP_PATH.parent.mkdir(parents=True, exist_ok=True)
-        SOP_PATH.write_text(json.dumps(derive_sop(train), indent=1) + "\n")
-        print(f"wrote {SOP_PATH}")
-    if args.describe:
-        print(json.dumps(make_env(args.data_dir).describe(), indent=1))
+
+def main(argv) -> None:
+    del argv
+    f = flags.FLAGS
+    if not (f.write_sop or f.describe):
+        command_line.fail("nothing to do: pass --write_sop (re-derive the SOP file) and/or --describe")
+    try:
+        if f.write_sop:
+            convs = load_conversations(resolve_data_path(f.data_dir))
+            train = [convs[i] for i in split_indices(convs, "train")]
+            SOP_PATH.parent.mkdir(parents=True, exist_ok=True)
+            SOP_PATH.write_text(json.dumps(derive_sop(train), indent=1) + "\n")
+            print(f"wrote {SOP_PATH}")
+        if f.describe:
+            print(json.dumps(make_env(f.data_dir).describe(), indent=1))
+    except (FileNotFoundError, ValueError) as e:
+        command_line.fail(str(e))
+
+
+def cli() -> None:
+    command_line.run(define_flags, main)
 
 
 if __name__ == "__main__":
-    _main()
+    cli()

@@ -1,5 +1,7 @@
-"""Look at a world: `python -m gopo_jax.envs.policy_report --env NAME --policy reference|random|greedy --episodes N
-[--show 2] [--seed 0] [--data DIR]`.
+"""Look at a world through a scripted policy.
+
+    python -m gopo_jax.envs.policy_report --env NAME [--policy reference|random|greedy] [--episodes N] [--show 2]
+        [--seed 0] [--data DIR]
 
 Prints TSE, nTSE (against the reference policy on the same seeds), ESNDCG and GRE with bootstrap 95% intervals,
 and with --show K the first K dialogues with the strategy, gain, engagement and relevance of every agent turn.
@@ -7,10 +9,9 @@ Works for every environment in gopo_jax.envs.registry, pure-JAX and host alike.
 """
 from __future__ import annotations
 
-import argparse
-import sys
-from typing import Sequence
+from absl import flags
 
+from gopo_jax import command_line
 from gopo_jax.envs import policies, registry
 from gopo_jax.metrics import reporting
 
@@ -35,29 +36,41 @@ def format_dialogue(transcript: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gopo_jax.envs.policy_report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--env", required=True, choices=registry.names())
-    parser.add_argument("--policy", default="reference", choices=policies.POLICIES)
-    parser.add_argument("--episodes", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--show", type=int, default=0, help="print this many sample dialogues")
-    parser.add_argument("--data", default=None, help="data folder for file-backed worlds (default ../shared/data)")
-    args = parser.parse_args(argv)
-    if args.episodes < 2:
-        parser.error("--episodes must be at least 2 (confidence intervals)")
+def report(env_name: str, policy: str, episodes: int, *, seed: int = 0, show: int = 0,
+           data_dir: str | None = None) -> str:
+    """The printed report: metrics with intervals, then `show` sample dialogues. A file-backed world's missing or
+    malformed data raises FileNotFoundError or ValueError, naming the folder and the fix."""
+    env = registry.make_env(env_name, data_dir=data_dir)
+    result = policies.evaluate_policy(env, policy, episodes, seed, transcripts=show)
+    parts = [format_report(result)]
+    parts += [f"\ndialogue {i}:\n{format_dialogue(t)}" for i, t in enumerate(result.get("transcripts", []))]
+    return "\n".join(parts)
+
+
+def define_flags() -> None:
+    flags.DEFINE_enum("env", None, registry.names(), "the world")
+    flags.DEFINE_enum("policy", "reference", policies.POLICIES, "the scripted policy that plays the agents")
+    flags.DEFINE_integer("episodes", 100, "dialogues evaluated (at least 2, for the confidence intervals)",
+                         lower_bound=2)
+    flags.DEFINE_integer("seed", 0, "seed of the first dialogue")
+    flags.DEFINE_integer("show", 0, "print this many sample dialogues", lower_bound=0)
+    flags.DEFINE_string("data", None, "data folder of a file-backed world (default: its folder in ../shared/data)")
+
+
+def main(argv) -> None:
+    del argv
+    f = flags.FLAGS
+    if f.env is None:
+        command_line.fail(f"--env is required: one of {', '.join(registry.names())}")
     try:
-        env = registry.make_env(args.env, data_dir=args.data)
-    except (FileNotFoundError, ValueError) as e:  # data problems: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result = policies.evaluate_policy(env, args.policy, args.episodes, args.seed, transcripts=args.show)
-    print(format_report(result))
-    for i, transcript in enumerate(result.get("transcripts", [])):
-        print(f"\ndialogue {i}:")
-        print(format_dialogue(transcript))
-    return 0
+        print(report(f.env, f.policy, f.episodes, seed=f.seed, show=f.show, data_dir=f.data))
+    except (FileNotFoundError, ValueError) as e:
+        command_line.fail(str(e))
+
+
+def cli() -> None:
+    command_line.run(define_flags, main)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

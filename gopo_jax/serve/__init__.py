@@ -19,11 +19,12 @@ import dataclasses
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 
-from absl import app, flags
+from absl import flags
+
+from gopo_jax import command_line
 
 _log = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -95,8 +96,7 @@ def define_flags() -> None:
 def main(argv) -> None:
     del argv
     f = flags.FLAGS
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports the restore at INFO through absl
+    command_line.quiet_logging()
     from gopo_jax.export import RunError  # noqa: PLC0415
     from gopo_jax.train.checkpoint import CheckpointError  # noqa: PLC0415
 
@@ -111,8 +111,7 @@ def main(argv) -> None:
         served = build_api(f.workdir, step=f.step, model_name=f.model_name, api_key=api_key,
                            batch_buckets=buckets, max_wait_s=f.max_wait_ms / 1000)
     except (RunError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        command_line.fail(str(e))
     import uvicorn  # noqa: PLC0415
 
     from gopo_jax.serve.api import create_app  # noqa: PLC0415
@@ -127,5 +126,4 @@ def main(argv) -> None:
 
 
 def cli() -> None:
-    define_flags()
-    app.run(main)
+    command_line.run(define_flags, main)
