@@ -1,8 +1,10 @@
 """Tests for gopo_jax/train/checkpoint.py: exact round trips, keep-last-k, clear refusals, sharded restore,
-crash-safety of a save, SIGTERM handling."""
+crash-safety of a save, fall-back past damaged steps, a full disk, SIGTERM handling."""
 
+import logging
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,25 +185,223 @@ def test_crash_before_finalisation_leaves_previous_step(tmp_path):
     state, metadata = ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(3)})
     np.testing.assert_array_equal(state["x"], [1.0, 1.0, 1.0])
     assert metadata == {"step": 1}
+    # Readers leave it alone (a reader next to a live trainer must not delete its save in progress).
+    assert any(".orbax-checkpoint-tmp" in p.name for p in tmp_path.iterdir())
     # Saving the same step again after the crash works and reclaims the leftover.
     ckpt.save_checkpoint(tmp_path, 2, {"x": jnp.full((3,), 2.0)}, metadata={"step": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
 
 
-def test_corrupted_step_is_a_clear_error(tmp_path):
-    ckpt.save_checkpoint(tmp_path, 1, {"x": jnp.arange(1000.0)}, metadata={})
-    ckpt.save_checkpoint(tmp_path, 2, {"x": jnp.arange(1000.0) + 1}, metadata={})
-    data_files = [p for p in (tmp_path / "2" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
-    assert data_files
-    for p in data_files:
-        p.write_bytes(p.read_bytes()[:10])  # truncated
+def _files(step_dir: pathlib.Path, kind) -> list[pathlib.Path]:
+    found = sorted(p for p in step_dir.rglob("*") if p.is_file() and kind(p.relative_to(step_dir)))
+    assert found, f"no such file in {step_dir}"
+    return found
+
+
+def _array_data(rel: pathlib.Path) -> bool:
+    # OCDBT data files (array chunks, B-tree nodes); which of them orbax actually reads varies with the layout.
+    return rel.parent.name == "d"
+
+
+def _truncate(path: pathlib.Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _zero(path: pathlib.Path) -> None:
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+def _garble(path: pathlib.Path) -> None:
+    path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+
+
+def _damage_files(kind, how):
+    def damage(step_dir: pathlib.Path) -> None:
+        for path in _files(step_dir, kind):
+            how(path)
+
+    return damage
+
+
+def _remove(name: str):
+    def damage(step_dir: pathlib.Path) -> None:
+        target = step_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+
+    return damage
+
+
+def _empty(step_dir: pathlib.Path) -> None:
+    shutil.rmtree(step_dir)
+    step_dir.mkdir()
+
+
+# What a disk fault, a full disk without fsync, or a partial copy can leave in a finished step directory.
+DAMAGE = {
+    "array data truncated": _damage_files(_array_data, _truncate),
+    "array data zeroed": _damage_files(_array_data, _zero),
+    "array data garbled": _damage_files(_array_data, _garble),
+    "array index truncated": _damage_files(lambda rel: rel.name == "manifest.ocdbt", _truncate),
+    "state tree metadata garbled": _damage_files(lambda rel: rel == pathlib.Path("state/_METADATA"), _garble),
+    "run metadata truncated": _damage_files(lambda rel: rel == pathlib.Path("metadata/metadata"), _truncate),
+    "run metadata missing": _remove("metadata/metadata"),
+    "state item missing": _remove("state"),
+    "step directory empty": _empty,
+}
+
+
+def _two_steps(directory: pathlib.Path) -> dict:
+    """Saves steps 1 and 2 (different values) into `directory`; returns step 1's state."""
+    ckpt.save_checkpoint(directory, 1, _state(seed=1), metadata=META)
+    ckpt.save_checkpoint(directory, 2, _state(seed=2), metadata=META)
+    return _state(seed=1)
+
+
+def _warnings(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+# When a read of a damaged array fails, orbax leaves its other reads pending on an event loop it then closes; Python
+# reports them when they are collected. Harmless, and not this module's to fix.
+orbax_leaves_pending_reads = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@orbax_leaves_pending_reads
+@pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE.keys())
+def test_resume_falls_back_past_a_damaged_newest_step(tmp_path, caplog, damage):
+    step_1 = _two_steps(tmp_path)
+    damage(tmp_path / "2")
+    with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
+        restored, metadata = ckpt.restore_checkpoint(tmp_path, _state(seed=3), expected_metadata=META)
+    _assert_bitwise_equal(restored, step_1)
+    assert metadata == META
+    warnings = _warnings(caplog)
+    assert f"Checkpoint {tmp_path / '2'} is unreadable (" in warnings and "skipping it" in warnings
+    # Moved aside, out of orbax's listing, with its files kept.
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("2.corrupt-")]
+    assert f"moved the unreadable {tmp_path / '2'} to {aside}" in warnings
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", aside.name]
+    assert ckpt.latest_step(tmp_path) == 1
+
+
+def test_a_step_skipped_as_damaged_is_saved_again(tmp_path):
+    # Left in place, the damaged step 2 would stay orbax's newest, and orbax skips saves at or below its newest step.
+    _two_steps(tmp_path)
+    _garble(tmp_path / "2" / "metadata" / "metadata")
+    ckpt.restore_checkpoint(tmp_path, _state(seed=3))
+    ckpt.save_checkpoint(tmp_path, 2, {"x": jnp.full((2,), 2.5)}, metadata={"again": True})
+    state, metadata = ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(2)}, step=2)
+    np.testing.assert_array_equal(state["x"], [2.5, 2.5])
+    assert metadata == {"again": True}
+
+
+def test_half_written_step_directory_is_ignored_and_removed_by_the_next_save(tmp_path, caplog):
+    # What `kill -9` while orbax writes step 3's arrays leaves (seen with orbax 0.12.8): the step's and the items'
+    # temporary directories, array files partly written, no commit marker.
+    step_1 = _two_steps(tmp_path)
+    half = tmp_path / "3.orbax-checkpoint-tmp"
+    shutil.copytree(tmp_path / "2", half)
+    for marker in half.rglob("commit_success.txt"):
+        marker.unlink()
+    for item in ("state", "metadata"):
+        (half / item).rename(half / f"{item}.orbax-checkpoint-tmp")
+    for path in _files(half, _array_data):
+        _truncate(path)
+    ckpt.restore_checkpoint(tmp_path, _state(seed=3), step=1)  # readers do not touch it
+    with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
+        restored, _ = ckpt.restore_checkpoint(tmp_path, _state(seed=3))
+    _assert_bitwise_equal(restored, _state(seed=2))
+    assert _warnings(caplog) == "" and half.is_dir()
+    ckpt.save_checkpoint(tmp_path, 3, step_1, metadata=META)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "3"]
+    restored, _ = ckpt.restore_checkpoint(tmp_path, _state(seed=3))
+    _assert_bitwise_equal(restored, step_1)
+
+
+@orbax_leaves_pending_reads
+def test_explicit_damaged_step_is_a_clear_error_and_moves_nothing(tmp_path):
+    step_1 = _two_steps(tmp_path)
+    DAMAGE["array data truncated"](tmp_path / "2")
     with pytest.raises(ckpt.CheckpointCorruptError) as info:
-        ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(1000)})
+        ckpt.restore_checkpoint(tmp_path, _state(seed=3), step=2)
     message = str(info.value)
-    assert str(tmp_path / "2") in message and "resume from step 1" in message
-    # The older step is untouched and still restores when asked for.
-    state, _ = ckpt.restore_checkpoint(tmp_path, {"x": jnp.zeros(1000)}, step=1)
-    np.testing.assert_array_equal(state["x"], np.arange(1000.0))
+    assert message.startswith(f"Checkpoint {tmp_path / '2'} is unreadable (")
+    assert "restore one of the other steps ([1])" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+    restored, _ = ckpt.restore_checkpoint(tmp_path, _state(seed=3), step=1)
+    _assert_bitwise_equal(restored, step_1)
+
+
+@orbax_leaves_pending_reads
+def test_no_readable_step_is_a_clear_error_listing_each(tmp_path, caplog):
+    _two_steps(tmp_path)
+    DAMAGE["array data truncated"](tmp_path / "2")
+    DAMAGE["run metadata missing"](tmp_path / "1")
+    with caplog.at_level(logging.WARNING, logger=ckpt.__name__), pytest.raises(ckpt.CheckpointCorruptError) as info:
+        ckpt.restore_checkpoint(tmp_path, _state(seed=3))
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"No checkpoint in {tmp_path} is readable:"
+    assert lines[1].startswith(f"  {tmp_path / '2'}: ") and lines[2].startswith(f"  {tmp_path / '1'}: ")
+    assert "fresh --workdir" in lines[3]
+    # The cause may be this process rather than the files, so nothing is moved.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
+def test_config_mismatch_is_not_taken_for_damage(tmp_path):
+    _two_steps(tmp_path)
+    with pytest.raises(ckpt.CheckpointMismatchError, match=f"Checkpoint {tmp_path / '2'} was written by a different"):
+        ckpt.restore_checkpoint(tmp_path, _state(seed=3), expected_metadata={"fingerprint": "other"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
+@pytest.mark.parametrize("limit", [0, 64 * 1024], ids=["no byte fits", "the array file does not fit"])
+def test_full_disk_is_a_clear_error_and_keeps_the_previous_step(tmp_path, limit):
+    # A file-size limit makes writes fail as on a full disk (EFBIG instead of ENOSPC); with SIGXFSZ ignored the
+    # write returns the error instead of the kernel killing the process. keep=1: nothing may be pruned first.
+    values = {step: np.random.default_rng(step).standard_normal(100_000).astype(np.float32) for step in (1, 2)}
+    child = _run_python(f"""
+      import resource, signal, sys, numpy as np
+      from gopo_jax.train import checkpoint as ckpt
+      ckpt.save_checkpoint({str(tmp_path)!r}, 1, {{"x": np.random.default_rng(1).standard_normal(100_000)
+                                                   .astype(np.float32)}}, metadata={{"step": 1}}, keep=1)
+      signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+      resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
+      try:
+        ckpt.save_checkpoint({str(tmp_path)!r}, 2, {{"x": np.random.default_rng(2).standard_normal(100_000)
+                                                     .astype(np.float32)}}, metadata={{"step": 2}}, keep=1)
+      except ckpt.CheckpointWriteError as e:
+        print(e, flush=True)
+        sys.exit(3)
+  """)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 3, err
+    assert out.strip() == (
+        f"Checkpoint step 2 could not be written to {tmp_path}: the disk or quota is full (File too large). The "
+        "previous checkpoint, step 1, is intact; the unfinished save was removed. Fix: free space on that disk (or "
+        "raise the quota / `ulimit -f`), then rerun the same command (it resumes from step 1)."
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+    restored, metadata = ckpt.restore_checkpoint(tmp_path, {"x": np.zeros(100_000, np.float32)})
+    assert restored["x"].dtype == np.float32 and metadata == {"step": 1}
+    np.testing.assert_array_equal(restored["x"], values[1])
+    # With room again, the same save goes through.
+    ckpt.save_checkpoint(tmp_path, 2, {"x": values[2]}, metadata={"step": 2}, keep=1)
+    restored, _ = ckpt.restore_checkpoint(tmp_path, {"x": np.zeros(100_000, np.float32)})
+    np.testing.assert_array_equal(restored["x"], values[2])
+
+
+def test_write_errors_are_recognised_from_oserror_and_tensorstore_messages():
+    assert ckpt._os_error_code(OSError(28, "No space left on device")) == 28
+    tensorstore = ValueError('OUT_OF_RANGE: Error writing "x/0": Failed to write 8 bytes: File too large '
+                             "[os_error_code='27'] [tensorstore_spec='...']")
+    assert ckpt._os_error_code(tensorstore) == 27
+    wrapped = RuntimeError("save failed")
+    wrapped.__cause__ = OSError(122, "Disk quota exceeded")
+    assert ckpt._os_error_code(wrapped) == 122
+    assert ckpt._os_error_code(ValueError("not a filesystem problem")) is None
 
 
 def test_sigterm_sets_flag_and_restores_previous_handler():
