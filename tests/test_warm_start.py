@@ -98,3 +98,28 @@ def test_a_seed_group_reads_and_writes_the_same_cache(tmp_path):
     assert len(list(other.iterdir())) == 2
     train_run(configs[1], tmp_path / "reader")
     assert _sft_lines(tmp_path / "reader", 4) == _sft_lines(tmp_path / "g1", 4)
+
+
+@pytest.mark.parametrize("damage", ["metrics", "arrays"])
+def test_a_damaged_cache_entry_is_set_aside_and_computed_again(tmp_path, damage):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gopo_jax.train.warm_start import WarmStartCache
+
+    agents = {"expert": {"w": jnp.arange(6.0).reshape(2, 3)}, "cs": {"w": jnp.ones((4,))}}
+    cache = WarmStartCache(tmp_path, "key", {"run": "tiny"})
+    cache.store(5, agents, [{"step": 5, "sft/loss": 1.0}])
+    if damage == "metrics":
+        (cache.dir / "metrics.jsonl").write_text('{"step": 5, "sft/lo')
+    else:
+        for f in (cache.dir / "checkpoints" / "5").rglob("*"):
+            if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+                f.write_bytes(b"\0" * 7)
+    assert cache.load(agents) is None
+    assert [p.name.split(".corrupt-")[0] for p in tmp_path.iterdir()] == ["key"]  # set aside, not deleted
+    assert not cache.dir.exists()
+    cache.store(5, agents, [{"step": 5, "sft/loss": 1.0}])  # a fresh entry is written ...
+    restored, records = cache.load(agents)  # ... and read
+    np.testing.assert_array_equal(restored["expert"]["w"], agents["expert"]["w"])
+    assert records == [{"step": 5, "sft/loss": 1.0}]

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import pathlib
+import time
 from typing import Any
 
 import ml_collections
@@ -61,11 +62,20 @@ class WarmStartCache:
     def load(self, agents_target: dict) -> tuple[dict, list[dict]] | None:
         """(agents {"expert", "cs"} with `agents_target`'s structure and shardings, the phase's metric records),
         or None when no run has written this warm start yet."""
-        restored = checkpoint.restore_checkpoint(self.dir / "checkpoints", agents_target,
-                                                 expected_metadata=self.fingerprint)
-        if restored is None:
+        try:
+            restored = checkpoint.restore_checkpoint(self.dir / "checkpoints", agents_target,
+                                                     expected_metadata=self.fingerprint)
+            if restored is None:
+                return None
+            records = [json.loads(line) for line in (self.dir / _METRICS).read_text().splitlines() if line.strip()]
+        except (checkpoint.CheckpointCorruptError, json.JSONDecodeError, FileNotFoundError) as e:
+            # A cache entry can always be recomputed: a damaged one is set aside (kept for inspection) and this run
+            # computes the warm start and writes a fresh entry, instead of stopping.
+            aside = self.dir.with_name(f"{self.dir.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            _log.warning("warm-start cache entry %s is damaged (%s); set aside as %s, computing it again", self.dir,
+                         " ".join(str(e).split())[:300], aside)
+            self.dir.rename(aside)
             return None
-        records = [json.loads(line) for line in (self.dir / _METRICS).read_text().splitlines() if line.strip()]
         _log.info("warm start read from %s", self.dir)
         return restored[0], records
 
