@@ -147,6 +147,7 @@ def load(url: str, conversations: list[list[dict]], clients: int, requests: int,
 def main(argv) -> None:
     del argv
     f = flags.FLAGS
+    command_line.quiet_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     from gopo_jax.serve import build_api, start_server
 

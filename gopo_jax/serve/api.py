@@ -27,7 +27,7 @@ import jax
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gopo_jax.dialogue.sop import UNRECOGNISED
@@ -35,7 +35,9 @@ from gopo_jax.serve.engine import MAX_TOP_LOGPROBS, Conversation, Engine, Reply,
 
 _log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
+BODY_TIMEOUT_S = 30.0  # the whole body must arrive within this long after the request head: >= 35 kB/s at 1 MiB
 MAX_N = 16
+MAX_SEED = (1 << 63) - 1  # jax.random.key takes an int64
 
 
 class TextPart(BaseModel):
@@ -49,6 +51,17 @@ class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = ""
     gopo: dict[str, Any] | None = None  # an assistant turn's strategy/stage, as this server returned it
+
+    @field_validator("content")
+    @classmethod
+    def _encodable(cls, content):
+        # JSON's \uD800-style escapes can carry lone surrogates, which the tokenizer rejects with a TypeError (a 500).
+        for text in [content] if isinstance(content, str) else [p.text for p in content or ()]:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"the text is not valid Unicode ({e.reason} at position {e.start})") from None
+        return content
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -65,7 +78,7 @@ class ChatRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
@@ -83,9 +96,9 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.param, self.code, self.type = status, param, code, type_
 
-    def response(self) -> JSONResponse:
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"error": {"message": str(self), "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+                                       "code": self.code}}, status_code=self.status, headers=headers)
 
 
 @dataclasses.dataclass
@@ -146,13 +159,15 @@ class MicroBatcher:
                 groups.setdefault(job.sampling if job.sampling.seed is None else id(job), []).append(job)
             for group in groups.values():
                 sampling = group[0].sampling
-                if sampling.seed is not None:
-                    key = jax.random.key(sampling.seed)
-                else:
-                    self._batches += 1
-                    key = jax.random.fold_in(self._key, self._batches)
                 conversations = [job.conversation for job in group for _ in range(job.n)]
+                # Everything a request's values reach happens inside the try: an exception that escaped it would
+                # end this task, and every later request would wait for ever.
                 try:
+                    if sampling.seed is not None:
+                        key = jax.random.key(sampling.seed)
+                    else:
+                        self._batches += 1
+                        key = jax.random.fold_in(self._key, self._batches)
                     replies = await loop.run_in_executor(self._device, self.engine.answer, conversations, sampling,
                                                          key)
                 except Exception as e:  # noqa: BLE001  (the requests get a 500; the batcher keeps serving)
@@ -171,10 +186,13 @@ class MicroBatcher:
 
 
 class BodyLimit:
-    """ASGI middleware: a body over `limit` bytes gets a 413 before the app reads it (declared or streamed)."""
+    """ASGI middleware: reads the request body before the app does, within limits. A body over `limit` bytes gets a
+    413 (declared or streamed), one not received within `timeout_s` of the request head a 408: uvicorn has no body
+    timeout of its own, so a client that sent part of a body and stalled would hold its connection for ever. The
+    app cannot raise these itself: FastAPI answers any exception raised while it reads a body with a 400."""
 
-    def __init__(self, app, limit: int = MAX_BODY_BYTES):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int = MAX_BODY_BYTES, timeout_s: float = BODY_TIMEOUT_S):
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -183,20 +201,41 @@ class BodyLimit:
         too_large = APIError(413, f"the request body exceeds {self.limit} bytes", code="request_too_large")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await too_large.response()(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _BodyTooLarge
-            return message
-
         try:
-            await self.app(scope, limited_receive, send)
+            async with asyncio.timeout(self.timeout_s):
+                body = await self._read(receive)
         except _BodyTooLarge:
-            await too_large.response()(scope, receive, send)
+            return await too_large.response()(scope, receive, send)
+        except TimeoutError:
+            late = APIError(408, f"the request body did not arrive within {self.timeout_s:g} s",
+                            code="request_timeout")
+            # The client is still inside its body: close the connection rather than read on after the answer.
+            return await late.response(headers={"connection": "close"})(scope, receive, send)
+        if body is None:
+            return  # the client left: nobody to answer
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if delivered:  # after the body, receive() waits for the client to disconnect
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, receive) -> bytes | None:
+        """The whole body, or None if the client disconnected first."""
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                raise _BodyTooLarge
+            if not message.get("more_body", False):
+                return bytes(body)
 
 
 class _BodyTooLarge(Exception):
@@ -206,8 +245,9 @@ class _BodyTooLarge(Exception):
 class ServedAPI:
     """The routes' logic over one engine: request -> conversation -> replies -> OpenAI response."""
 
-    def __init__(self, engine: Engine, *, model_name: str, api_key: str | None = None, max_wait_s: float = 0.005):
-        self.engine, self.model_name, self.api_key = engine, model_name, api_key
+    def __init__(self, engine: Engine, *, model_name: str, api_key: str | None = None, max_wait_s: float = 0.005,
+                 body_timeout_s: float = BODY_TIMEOUT_S):
+        self.engine, self.model_name, self.api_key, self.body_timeout_s = engine, model_name, api_key, body_timeout_s
         self.batcher = MicroBatcher(engine, max_wait_s=max_wait_s)
         self.created = int(time.time())
 
@@ -225,18 +265,24 @@ class ServedAPI:
             raise APIError(404, f"model {req.model!r} is not served here; this server serves {self.model_name!r} "
                            "(GET /v1/models)", param="model", code="model_not_found")
         reply_len = self.engine.layout.reply_len
+        field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         max_tokens = req.max_completion_tokens or req.max_tokens or reply_len
         if max_tokens > reply_len:
-            raise APIError(400, f"max_tokens={max_tokens}: this run's CS writes at most {reply_len} tokens per turn "
-                           "(layout.reply_len, what it was trained on)", param="max_tokens")
-        top = (req.top_logprobs or 0) if req.logprobs else 0
-        return Sampling(temperature=req.temperature, top_p=req.top_p, top_logprobs=top, seed=req.seed), max_tokens
+            raise APIError(400, f"{field}={max_tokens}: this run's CS writes at most {reply_len} tokens per turn "
+                           "(layout.reply_len, what it was trained on)", param=field)
+        wants_alternatives = bool(req.logprobs and req.top_logprobs)
+        # The engine compiles a program per (top_p, top_logprobs), tens of seconds in which no request is answered:
+        # greedy decoding ignores top_p, and a request for alternatives gets the most of them (its choices keep the
+        # first top_logprobs), so that these fields cannot make it compile more than two extra programs per bucket.
+        return Sampling(temperature=req.temperature, top_p=1.0 if req.temperature == 0.0 else req.top_p,
+                        top_logprobs=MAX_TOP_LOGPROBS if wants_alternatives else 0, seed=req.seed), max_tokens
 
     async def complete(self, req: ChatRequest):
         sampling, max_tokens = self.sampling(req)
         try:
-            conversation = self.engine.encode([{"role": m.role, "content": m.text(), "gopo": m.gopo}
-                                               for m in req.messages], req.gopo_stage)
+            # Off the event loop: tokenising and realising a long history must not stall other requests' I/O.
+            conversation = await asyncio.to_thread(self.engine.encode, [
+                {"role": m.role, "content": m.text(), "gopo": m.gopo} for m in req.messages], req.gopo_stage)
         except RequestError as e:
             raise APIError(400, str(e), param=e.param, code=e.code) from None
         replies = await self.batcher.submit(conversation, req.n, sampling)
@@ -254,7 +300,10 @@ class ServedAPI:
         ids = reply.token_ids[:max_tokens]
         finish = "stop" if reply.stopped and len(reply.token_ids) <= max_tokens else "length"
         allowed = sop.allowed[conversation.stage]
-        realised = engine.realised(dataclasses.replace(reply, token_ids=ids, stopped=finish == "stop"))
+        # A reply cut by max_tokens is realised as cut; an uncut one keeps what the device computed.
+        cut = len(ids) < len(reply.token_ids)
+        realised = engine.realised(dataclasses.replace(reply, token_ids=ids, stopped=finish == "stop",
+                                                       realised=None if cut else reply.realised))
         recognised = realised not in (None, UNRECOGNISED)
         gopo = {"strategy": None if reply.strategy is None else sop.strategies[reply.strategy],
                 "strategy_logprob": reply.strategy_logprob,
@@ -350,7 +399,7 @@ def create_app(served: ServedAPI) -> FastAPI:
         await served.batcher.stop()
 
     app = FastAPI(title=f"gopo-jax: {served.model_name}", lifespan=lifespan)
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, timeout_s=served.body_timeout_s)
 
     @app.middleware("http")
     async def api_key(request: Request, call_next):
@@ -385,7 +434,8 @@ def create_app(served: ServedAPI) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal(request, err: Exception):
         _log.exception("request failed")
-        return APIError(500, f"internal error: {type(err).__name__}: {err}", code="internal_error",
+        # The exception's text stays in the server log: it can quote library internals and the request's values.
+        return APIError(500, "internal error (the server log has the details)", code="internal_error",
                         type_="server_error").response()
 
     @app.get("/health")

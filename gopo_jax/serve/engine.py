@@ -99,6 +99,7 @@ class Reply:
     token_logprobs: tuple[float, ...]
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None  # per token, (id, log-prob) best first
     stopped: bool  # the CS ended its turn (else it used every slot of the layout's reply)
+    realised: int | None = None  # R(reply) computed with the reply on the device (pure-JAX worlds), else None
 
 
 class Engine:
@@ -116,6 +117,9 @@ class Engine:
         self.params = run.params
         self.default_context = self._world_context()
         self._compiled: dict[tuple, Any] = {}
+        # A chat re-sends its whole history with every request: each earlier reply is realised once.
+        self._realised_text = functools.lru_cache(maxsize=8192)(self._realise_text)
+        self._device_realises = self.world.kind == "jax" and realisation_kind(self.world) is not None
 
     # ------------------------------------------------------------------------------------------ requests -> slots
     def _world_context(self) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +178,7 @@ class Engine:
             if declared is not None and declared not in self.sop.strategies:
                 raise RequestError(f"messages[{i}].gopo.strategy={declared!r} is not a strategy of SOP "
                                    f"{self.sop.name!r}: {list(self.sop.strategies)}", f"messages[{i}]")
-            realised = realise(self.world, reply, reply_valid, reply_text) if checks else None
+            realised = self._realised_text(reply_text) if checks else None
             known = realised if realised not in (None, UNRECOGNISED) else None
             decision = self.sop.strategies.index(declared) if declared is not None else known
             past.append(PastTurn(*customer, stage=stage, decision=decision if self.use_expert else None,
@@ -187,6 +191,11 @@ class Engine:
         customer, customer_valid = self.codec.customer(turns[-1]["content"])
         return Conversation(context=context[0], context_valid=context[1], past=tuple(past), customer=customer,
                             customer_valid=customer_valid, stage=stage, default_context=not system)
+
+    def _realise_text(self, text: str) -> int:
+        """R of an assistant message as the history sends it (its text, laid out in a reply slot)."""
+        ids, valid = self.codec.reply_ids(text)
+        return realise(self.world, ids, valid, text)
 
     # ------------------------------------------------------------------------------------------ slots -> device
     def _rows(self, conversations: list[Conversation], bucket: int) -> dict:
@@ -249,7 +258,11 @@ class Engine:
         after, action = agents.act(params, carry, inp, key)
         del after
         top = self._top_logprobs(params, carry, inp, action, top_logprobs) if top_logprobs else None
-        return action, top
+        realised = None
+        if self._device_realises:  # the world's check is pure JAX: realise the replies where they are
+            out = jax.vmap(self.world.env.realise)(action.reply, action.reply_valid)
+            realised = out[0] if isinstance(out, tuple) else out
+        return action, top, realised
 
     def _top_logprobs(self, params, carry: ModelAgentsState, inp: TurnInput, action, n: int):
         """(written f32[B, Lr], log-probs f32[B, Lr, n], ids int32[B, Lr, n]): the written tokens' log-probs and
@@ -297,12 +310,12 @@ class Engine:
             part = conversations[start:start + self.max_batch]
             bucket = self.bucket(len(part))
             rows = self._rows(part, bucket)
-            action, top = self._program(bucket, sampling)(
-                self.params, rows, jax.random.fold_in(key, start), jnp.float32(sampling.temperature))
-            out += self._replies(jax.device_get(action), None if top is None else jax.device_get(top), len(part))
+            action, top, realised = jax.device_get(self._program(bucket, sampling)(
+                self.params, rows, jax.random.fold_in(key, start), jnp.float32(sampling.temperature)))
+            out += self._replies(action, top, realised, len(part))
         return out
 
-    def _replies(self, action, top, count: int) -> list[Reply]:
+    def _replies(self, action, top, realised, count: int) -> list[Reply]:
         replies = []
         for b in range(count):
             length = int(np.asarray(action.reply_valid[b]).sum())
@@ -316,7 +329,7 @@ class Engine:
                 token_logprobs=tuple(float(x) for x in (action.reply_logp if top is None else top[0])[b, :kept]),
                 top_logprobs=None if top is None else tuple(
                     tuple(zip(top[2][b, j].tolist(), top[1][b, j].tolist())) for j in range(kept)),
-                stopped=stopped))
+                stopped=stopped, realised=None if realised is None else int(realised[b])))
         return replies
 
     def warmup(self, samplings: list[Sampling]) -> float:
@@ -336,6 +349,8 @@ class Engine:
         The world reads the reply slot as the rollout hands it over: the ids written, end of turn included."""
         if realisation_kind(self.world) is None:
             return None
+        if reply.realised is not None:
+            return reply.realised
         written = [*reply.token_ids, *((self.vocab.eot,) if reply.stopped else ())]
         ids = np.full((self.layout.reply_len,), self.vocab.pad, np.int32)
         ids[:len(written)] = written
