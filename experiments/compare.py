@@ -100,9 +100,9 @@ def run_dir(workdir: pathlib.Path, run: dict) -> pathlib.Path:
 # Run config keys that change neither training nor evaluation: where shared warm starts live (a moved workdir
 # still resumes) and how many dialogues are written out for a judge.
 _NOT_RESULTS = frozenset({"sft.cache_dir", "eval.judge_dialogues"})
-# Where metrics are sent (TensorBoard, W&B) changes nothing a run computes: switching W&B on for a resumed
-# comparison, or a workdir from before the `log` section existed, is the same run.
-_NOT_RESULTS_PREFIXES = ("log.",)
+# Where metrics are sent (TensorBoard, W&B) and how long a multi-process run waits for a silent peer change nothing
+# a run computes: switching W&B on for a resumed comparison, or a workdir from before these sections, is the same run.
+_NOT_RESULTS_PREFIXES = ("log.", "distributed.")
 
 
 def check_same_config(directory: pathlib.Path, config: ml_collections.ConfigDict) -> None:

@@ -12,9 +12,10 @@ dropped where it does not divide the dimension (e.g. 2 KV heads on a 4-way tenso
 models run on any mesh. All axes are `AxisType.Auto`: the code is written for GSPMD propagation, not explicit
 sharding types.
 
-Multi-host: call `maybe_initialize_distributed()` first thing in `main`, then build the mesh from all
-`jax.devices()` and feed each process's share of the batch with `shard_batch` (every process passes its own
-rows; the global batch is their concatenation in process order).
+Multi-host: call `maybe_initialize_distributed(peer_timeout_s=config.distributed.peer_timeout_s)` first thing in
+`main`, then build the mesh from all `jax.devices()` and feed each process's share of the batch with `shard_batch`
+(every process passes its own rows; the global batch is their concatenation in process order). A process whose
+peer stops answering for `peer_timeout_s` exits with one line saying so (`gopo_jax.peer_watch`).
 """
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax._src import distributed as jax_distributed  # the key-value client's only handle (orbax reads it here too)
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from gopo_jax import peer_watch
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -195,7 +199,7 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(one, batch)
 
 
-def maybe_initialize_distributed(initialization_timeout: int = 300) -> bool:
+def maybe_initialize_distributed(initialization_timeout: int = 300, peer_timeout_s: float = 300) -> bool:
     """Starts `jax.distributed` when the environment describes a multi-process job; returns whether it did.
 
     Recognised environments (checked in this order; call before any other JAX use):
@@ -207,8 +211,13 @@ def maybe_initialize_distributed(initialization_timeout: int = 300) -> bool:
         cluster auto-detection fills in everything.
     CPU cross-process collectives use gloo (JAX's default CPU backend has none); this setting only affects
     the CPU backend, so it is harmless on GPU/TPU hosts. A peer that never shows up makes `initialize` fail
-    after `initialization_timeout` seconds instead of hanging.
+    after `initialization_timeout` seconds instead of hanging; a peer that stops answering later (killed, its
+    machine gone) makes this process exit after `peer_timeout_s` seconds with one line naming it and the step
+    (`gopo_jax.peer_watch`), even from inside a collective that never returns.
     """
+    if not peer_timeout_s > 0:  # checked on one process too, so that a bad config fails before it reaches a cluster
+        raise ValueError(f"bad config: distributed.peer_timeout_s must be a positive number of seconds, got "
+                         f"{peer_timeout_s}")
     if jax.distributed.is_initialized():
         return True
     env = os.environ
@@ -231,7 +240,12 @@ def maybe_initialize_distributed(initialization_timeout: int = 300) -> bool:
     else:
         return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(initialization_timeout=initialization_timeout, **kwargs)
+    # JAX's own heartbeat check stays as the backstop (for a process whose Python threads cannot run), twice as
+    # patient so that the watch, whose message says what happened, speaks first.
+    jax.distributed.initialize(initialization_timeout=initialization_timeout,
+                               heartbeat_timeout_seconds=math.ceil(2 * peer_timeout_s), **kwargs)
+    state = jax_distributed.global_state
+    peer_watch.PeerWatch(lambda: state.client, state.process_id, state.num_processes, peer_timeout_s).start()
     _log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
               jax.process_count(), jax.local_device_count(), jax.device_count())
     return True

@@ -20,6 +20,7 @@ LAYERS = {
     # -1 - the one command-line convention of every entry point (absl flags, one-line errors): imports nothing of
     # gopo_jax, so any module with a `cli()` may use it.
     "command_line": -1,
+    "peer_watch": -1,  # ends a process whose jax.distributed peer is gone; imports nothing of gopo_jax
     # 0 - foundations that know nothing of dialogue: the decoder and its I/O, the sampler, device meshes, and the
     # metrics, which are pure functions of arrays and host records (a reward must not depend on who computes it).
     "models": 0,

@@ -26,7 +26,7 @@ from gopo_jax.train import checkpoint
 
 _log = logging.getLogger(__name__)
 # Read only after the warm start (or, for `train` and `gopo`, except the keys kept in `_KEEP`).
-_AFTER_WARM_START = ("method", "sampling", "business", "eval", "baselines", "log")
+_AFTER_WARM_START = ("method", "sampling", "business", "eval", "baselines", "log", "distributed")
 _KEEP = {"train": ("clip_norm",), "gopo": ("sop_mask",)}
 _METRICS = "metrics.jsonl"
 _FORMAT = 2  # bump when what a warm start is changes, so old cache entries are not read
