@@ -131,6 +131,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 10
     c.train.checkpoint_every = 5
     c.train.keep_checkpoints = 3
+    # The run stops after this many consecutive non-finite (skipped) updates, in the warm start or the method's
+    # iterations (gopo_jax.train.step's guard skips each one); 0 never stops.
+    c.train.max_nonfinite_updates = 20
 
     c.eval = ml_collections.ConfigDict()
     c.eval.episodes = 256
@@ -141,6 +144,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+
+    # Multi-process runs (jax.distributed): a process whose peer has not answered for this long (killed, its machine
+    # gone) exits with one line naming the peer and the step, even from inside a collective that never returns.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.peer_timeout_s = 300
 
     # Metrics always go to workdir/metrics.jsonl and TensorBoard (workdir/tb); `wandb` also logs them, with this
     # config, to a Weights & Biases run (pip install wandb) whose id is kept in the workdir, so a resumed run goes on
