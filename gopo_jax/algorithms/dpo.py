@@ -41,8 +41,9 @@ def dpo_group_loss(logp: Array, ref_logp: Array, rewards: Array, *, beta: float,
                    ) -> tuple[Array, dict[str, Array]]:
     """DPO over the ordered pairs of one group: f32[G] sequence log-probs (policy, reference) and R_B.
 
-    Returns the mean pair loss (0 without pairs) and `has_pairs`, `num_pairs`, `accuracy` (share of pairs whose
-    implicit reward β(ℓ − ℓ^ref) ranks them correctly) and `margin` (mean implicit-reward gap).
+    Returns the mean pair loss (0 without pairs; NaN when a reward is NaN/inf, for the train step's non-finite
+    guard to skip the update) and `has_pairs`, `num_pairs`, `accuracy` (share of pairs whose implicit reward
+    β(ℓ − ℓ^ref) ranks them correctly) and `margin` (mean implicit-reward gap).
     """
     chex.assert_rank([logp, ref_logp, rewards], [1, 1, 1])
     chex.assert_equal_shape([logp, ref_logp, rewards])
@@ -52,6 +53,9 @@ def dpo_group_loss(logp: Array, ref_logp: Array, rewards: Array, *, beta: float,
     num = jnp.sum(pairs)
     denom = jnp.maximum(num, 1)
     loss = jnp.sum(jnp.where(pairs, jax.nn.softplus(-gap), 0.0)) / denom
+    # A NaN reward compares False and drops out of every pair, an infinite one wins them all: either way the update
+    # would train on a ranking the rewards do not give.
+    loss = jnp.where(jnp.all(jnp.isfinite(rewards)), loss, jnp.nan)
     return loss, {"has_pairs": (num > 0).astype(jnp.float32), "num_pairs": num.astype(jnp.float32),
                   "accuracy": jnp.sum(pairs & (gap > 0)) / denom,
                   "margin": jnp.sum(jnp.where(pairs, gap, 0.0)) / denom}

@@ -50,7 +50,8 @@ def expert_preference_loss(logp: Array, ref_logp: Array | None, turn_mask: Array
 
     ℓ_i = Σ_t [log π_E(k_it) − log π_ref(k_it)] (without a reference, Σ_t log π_E(k_it));
     L_E = Σ_ij W_ij softplus(−β (ℓ_i − ℓ_j)) / Σ_ij W_ij with W_ij = |S_i − S_j| for S_i > S_j + margin.
-    A group without any ordered pair gives 0 loss and `has_pairs = 0` (the caller averages over groups with pairs).
+    A group without any ordered pair gives 0 loss and `has_pairs = 0` (the caller averages over groups with pairs);
+    a group with a NaN/inf score gives a NaN loss (for the train step's non-finite guard to skip the update).
 
     Args: logp, ref_logp: f32[G, T] log-probs of the chosen strategies; turn_mask: bool[G, T]; scores: f32[G].
     """
@@ -65,8 +66,9 @@ def expert_preference_loss(logp: Array, ref_logp: Array | None, turn_mask: Array
     has_pairs = total_weight > 0
     pref_acc = jnp.sum(jnp.where(weights > 0, (ell[:, None] > ell[None, :]).astype(jnp.float32), 0.0)) / jnp.maximum(
         jnp.sum(weights > 0), 1)
-    return jnp.where(has_pairs, loss, 0.0), {"has_pairs": has_pairs.astype(jnp.float32),
-                                             "preference_accuracy": pref_acc}
+    # NaN compares False, so a NaN score would drop out of every pair and the group would train on the rest.
+    loss = jnp.where(jnp.all(jnp.isfinite(scores)), jnp.where(has_pairs, loss, 0.0), jnp.nan)
+    return loss, {"has_pairs": has_pairs.astype(jnp.float32), "preference_accuracy": pref_acc}
 
 
 def clipped_surrogate(logp: Array, old_logp: Array, advantages: Array, mask: Array, *, clip_eps: float
@@ -105,14 +107,18 @@ def cs_turn_rewards(aligned: Array, sop_valid: Array, quality: Array, scores: Ar
 
 
 def normalise_over_valid(values: Array, mask: Array, *, eps: float = 1e-6) -> Array:
-    """(x − mean)/(std + eps) over the valid entries of one group; zeros when they do not vary."""
+    """(x − mean)/(std + eps) over the valid entries of one group; zeros when they do not vary, NaN on every valid
+    entry when one of them is NaN/inf."""
     chex.assert_equal_shape([values, mask])
     n = jnp.maximum(jnp.sum(mask), 1)
     mean = jnp.sum(jnp.where(mask, values, 0.0)) / n
     var = jnp.sum(jnp.where(mask, (values - mean) ** 2, 0.0)) / n
     std = jnp.sqrt(var)
     out = (values - mean) / (std + eps)
-    return jnp.where(mask & (std > 1e-6), out, 0.0)
+    # Written so that a NaN std is not "constant": `std > 1e-6` is False for NaN and would turn a NaN reward into
+    # zero advantages, a finite update the train step's non-finite guard could not see.
+    constant = std <= 1e-6
+    return jnp.where(mask & ~constant, out, 0.0)
 
 
 def turn_to_token(per_turn: Array, token_turn: Array) -> Array:

@@ -11,6 +11,8 @@ Exact resumption: every random draw is a function of (seed, phase, index) (`gopo
 tokenizer is saved in the workdir, and a checkpoint holds the train state (agents, optimizer, extras, step, rng),
 the reference parameters and the step. Rerunning the same command restores the newest checkpoint and continues;
 the result is bitwise that of an uninterrupted run on CPU. SIGTERM saves at the next block or iteration boundary.
+The train step skips a non-finite update (`gopo_jax.train.step`); `train.max_nonfinite_updates` consecutive skips in
+one phase stop the run with `NonFiniteUpdatesError`, which saves nothing and leaves the newest checkpoint as it is.
 
 Each seed's workdir receives `config.json`/`config.py`, `tokenizer/`, `metrics.jsonl` (+ TensorBoard),
 `summary.json`, `curves.png`, `samples.md` and `judge_samples.jsonl`; a single run keeps its checkpoints in
@@ -188,6 +190,48 @@ class _VmappedSeeds(_Executor):
         return self._method_state(params, extras, self.seed)
 
 
+class NonFiniteUpdatesError(ValueError):
+    """Training stopped after `train.max_nonfinite_updates` consecutive skipped updates. A ValueError, so the command
+    line prints its message as one `error:` line and exits non-zero."""
+
+
+class NonFiniteStreak:
+    """Each seed's run of consecutive skipped (non-finite) updates in one phase. Counted on the host from the train
+    step's `nonfinite` flags in update order, so a run carries on across the scanned updates of one SFT block or
+    method iteration and from one block or iteration to the next. `limit` 0 never stops."""
+
+    def __init__(self, phase: str, limit: int, seeds: Sequence[int], start: int):
+        self.phase, self.limit, self.seeds, self.start = phase, limit, list(seeds), start
+        self.skipped = [0] * len(self.seeds)
+        self.last_finite: list[int | None] = [None] * len(self.seeds)  # the step of each seed's newest finite update
+
+    def add(self, nonfinite, steps: Sequence[int], checkpoint_step: int | None) -> None:
+        """`nonfinite`: [seeds, ...] flags of the updates logged at `steps` (one step per update, in update order);
+        raises NonFiniteUpdatesError when a seed's run reaches the limit."""
+        for i, flags in enumerate(np.asarray(nonfinite).reshape(len(self.seeds), -1)):
+            for flag, step in zip(flags, steps, strict=True):
+                if not flag:
+                    self.skipped[i], self.last_finite[i] = 0, step
+                    continue
+                self.skipped[i] += 1
+                if self.limit and self.skipped[i] >= self.limit:
+                    raise NonFiniteUpdatesError(self._message(i, step, checkpoint_step))
+
+    def _message(self, i: int, step: int, checkpoint_step: int | None) -> str:
+        seed = f" (seed {self.seeds[i]})" if len(self.seeds) > 1 else ""
+        last = (f"the last finite update was at step {self.last_finite[i]}" if self.last_finite[i] is not None
+                else f"no update since step {self.start} was finite")
+        # Nothing is saved on the way out: the state in memory has the last finite update's parameters (a skip
+        # changes none), but a checkpoint of it would let a rerun resume past the skipped batches as if they trained.
+        kept = (f"nothing is saved on stopping: the newest checkpoint (step {checkpoint_step}) is kept and a rerun "
+                "resumes from it" if checkpoint_step is not None
+                else "no checkpoint has been written yet, so a rerun starts over")
+        return (f"{self.phase}{seed} stopped at step {step}: {self.skipped[i]} consecutive updates were non-finite "
+                f"(NaN/inf loss, gradient norm or extras, e.g. from NaN rewards) and skipped "
+                f"(train.max_nonfinite_updates={self.limit}); {last}; {kept}. Find where it began in metrics.jsonl "
+                "(*/nonfinite, */loss), then fix the NaN source or lower the learning rate")
+
+
 class Trainer:
     """Trains the seeds `seeds` of the components' config; `workdirs[i]` receives seed i's files and `ckpt_dir`
     the (stacked) checkpoints. `configs[i]` is seed i's config (they differ in `seed` only)."""
@@ -198,11 +242,16 @@ class Trainer:
         self.seeds = [int(cfg.seed) for cfg in configs]
         self.ex = _VmappedSeeds(c, self.seeds) if vmapped else _OneSeed(c, self.seeds[0])
         self.fingerprint = c.fingerprint() | ({"seeds": self.seeds} if vmapped else {})
+        self.checkpoint_step: int | None = None  # the newest checkpoint's step (what a stopped run leaves)
 
     def _save(self, step: int, state, ref_params) -> None:
         payload = {"state": state, "ref": ref_params, "iteration": np.int64(step)}
         checkpoint.save_checkpoint(self.ckpt_dir, step, payload, metadata=self.fingerprint,
                                    keep=self.c.config.train.keep_checkpoints)
+        self.checkpoint_step = step
+
+    def _streak(self, phase: str, start: int) -> NonFiniteStreak:
+        return NonFiniteStreak(phase, self.c.config.train.max_nonfinite_updates, self.seeds, start)
 
     def _warm_start_caches(self) -> list[WarmStartCache] | None:
         cfg = self.c.config
@@ -249,6 +298,7 @@ class Trainer:
         if restored is not None:
             payload, _ = restored
             state, ref_params, step = payload["state"], payload["ref"], int(payload["iteration"])
+            self.checkpoint_step = step
             for logger in loggers:
                 logger.truncate_after(step)
             _log.info("resumed from %s at step %d", self.ckpt_dir, step)
@@ -271,6 +321,7 @@ class Trainer:
                     state = ex.method_state(start, init_extras())
                     step = sched.sft_steps
                     self._save(step, state, ref_params)
+            sft_streak = self._streak("warm start (SFT)", step)
             while step < sched.sft_steps:
                 end = sched.sft_block_end(step)
                 state, sft_metrics = ex.sft_block(state, train_demo, jnp.arange(step, end, dtype=jnp.int32),
@@ -282,6 +333,7 @@ class Trainer:
                         if s == end:
                             logger.log(s, {n: float(v[i]) for n, v in held.items()}, prefix="sft_heldout")
                         logger.log(s, {n: float(v[i, k]) for n, v in sft_metrics.items()}, prefix="sft")
+                sft_streak.add(sft_metrics["nonfinite"], range(step + 1, end + 1), self.checkpoint_step)
                 step = end
                 if step == sched.sft_steps:
                     # The SFT agents become the reference policy; the method starts with a fresh optimizer.
@@ -303,6 +355,7 @@ class Trainer:
             self._log_eval(loggers, sched.sft_steps, sft_eval, reference)
             # ---- method iterations ----
             last_eval = (None, None, None)  # (step, metrics, head) of the newest held-out evaluation
+            method_streak = self._streak(method.name, step)
             while step < sched.total:
                 state, stats, rollout = ex.iteration(state, ref_params, step - sched.sft_steps)
                 # The iteration is one jitted call on a pure-JAX world; this single copy of its (small) statistics
@@ -313,6 +366,9 @@ class Trainer:
                     metrics = {k: float(v[i].mean()) for k, v in stats.items()}
                     metrics.update({f"rollout_{k}": float(v[i].mean()) for k, v in rollout.items()})
                     logger.log(step, metrics, prefix="train")
+                # stats are [seeds, epochs, minibatches]: every update of this iteration is logged at `step`.
+                updates = stats["nonfinite"][0].size
+                method_streak.add(stats["nonfinite"], [step] * updates, self.checkpoint_step)
                 if sched.evaluates_after(step):
                     last_eval = (step, *ex.evaluate(state.params, state.extras))
                     self._log_eval(loggers, step, ex.host(last_eval[1]), reference)

@@ -10,10 +10,12 @@ annotations (`gopo_jax.parallel.param_shardings`) and the batch split over ("dat
 several models (a dict `{"expert": ..., "cs": ...}`); `extras` carries values the loss updates itself
 without gradients (GOPO's Lagrange multiplier), returned through `new_extras`.
 
-Non-finite guard: if the loss or the global gradient norm is NaN/inf, the step keeps the old params, optimizer
-state and extras (the step counter and rng still advance, so the next batch is tried with a fresh key) and
-reports `nonfinite = 1`. One bad batch therefore costs one skipped update instead of NaN parameters for the
-rest of the run; the caller decides whether too many skips should stop training.
+Non-finite guard: if the loss, the global gradient norm or a floating-point leaf of the new extras is NaN/inf, the
+step keeps the old params, optimizer state and extras (the step counter and rng still advance, so the next batch is
+tried with a fresh key) and reports `nonfinite = 1`. One bad batch therefore costs one skipped update instead of NaN
+parameters (or a NaN Lagrange multiplier) for the rest of the run. The losses make a non-finite reward show as a
+non-finite loss rather than a silently zero advantage (`gopo_jax.algorithms`), so the guard covers NaN rewards too;
+the driver stops a run after `train.max_nonfinite_updates` consecutive skips.
 
 LoRA: agents named in `lora_groups` (built with lora_rank > 0) train their adapters only. Give the same names to
 `make_optimizer` (no update and no optimizer state for their base) and to the step (their base sits behind
@@ -48,6 +50,13 @@ def _is_frozen(path, lora_groups: Collection[str]) -> bool:
     return path[0].key in lora_groups and not lora.is_adapter(path)
 
 
+def _all_finite(tree) -> jax.Array:
+    """Whether every floating-point leaf of `tree` is free of NaN and inf (True without such leaves)."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
 def pure_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, lora_groups: Collection[str] = ()):
     """The update of `make_train_step` as a plain function `step(state, batch) -> (new_state, metrics)`: no jit, no
     layout constraints, so callers can vmap it (one update per seed, `gopo_jax.train.phases`) or scan it.
@@ -72,7 +81,8 @@ def pure_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, lora_g
                              f"state.extras has {jax.tree.structure(state.extras)}; return the same keys "
                              "(pass unchanged ones through)")
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # The extras outlive the update in the state: a NaN there (GOPO's μ from a NaN alignment signal) would stay.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_extras)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
@@ -101,7 +111,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, mesh: 
     `state_shardings` (e.g. `param_shardings(state, mesh)`) pins the jit's input and output layouts. Without
     it the layouts are derived inside the trace from the same annotations, so the step also accepts a state
     that has not been placed yet (it is resharded on entry). Metrics add `loss`, `grad_norm` (global, before
-    any clipping in `tx`) and `nonfinite` (int32 0/1) to the loss's own. `lora_groups`: see `pure_train_step`.
+    any clipping in `tx`) and `nonfinite` (int32 0/1: the update was skipped, see the module docstring) to the
+    loss's own. `lora_groups`: see `pure_train_step`.
     """
     data_sharding = batch_sharding(mesh)
     update = pure_train_step(loss_fn, tx, lora_groups=lora_groups)
