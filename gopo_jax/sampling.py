@@ -36,10 +36,10 @@ class GenerateOutput:
     lengths: jax.Array  # int32[B]: generated tokens per sequence, the stop token included
 
 
-def _check_filters(top_k: int, top_p: float) -> None:
+def _check_filters(top_k: int, top_p) -> None:
     if not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
-    if not 0.0 < float(top_p) <= 1.0:
+    if isinstance(top_p, (int, float)) and not 0.0 < float(top_p) <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
 
 
@@ -48,7 +48,9 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
 
     top_p keeps the smallest prefix (by descending probability) whose mass reaches top_p, i.e. a token is kept
     when the mass strictly above it is < top_p (Hugging Face's TopPLogitsWarper rule). Ties with the last
-    kept logit are kept too. `top_k` and `top_p` are static Python numbers.
+    kept logit are kept too. `top_k` is a static Python number; `top_p` is one too (1 skips the nucleus filter at
+    trace time) or a traced scalar in (0, 1], which always filters (a server compiles one program for every
+    requested top_p).
     """
     _check_filters(top_k, top_p)
     vocab = logits.shape[-1]
@@ -56,7 +58,7 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
     if 0 < top_k < vocab:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, neg_inf, logits)
-    if top_p < 1.0:
+    if not isinstance(top_p, (int, float)) or top_p < 1.0:
         sorted_desc = -jnp.sort(-logits, axis=-1)
         probs = jax.nn.softmax(sorted_desc, axis=-1)
         mass_above = jnp.cumsum(probs, axis=-1) - probs

@@ -38,6 +38,14 @@ class FilterLogitsTest(chex.TestCase):
         f = self.variant(lambda x: sampling.filter_logits(x, top_p=0.3))  # the top token is always kept
         np.testing.assert_array_equal(np.isfinite(f(logits)), [[False, True, False, False]])
 
+    def test_a_traced_top_p_filters_as_the_same_static_one(self):
+        # A server passes each request's top_p into one compiled program.
+        logits = jax.random.normal(jax.random.key(3), (4, 50)) * 3
+        traced = jax.jit(lambda x, p: sampling.filter_logits(x, top_p=p))
+        for p in (0.05, 0.3, 0.7, 0.95):
+            np.testing.assert_array_equal(np.asarray(traced(logits, jnp.float32(p))),
+                                          np.asarray(sampling.filter_logits(logits, top_p=p)))
+
     @chex.all_variants
     def test_top_k_by_hand(self):
         logits = jnp.array([[1.0, 4.0, 3.0, 2.0], [0.0, -1.0, 5.0, 6.0]])

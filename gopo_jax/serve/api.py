@@ -211,8 +211,9 @@ class BodyLimit:
                             code="request_timeout")
             # The client is still inside its body: close the connection rather than read on after the answer.
             return await late.response(headers={"connection": "close"})(scope, receive, send)
-        if body is None:
-            return  # the client left: nobody to answer
+        if body is None:  # the client left; nobody reads this answer, but the API-key middleware needs one
+            return await APIError(400, "the client disconnected inside its request body",
+                                  code="client_disconnected").response()(scope, receive, send)
         delivered = False
 
         async def replay():
@@ -271,9 +272,9 @@ class ServedAPI:
             raise APIError(400, f"{field}={max_tokens}: this run's CS writes at most {reply_len} tokens per turn "
                            "(layout.reply_len, what it was trained on)", param=field)
         wants_alternatives = bool(req.logprobs and req.top_logprobs)
-        # The engine compiles a program per (top_p, top_logprobs), tens of seconds in which no request is answered:
-        # greedy decoding ignores top_p, and a request for alternatives gets the most of them (its choices keep the
-        # first top_logprobs), so that these fields cannot make it compile more than two extra programs per bucket.
+        # The engine compiles a program per (greedy, nucleus filter or not, alternatives or not): tens of seconds in
+        # which no request is answered. top_p's value is an argument of the program; greedy decoding ignores it; a
+        # request for alternatives gets the most of them (its choices keep the first top_logprobs).
         return Sampling(temperature=req.temperature, top_p=1.0 if req.temperature == 0.0 else req.top_p,
                         top_logprobs=MAX_TOP_LOGPROBS if wants_alternatives else 0, seed=req.seed), max_tokens
 

@@ -14,7 +14,8 @@ the evaluation rollout writes for the same dialogue (tests/test_serve.py replays
 
 Batches are padded to a bucket of rows (`batch_buckets`), so a handful of programs serve every request; `warmup`
 compiles them before the server accepts requests. A request's temperature is an argument of the compiled program;
-its `top_p` (a static filter width) and `top_logprobs` (an extra forward pass) select the program.
+whether it filters (`top_p` < 1; the value itself is an argument too) and whether it asks for `top_logprobs` (an extra
+forward pass) select the program.
 
 The SOP stage of the new turn is tracked through the history: each earlier reply is realised with the world's
 realisation check and the SOP moves on the realised strategy; in a world without one it moves on the strategy the
@@ -117,8 +118,9 @@ class Engine:
         self.params = run.params
         self.default_context = self._world_context()
         self._compiled: dict[tuple, Any] = {}
-        # A chat re-sends its whole history with every request: each earlier reply is realised once.
-        self._realised_text = functools.lru_cache(maxsize=8192)(self._realise_text)
+        # A chat re-sends its whole history with every request: each earlier reply is realised once. Keyed by the
+        # reply slot's ids (at most layout.reply_len of them), not by the text, which a client may make 1 MiB long.
+        self._realised_slot = functools.lru_cache(maxsize=8192)(self._realise_slot)
         self._device_realises = self.world.kind == "jax" and realisation_kind(self.world) is not None
 
     # ------------------------------------------------------------------------------------------ requests -> slots
@@ -178,7 +180,7 @@ class Engine:
             if declared is not None and declared not in self.sop.strategies:
                 raise RequestError(f"messages[{i}].gopo.strategy={declared!r} is not a strategy of SOP "
                                    f"{self.sop.name!r}: {list(self.sop.strategies)}", f"messages[{i}]")
-            realised = self._realised_text(reply_text) if checks else None
+            realised = self._realised_slot(tuple(reply[reply_valid].tolist())) if checks else None
             known = realised if realised not in (None, UNRECOGNISED) else None
             decision = self.sop.strategies.index(declared) if declared is not None else known
             past.append(PastTurn(*customer, stage=stage, decision=decision if self.use_expert else None,
@@ -192,10 +194,12 @@ class Engine:
         return Conversation(context=context[0], context_valid=context[1], past=tuple(past), customer=customer,
                             customer_valid=customer_valid, stage=stage, default_context=not system)
 
-    def _realise_text(self, text: str) -> int:
-        """R of an assistant message as the history sends it (its text, laid out in a reply slot)."""
-        ids, valid = self.codec.reply_ids(text)
-        return realise(self.world, ids, valid, text)
+    def _realise_slot(self, written: tuple[int, ...]) -> int:
+        """R of an earlier reply as its slot holds it; a host world reads the slot's text, as in a rollout."""
+        ids = np.full((self.layout.reply_len,), self.vocab.pad, np.int32)
+        ids[:len(written)] = written
+        valid = np.arange(len(ids)) < len(written)
+        return realise(self.world, ids, valid, self.codec.reply_text(ids, valid))
 
     # ------------------------------------------------------------------------------------------ slots -> device
     def _rows(self, conversations: list[Conversation], bucket: int) -> dict:
@@ -234,10 +238,12 @@ class Engine:
         rows["allowed"] = np.asarray(self.sop.allowed)[rows["stage"]]
         return rows
 
-    def _turn(self, params, rows: dict, key, temperature, *, greedy: bool, top_p: float, top_logprobs: int):
+    def _turn(self, params, rows: dict, key, temperature, top_p, *, greedy: bool, filtered: bool,
+              top_logprobs: int):
         """The device program: read the contexts, replay the finished turns, answer the new one."""
         vocab = self.vocab
-        sampling = SamplingConfig(temperature=0.0 if greedy else temperature, top_k=0, top_p=top_p,
+        sampling = SamplingConfig(temperature=0.0 if greedy else temperature, top_k=0,
+                                  top_p=top_p if filtered and not greedy else 1.0,
                                   expert_greedy=greedy, expert_temperature=1.0 if greedy else temperature,
                                   sop_mask=self.sop_mask, use_expert=self.use_expert)
         agents = ModelAgents(self.run.components.expert_gd, self.run.components.cs_gd, vocab, self.layout, sampling)
@@ -290,10 +296,11 @@ class Engine:
         return (written, *jax.lax.top_k(logp, n))
 
     def _program(self, bucket: int, sampling: Sampling):
-        key = (bucket, sampling.greedy, sampling.top_p, sampling.top_logprobs)
+        filtered = not sampling.greedy and sampling.top_p < 1.0
+        key = (bucket, sampling.greedy, filtered, sampling.top_logprobs)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(functools.partial(
-                self._turn, greedy=sampling.greedy, top_p=sampling.top_p, top_logprobs=sampling.top_logprobs))
+                self._turn, greedy=sampling.greedy, filtered=filtered, top_logprobs=sampling.top_logprobs))
         return self._compiled[key]
 
     def bucket(self, rows: int) -> int:
@@ -311,7 +318,8 @@ class Engine:
             bucket = self.bucket(len(part))
             rows = self._rows(part, bucket)
             action, top, realised = jax.device_get(self._program(bucket, sampling)(
-                self.params, rows, jax.random.fold_in(key, start), jnp.float32(sampling.temperature)))
+                self.params, rows, jax.random.fold_in(key, start), jnp.float32(sampling.temperature),
+                jnp.float32(sampling.top_p)))
             out += self._replies(action, top, realised, len(part))
         return out
 
