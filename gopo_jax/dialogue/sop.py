@@ -221,7 +221,9 @@ def load_sop(path: str | pathlib.Path) -> SOP:
     if not path.exists():
         raise SOPError(f"SOP file not found: {path}")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError, OSError) as e:
+        # ValueError: bad JSON, bad UTF-8 and integers past Python's digit limit; RecursionError: nesting past the
+        # interpreter's limit; OSError: the path is a folder or unreadable.
         raise SOPError(f"{path}: not valid JSON ({e})") from None
     return sop_from_dict(data, source=str(path))

@@ -57,12 +57,14 @@ class DataSource:
         if not path.exists():
             raise self.missing(path)
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise self.error(f"{path}: not valid JSON ({e}); the file may be truncated: restore it from the source "
-                             f"named in {path.parent / 'README.md'} or re-fetch it") from None
+            return json.loads(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise self.error(f"{path}: not UTF-8 text ({e}); re-fetch the file") from None
+        except (ValueError, RecursionError, OSError) as e:
+            # ValueError: bad JSON and integers past Python's digit limit; RecursionError: nesting past the
+            # interpreter's limit; OSError: the path is a folder or unreadable.
+            raise self.error(f"{path}: not valid JSON ({e}); the file may be truncated: restore it from the source "
+                             f"named in {path.parent / 'README.md'} or re-fetch it") from None
 
 
 class HostEnv(abc.ABC):

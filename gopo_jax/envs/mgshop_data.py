@@ -7,6 +7,7 @@ gopo_jax/envs/mgshop.py, the environment built on this data.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 from typing import Any, Sequence
 
@@ -112,6 +113,16 @@ def _merge_intents(utterances: list[dict]) -> dict:
     return out
 
 
+def _positive(votes: Any) -> bool:
+    """A positive finite number (the votes are summed as floats: an integer beyond float range is not one)."""
+    if isinstance(votes, bool) or not isinstance(votes, (int, float)):
+        return False
+    try:
+        return 0 < float(votes) < math.inf
+    except OverflowError:
+        return False
+
+
 def _validate_record(conv: Any, i: int, fail) -> None:
     if not isinstance(conv, dict):
         raise fail(f"conversation #{i} is a {type(conv).__name__}, expected an object")
@@ -142,8 +153,7 @@ def _validate_record(conv: Any, i: int, fail) -> None:
         if not isinstance(ints, list):
             raise fail(f"{where}: 'intents' missing or not a list")
         for pair in ints:
-            if (not isinstance(pair, list) or len(pair) != 2 or pair[0] not in INTENTS
-                    or isinstance(pair[1], bool) or not isinstance(pair[1], (int, float)) or not pair[1] > 0):
+            if not isinstance(pair, list) or len(pair) != 2 or pair[0] not in INTENTS or not _positive(pair[1]):
                 raise fail(f"{where}: intent entry {pair!r} is not [one of {list(INTENTS)}, positive votes]")
     if not any(u["participant"] == "Wizard" for u in utts):
         raise fail(f"conversation {cid!r} has no Wizard utterance (nothing for the agent to do)")

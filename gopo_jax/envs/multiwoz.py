@@ -211,10 +211,12 @@ def _read_dialogues(path: pathlib.Path) -> dict:
             names = [n for n in archive.namelist() if n.endswith(".json")]
             if not names:
                 raise MultiWOZEnvError(f"{path}: the archive holds no .json file; re-fetch it")
-            data = json.loads(archive.read(names[0]))
-    except zipfile.BadZipFile as e:
+            raw = archive.read(names[0])
+    except multiwoz_eval.ZIP_ERRORS as e:
         raise MultiWOZEnvError(f"{path}: not a readable zip archive ({e}); re-fetch the file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    try:
+        data = json.loads(raw)
+    except multiwoz_eval.JSON_ERRORS as e:
         raise MultiWOZEnvError(f"{path}: the dialogue JSON inside is malformed ({e}); re-fetch the file") from None
     if not isinstance(data, dict) or not data:
         raise MultiWOZEnvError(f"{path}: expected a non-empty object {{dialogue_id: {{goal, log}}}}")
@@ -238,10 +240,16 @@ def _str_dict(value: Any, where: str) -> dict:
     return dict(value)
 
 
+def _object(value: Any) -> dict:
+    """`value` if it is a JSON object, else {} (optional parts of a logged turn that may be missing or null)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _domain_order(log: list, domains: list) -> list:
     seen = []
     for turn in log[0::2]:
-        for act in turn.get("dialog_act") or {}:
+        acts = turn.get("dialog_act")
+        for act in acts if isinstance(acts, dict) else {}:
             d = act.split("-")[0].lower()
             if d in domains and d not in seen:
                 seen.append(d)
@@ -283,7 +291,7 @@ def _parse_goal(dialogue_id: str, record: Any, source: str, database: Any) -> Go
                          f"{where}: goal[{d!r}]['book']")
         fail_book = _str_dict(spec.get("fail_book", {}), f"{where}: goal[{d!r}]['fail_book']")
         if d == "taxi":
-            semi = ((log[-1].get("metadata") or {}).get("taxi") or {}).get("semi") or {}
+            semi = _object(_object(_object(log[-1].get("metadata")).get("taxi")).get("semi"))
             for slot in ("departure", "destination"):
                 value = semi.get(slot)
                 if slot not in info and isinstance(value, str) and value not in ("", "not mentioned"):
@@ -316,10 +324,12 @@ def _book_slots(schema: Any, path: pathlib.Path) -> dict:
                                                                                                list):
             raise MultiWOZEnvError(f"{path}: service #{i} needs 'service_name' and a 'slots' list")
         name = service["service_name"]
-        try:
-            slots = [s["name"].split("-", 1)[1] for s in service["slots"]]
-        except (TypeError, KeyError, IndexError):
-            raise MultiWOZEnvError(f"{path}: service {name!r} has a slot without a 'domain-slot' name") from None
+        if not isinstance(name, str):
+            raise MultiWOZEnvError(f"{path}: service #{i}: 'service_name' must be a string, got {name!r:.60}")
+        names = [s.get("name") if isinstance(s, dict) else None for s in service["slots"]]
+        if not all(isinstance(n, str) and "-" in n for n in names):
+            raise MultiWOZEnvError(f"{path}: service {name!r} has a slot without a 'domain-slot' name")
+        slots = [n.split("-", 1)[1] for n in names]
         out[name] = tuple(_BOOK_WORDS[s] for s in slots if s in _BOOK_WORDS)
     for d in ("restaurant", "hotel", "train"):
         if not out.get(d):
@@ -413,16 +423,16 @@ def delexicalise(text: str, spans: Any, where: str) -> str:
     """`text` with each annotated value span replaced by the world's `[value_x]` placeholder (module doc)."""
     if not isinstance(spans, list):
         raise MultiWOZEnvError(f"{where}: 'span_info' must be a list of [act, slot, value, start, end]")
-    words = text.split(" ")
-    out, position = [], 0
-    for span in sorted(spans, key=lambda s: s[3] if isinstance(s, list) and len(s) == 5 else 0):
+    for span in spans:
         if not (isinstance(span, list) and len(span) == 5 and isinstance(span[0], str) and isinstance(span[1], str)
                 and isinstance(span[3], int) and isinstance(span[4], int)):
             raise MultiWOZEnvError(f"{where}: span {span!r:.80} is not [act, slot, value, start word, end word]")
-        act, slot, value, start, end = span
-        if slot not in SPAN_PLACEHOLDER:
-            raise MultiWOZEnvError(f"{where}: span slot {slot!r} has no placeholder; known: "
+        if span[1] not in SPAN_PLACEHOLDER:
+            raise MultiWOZEnvError(f"{where}: span slot {span[1]!r} has no placeholder; known: "
                                    f"{sorted(SPAN_PLACEHOLDER)} (a new slot needs an entry in SPAN_PLACEHOLDER)")
+    words = text.split(" ")
+    out, position = [], 0
+    for act, slot, value, start, end in sorted(spans, key=lambda s: s[3]):
         if start < position or start > end or end >= len(words) or str(value).lower() == "dontcare":
             continue
         name = _DOMAIN_SPAN_PLACEHOLDER.get((act.split("-")[0], slot), SPAN_PLACEHOLDER[slot])

@@ -64,6 +64,7 @@ import gzip
 import json
 import pathlib
 import re
+import zlib
 from typing import Any, Iterable
 
 import numpy as np
@@ -212,19 +213,45 @@ def subflow_sop(subflow: str, actions: tuple, *, source: str = "kb.json") -> SOP
                           "stages": stages}, source=f"{source}[{subflow!r}]")
 
 
+def _names(value: Any) -> bool:
+    """`value` is a list of strings."""
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _ontology(onto: Any, path: pathlib.Path) -> tuple[list, dict, dict, dict]:
+    """(flows, subflows by flow, slots by button, enumerable values) of ontology.json, checked for the shapes read."""
+    intents = onto.get("intents") if isinstance(onto, dict) else None
+    actions = onto.get("actions") if isinstance(onto, dict) else None
+    values = onto.get("values") if isinstance(onto, dict) else None
+    if not (isinstance(intents, dict) and _names(intents.get("flows")) and isinstance(intents.get("subflows"), dict)
+            and isinstance(actions, dict) and all(isinstance(group, dict) for group in actions.values())
+            and isinstance(values, dict) and isinstance(values.get("enumerable"), dict)):
+        raise TmallBrandError(f"{path}: needs intents.flows (a list of names), intents.subflows, actions (groups of "
+                              "button: slots) and values.enumerable (the ABCD ontology format)")
+    action_slots = {b: s for group in actions.values() for b, s in group.items()}
+    bad = next((b for b, slots in action_slots.items() if not _names(slots)), None)
+    if bad is not None:
+        raise TmallBrandError(f"{path}: action {bad!r} needs a list of slot names, got {action_slots[bad]!r:.60}")
+    return intents["flows"], intents["subflows"], action_slots, values["enumerable"]
+
+
+def _check_guideline(flow: dict, where: str) -> None:
+    """The guideline texts read for the tokenizer corpus: each subflow an object whose 'actions' are objects with
+    'text' and a 'subtext' list, and whose 'instructions' are a list."""
+    for title, sub in flow["subflows"].items():
+        if not isinstance(sub, dict) or not isinstance(sub.get("actions", []), list) or not isinstance(
+                sub.get("instructions", []), list) or not all(
+                isinstance(a, dict) and isinstance(a.get("subtext", []), list) for a in sub.get("actions", [])):
+            raise TmallBrandError(f"{where}, subflow {title!r}: expected an object with an 'actions' list of "
+                                  "{text, subtext: [...]} objects and an 'instructions' list")
+
+
 def load_data(data_dir: str | pathlib.Path | None = None) -> ABCDData:
     """Reads and cross-checks kb.json, ontology.json and guidelines.json; one TmallBrandError per problem."""
     data_dir = SOURCE.resolve(data_dir)
     kb_path, onto_path, guide_path = data_dir / "kb.json", data_dir / "ontology.json", data_dir / "guidelines.json"
     kb, onto, guide = (SOURCE.read_json(p) for p in (kb_path, onto_path, guide_path))
-    try:
-        flows = onto["intents"]["flows"]
-        subflows = onto["intents"]["subflows"]
-        action_slots = {b: s for group in onto["actions"].values() for b, s in group.items()}
-        values = onto["values"]["enumerable"]
-    except (KeyError, TypeError):
-        raise TmallBrandError(f"{onto_path}: needs intents.flows, intents.subflows, actions and values.enumerable "
-                              "(the ABCD ontology format)") from None
+    flows, subflows, action_slots, values = _ontology(onto, onto_path)
     for b, needs in BUTTON_NEEDS.items():
         unknown = [n for n in needs if n not in action_slots.get(b, ())]
         if unknown:
@@ -236,17 +263,21 @@ def load_data(data_dir: str | pathlib.Path | None = None) -> ABCDData:
             raise TmallBrandError(f"{onto_path}: values.enumerable[{key!r}] must be a non-empty list")
     if not isinstance(kb, dict) or not kb:
         raise TmallBrandError(f"{kb_path}: expected an object {{subflow: [button, ...]}}")
+    bad = next((sub for sub, buttons in kb.items() if not _names(buttons)), None)
+    if bad is not None:
+        raise TmallBrandError(f"{kb_path}: subflow {bad!r} needs a list of button names, got {kb[bad]!r:.60}")
     if not isinstance(guide, dict):
         raise TmallBrandError(f"{guide_path}: expected an object {{flow title: {{description, subflows}}}}")
     guide_by_flow = {t.lower().replace("-", "_").replace(" ", "_"): v for t, v in guide.items()}
     scenarios, sops, texts = [], {}, []
     for flow in flows:
-        if flow not in subflows or not isinstance(subflows[flow], list):
+        if not _names(subflows.get(flow)):
             raise TmallBrandError(f"{onto_path}: flow {flow!r} has no subflow list in intents.subflows")
         g = guide_by_flow.get(flow)
         if not isinstance(g, dict) or not isinstance(g.get("subflows"), dict):
             raise TmallBrandError(f"{guide_path}: no guideline flow for {flow!r} (titles are matched by lower-case "
                                   "words, e.g. 'Product Defect' for product_defect)")
+        _check_guideline(g, f"{guide_path}: flow {flow!r}")
         titles = list(g["subflows"])
         if len(titles) != len(subflows[flow]):
             raise TmallBrandError(f"{guide_path}: flow {flow!r} lists {len(titles)} subflows but {onto_path.name} "
@@ -394,7 +425,9 @@ def _read_full_corpus(path: pathlib.Path) -> list:
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             corpus = json.load(f)
-    except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    # zlib.error: a corrupt deflate stream; ValueError beyond JSONDecodeError: bad UTF-8, integers past Python's
+    # digit limit; RecursionError: nesting past the interpreter's limit.
+    except (OSError, EOFError, zlib.error, ValueError, RecursionError) as e:
         raise TmallBrandError(f"{path}: not a readable gzipped JSON file ({e}); re-fetch it (the git blob id in "
                               f"{path.parent / 'README.md'} verifies a copy)") from None
     if not isinstance(corpus, dict) or not isinstance(corpus.get(LOGGED_SPLIT), list):

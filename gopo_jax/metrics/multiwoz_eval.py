@@ -51,6 +51,7 @@ import json
 import pathlib
 import re
 import zipfile
+import zlib
 from typing import Any
 
 import sacrebleu
@@ -202,6 +203,14 @@ _TIME_PREFIX_ALIASES = (("one o'clock p.m", "13:00"), ("ten o'clock a.m", "10:00
 
 class MultiWOZDataError(ValueError):
     """Missing or malformed MultiWOZ data or predictions; the message names the file/dialogue and the fix."""
+
+
+# What reading a damaged archive raises: a bad header (BadZipFile, OSError), a corrupt deflate stream (zlib.error),
+# a cut-off member (EOFError), a flipped compression or encryption flag (NotImplementedError, RuntimeError).
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError)
+# What json.loads raises beyond JSONDecodeError: UnicodeDecodeError and, for an integer past Python's digit limit,
+# ValueError (both ValueErrors); RecursionError for nesting past the interpreter's limit.
+JSON_ERRORS = (ValueError, RecursionError)
 
 
 # ----------------------------------------------------------------------------------------------- normalisation
@@ -364,7 +373,7 @@ class VenueDatabase:
                     for k, v in row.items()
                     if k not in _IGNORED_COLUMNS and not isinstance(v, (dict, list))
                 }
-                for row in rows
+                for row in _checked_venues(rows, path, "trainID" if domain == "train" else "id")
             ]
         self._cache: dict = {}
 
@@ -407,6 +416,21 @@ class VenueDatabase:
         return results
 
 
+def _checked_venues(rows: Any, path: pathlib.Path, id_column: str) -> list:
+    """The database rows: a non-empty list of venue objects with an id and text values (the columns of the first
+    row are the queryable ones, and every comparison reads a value as text)."""
+    if not isinstance(rows, list) or not rows:
+        raise MultiWOZDataError(f"{path}: expected a non-empty list of venue objects; re-fetch the file")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get(id_column), str):
+            raise MultiWOZDataError(f"{path}: venue #{i} is not an object with a {id_column!r} string; re-fetch it")
+        bad = next((k for k, v in row.items() if not isinstance(v, (str, dict, list))), None)
+        if bad is not None:
+            raise MultiWOZDataError(f"{path}: venue #{i} ({row[id_column]!r}): column {bad!r} is {row[bad]!r:.40}, "
+                                    "expected a string; re-fetch the file")
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------------ data
 
 
@@ -420,7 +444,7 @@ def _read_json(path: pathlib.Path, missing_hint: str = _DATA_HINT) -> Any:
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             return json.load(f)
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as err:
+    except (*JSON_ERRORS, OSError, EOFError, zlib.error) as err:  # EOFError, zlib.error: a cut or corrupt .gz
         raise MultiWOZDataError(f"{path}: not readable JSON ({err}); re-fetch the file") from None
 
 
@@ -433,9 +457,51 @@ def _load_dialogues(data_dir: str, split: str) -> dict:
     path = pathlib.Path(data_dir) / "mwz21_convlab3" / _SPLIT_FILES[split]
     if not path.exists():
         raise MultiWOZDataError(f"{path}: file not found; {_DATA_HINT}")
-    with zipfile.ZipFile(path) as archive:
-        raw = json.loads(archive.read(archive.namelist()[0]))
-    return {key.split(".")[0].lower(): value for key, value in raw.items()}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(".json")]
+            if not names:
+                raise MultiWOZDataError(f"{path}: the archive holds no .json file; re-fetch it")
+            raw = archive.read(names[0])
+    except ZIP_ERRORS as err:
+        raise MultiWOZDataError(f"{path}: not a readable zip archive ({err}); re-fetch the file") from None
+    try:
+        dialogues = json.loads(raw)
+    except JSON_ERRORS as err:
+        raise MultiWOZDataError(f"{path}: the dialogue JSON inside is malformed ({err}); re-fetch the file") from None
+    if not isinstance(dialogues, dict) or not dialogues:
+        raise MultiWOZDataError(f"{path}: expected a non-empty object {{dialogue_id: {{goal, log}}}}; re-fetch it")
+    for key, dialogue in dialogues.items():
+        _check_dialogue(dialogue, f"{path}: dialogue {key!r}")
+    return {key.split(".")[0].lower(): value for key, value in dialogues.items()}
+
+
+def _check_dialogue(dialogue: Any, where: str) -> None:
+    """The parts of a ConvLab dialogue the scorer reads: goal specs, turn texts, span annotations, belief states."""
+    if not isinstance(dialogue, dict) or not isinstance(dialogue.get("goal"), dict) or not isinstance(
+            dialogue.get("log"), list):
+        raise MultiWOZDataError(f"{where}: expected an object with a 'goal' object and a 'log' list")
+    for domain in GOAL_DOMAINS:
+        spec = dialogue["goal"].get(domain) or {}
+        reqt = spec.get("reqt", []) if isinstance(spec, dict) else None
+        if not isinstance(spec, dict) or not all(isinstance(spec.get(k, {}), dict) for k in ("info", "book")) \
+                or not (isinstance(reqt, list) and all(isinstance(r, str) for r in reqt)):
+            raise MultiWOZDataError(f"{where}: goal[{domain!r}] must be an object with 'info' and 'book' objects "
+                                    "and a 'reqt' list of names")
+    for i, turn in enumerate(dialogue["log"]):
+        at = f"{where}, log[{i}]"
+        if not isinstance(turn, dict) or not isinstance(turn.get("text"), str):
+            raise MultiWOZDataError(f"{at}: expected an object with a 'text' string")
+        spans = turn.get("span_info", [])
+        if not isinstance(spans, list) or not all(
+                isinstance(s, list) and len(s) == 5 and isinstance(s[1], str) and isinstance(s[3], int)
+                and isinstance(s[4], int) for s in spans):
+            raise MultiWOZDataError(f"{at}: 'span_info' must be a list of [act, slot, value, start word, end word]")
+        metadata = turn.get("metadata") or {}
+        if not isinstance(metadata, dict) or not all(
+                isinstance(parts, dict) and all(isinstance(parts.get(k, {}), dict) for k in ("semi", "book"))
+                for parts in metadata.values()):
+            raise MultiWOZDataError(f"{at}: 'metadata' must map domains to {{'semi': {{...}}, 'book': {{...}}}}")
 
 
 def load_goals(data_dir, split: str = "test") -> dict:
@@ -459,9 +525,22 @@ def load_goals(data_dir, split: str = "test") -> dict:
     return goals
 
 
+def _booked_path(data_dir) -> pathlib.Path:
+    return pathlib.Path(data_dir) / "mwzeval" / "booked_domains.json.gz"
+
+
 def load_booked_domains(data_dir) -> dict:
     """Per dialogue, per system turn, the domains where a booking (reference number) was made."""
-    return _read_json(pathlib.Path(data_dir) / "mwzeval" / "booked_domains.json.gz")
+    path = _booked_path(data_dir)
+    booked = _read_json(path)
+    if not isinstance(booked, dict):
+        raise MultiWOZDataError(f"{path}: expected an object {{dialogue_id: [[domain, ...] per turn]}}; re-fetch it")
+    for dialogue_id, turns in booked.items():
+        if not isinstance(turns, list) or not all(
+                isinstance(t, list) and all(isinstance(d, str) for d in t) for t in turns):
+            raise MultiWOZDataError(f"{path}: dialogue {dialogue_id!r}: expected a list of domain lists, one per "
+                                    "system turn; re-fetch the file")
+    return booked
 
 
 def _convlab_state(metadata: dict) -> dict:
@@ -598,7 +677,20 @@ def dialogue_inform_success(
     return inform, success
 
 
-def _validate(predictions: dict, goals: dict, booked: dict, reference_turns: dict, split: str) -> dict:
+def _check_turn(turn: dict, where: str) -> None:
+    """A predicted turn: a response string, and where given a state {domain: {slot: value}} and a list of domains."""
+    if not isinstance(turn["response"], str):
+        raise MultiWOZDataError(f"{where}: 'response' must be a string, got {turn['response']!r:.60}")
+    state = turn.get("state", {})
+    if not isinstance(state, dict) or not all(isinstance(slots, dict) for slots in state.values()):
+        raise MultiWOZDataError(f"{where}: 'state' must be an object {{domain: {{slot: value}}}}, got {state!r:.60}")
+    domains = turn.get("active_domains", [])
+    if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
+        raise MultiWOZDataError(f"{where}: 'active_domains' must be a list of domain names, got {domains!r:.60}")
+
+
+def _validate(predictions: dict, goals: dict, booked: dict, reference_turns: dict, split: str,
+              booked_path: pathlib.Path) -> dict:
     if not isinstance(predictions, dict) or not predictions:
         raise MultiWOZDataError("predictions: expected a non-empty JSON object {dialogue_id: [turn, ...]}")
     clean = {}
@@ -611,13 +703,15 @@ def _validate(predictions: dict, goals: dict, booked: dict, reference_turns: dic
             )
         if not isinstance(turns, list) or any(not isinstance(t, dict) or "response" not in t for t in turns):
             raise MultiWOZDataError(f"predictions[{raw_id!r}]: expected a list of {{'response': ...}} objects")
+        for i, turn in enumerate(turns):
+            _check_turn(turn, f"predictions[{raw_id!r}][{i}]")
         if len(turns) > reference_turns[dialogue_id]:
             raise MultiWOZDataError(
                 f"predictions[{raw_id!r}]: {len(turns)} turns, but the dialogue has "
                 f"{reference_turns[dialogue_id]} system turns; give one entry per system turn"
             )
         if dialogue_id not in booked:
-            raise MultiWOZDataError(f"booked_domains.json.gz has no entry for {dialogue_id!r}; re-fetch the file")
+            raise MultiWOZDataError(f"{booked_path} has no entry for {dialogue_id!r}; re-fetch the file")
         clean[dialogue_id] = [dict(t) for t in turns]
     return clean
 
@@ -651,7 +745,7 @@ def evaluate(
     booked = load_booked_domains(data_dir)
     dialogues = _load_dialogues(str(data_dir), split)
     reference_turns = {k: len(v["log"][1::2]) for k, v in dialogues.items()}
-    data = _validate(predictions, goals, booked, reference_turns, split)
+    data = _validate(predictions, goals, booked, reference_turns, split, _booked_path(data_dir))
     database = VenueDatabase(data_dir)
 
     used_gold_states = not all("state" in t for turns in data.values() for t in turns)

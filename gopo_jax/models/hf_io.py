@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import re
 from collections.abc import Mapping
@@ -111,6 +112,13 @@ def _dotted(path) -> str:
     return ".".join(str(p) for p in path)
 
 
+# config.json's integer fields (from_hf_dict converts with int(), which would take 1.7, "64" or true); null
+# num_key_value_heads / head_dim mean "as many as the attention heads" / "hidden_size / heads".
+_CONFIG_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings")
+_CONFIG_OPTIONAL = frozenset({"num_key_value_heads", "head_dim"})
+
+
 def _read_config(folder: pathlib.Path) -> dict:
     if not folder.is_dir():
         raise HFModelError(
@@ -119,16 +127,36 @@ def _read_config(folder: pathlib.Path) -> dict:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise HFModelError(f"{config_file} not found; a Hugging Face model folder needs its config.json")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise HFModelError(f"{config_file} is not valid JSON ({e})") from None
+    hf = _read_json(config_file)
+    if not isinstance(hf, dict):
+        raise HFModelError(f"{config_file}: expected a JSON object of model settings, got {type(hf).__name__}")
     arch = hf.get("architectures") or []
-    if hf.get("model_type") != "qwen3" or (arch and "Qwen3ForCausalLM" not in arch):
+    if hf.get("model_type") != "qwen3" or not isinstance(arch, list) or (arch and "Qwen3ForCausalLM" not in arch):
         raise HFModelError(
-            f"{config_file} describes model_type={hf.get('model_type')!r}, architectures={arch}; only "
+            f"{config_file} describes model_type={hf.get('model_type')!r:.40}, architectures={arch!r:.80}; only "
             f"Qwen3ForCausalLM (model_type 'qwen3') checkpoints can be loaded")
+    for key in _CONFIG_INTS:
+        value = hf.get(key)
+        if (key in hf and not (key in _CONFIG_OPTIONAL and value is None)
+                and (not isinstance(value, int) or isinstance(value, bool) or value <= 0)):
+            raise HFModelError(f"{config_file}: {key} must be a positive integer, got {value!r:.40}")
+    for key in ("rope_theta", "rms_norm_eps"):
+        value = hf.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise HFModelError(f"{config_file}: {key} must be a positive finite number, got {value!r:.40}")
+    if not isinstance(hf.get("tie_word_embeddings", False), bool):
+        raise HFModelError(f"{config_file}: tie_word_embeddings must be true or false, got "
+                           f"{hf['tie_word_embeddings']!r:.40}")
     return hf
+
+
+def _read_json(path: pathlib.Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        # ValueError: bad JSON, bad UTF-8 and integers past Python's digit limit; RecursionError: nesting past the
+        # interpreter's limit.
+        raise HFModelError(f"{path} is not valid JSON ({e})") from None
 
 
 def checkpoint_config(path) -> Qwen3Config:
@@ -145,10 +173,16 @@ def _weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     """HF tensor name -> the safetensors file holding it."""
     single, index = folder / SINGLE_FILE, folder / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise HFModelError(f"{index} is not a safetensors index with a 'weight_map' ({e!r})") from None
+        contents = _read_json(index)
+        weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise HFModelError(f"{index} is not a safetensors index: it needs a 'weight_map' object of tensor name "
+                               "-> shard file")
+        bad = next((name for name, file in weight_map.items() if not isinstance(file, str)
+                    or pathlib.PurePath(file).name != file or file in ("", ".", "..")), None)
+        if bad is not None:
+            raise HFModelError(f"{index}: weight_map[{bad!r}] = {weight_map[bad]!r:.60} is not the name of a shard "
+                               "file in the checkpoint folder")
         files = {name: folder / file for name, file in weight_map.items()}
         absent = sorted({str(f) for f in files.values() if not f.is_file()})
         if absent:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import pathlib
 from typing import Any
 
@@ -60,6 +61,9 @@ def validate_config(config) -> None:
          "train.groups must be a multiple of train.minibatches (minibatches hold whole groups)"),
         (t.epochs >= 1, "train.epochs must be >= 1"),
         (t.eval_every >= 1 and t.checkpoint_every >= 1, "train.eval_every and train.checkpoint_every must be >= 1"),
+        # .get: the config.json of a run written before the key has none, and serving that run builds from it.
+        (t.get("max_nonfinite_updates", 0) >= 0,
+         "train.max_nonfinite_updates must be >= 0 (consecutive skipped updates before the run stops; 0: never)"),
         # The key schedule folds 10_000 + iteration·100 + epoch for the minibatch shuffles (kept as it is so that
         # existing runs resume bitwise); beyond these bounds two draws would share a key.
         (t.epochs <= 100 and t.steps < 5_000,
@@ -78,10 +82,50 @@ def validate_config(config) -> None:
          "gopo.aggregation: 'token-mean' or 'seq-mean-token-mean'"),
         (0.0 < config.gopo.esndcg_p <= 1.0, "gopo.esndcg_p must be in (0, 1]"),
         (config.eval.episodes >= 1, "eval.episodes must be >= 1"),
+        *_range_checks(config),
     ]
     for ok, msg in checks:
         if not ok:
             raise ValueError(f"bad config: {msg}")
+
+
+def _finite_at_least(value, low: float, *, open_low: bool = False) -> bool:
+    return math.isfinite(value) and (value > low if open_low else value >= low)
+
+
+def _range_checks(config) -> list[tuple[bool, str]]:
+    """Values the trainer would take silently (a negative temperature samples at 1, a negative learning rate or clip
+    norm ascends, top_p > 1 filters nothing) or reject only once the world is built."""
+    t, s, g, m = config.train, config.sampling, config.gopo, config.model
+    layout = (config.layout.context_len, config.layout.customer_len, config.layout.reply_len, config.layout.max_turns)
+    sizes = (m.hidden_size, m.num_layers, m.intermediate_size, m.vocab_size)
+    # .get: keys a run's config.json may lack when it was written before they existed.
+    lora = m.get("lora") or {"rank": 0, "alpha": 1.0}
+    return [
+        (_finite_at_least(s.temperature, 0.0), "sampling.temperature must be a finite number >= 0 (0: greedy)"),
+        (s.top_k >= 0, "sampling.top_k must be >= 0 (0: no top-k filter)"),
+        (0.0 < s.top_p <= 1.0, "sampling.top_p must be in (0, 1] (1: no nucleus filter)"),
+        (all(_finite_at_least(lr, 0.0) for lr in (t.lr_expert, t.lr_cs, config.sft.learning_rate)),
+         "train.lr_expert, train.lr_cs and sft.learning_rate must be finite numbers >= 0"),
+        (_finite_at_least(t.clip_norm, 0.0, open_low=True),
+         "train.clip_norm must be a finite number > 0 (the global gradient norm an update is clipped to)"),
+        (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
+        (config.eval.get("judge_dialogues", 0) >= 0, "eval.judge_dialogues must be >= 0"),
+        (all(n >= 1 for n in layout),
+         "layout.context_len, layout.customer_len, layout.reply_len and layout.max_turns must be >= 1"),
+        (all(n == -1 or n >= 1 for n in sizes),
+         "model.hidden_size, model.num_layers, model.intermediate_size and model.vocab_size must be -1 (the "
+         "preset's) or >= 1"),
+        (lora["rank"] >= 0 and _finite_at_least(lora["alpha"], 0.0, open_low=True),
+         "model.lora.rank must be >= 0 (0: full fine-tune) and model.lora.alpha a finite number > 0"),
+        (all(n == -1 or n >= 1 for n in (config.env.max_relevance, config.env.max_turns)),
+         "env.max_relevance and env.max_turns must be -1 (the environment's own) or >= 1"),
+        (_finite_at_least(g.clip_eps, 0.0, open_low=True) and _finite_at_least(g.kl_clamp, 0.0, open_low=True),
+         "gopo.clip_eps and gopo.kl_clamp must be finite numbers > 0"),
+        (_finite_at_least(g.beta_pref, 0.0, open_low=True), "gopo.beta_pref must be a finite number > 0"),
+        (all(_finite_at_least(b, 0.0) for b in (g.beta_expert, g.beta_cs, g.mu_lr)),
+         "gopo.beta_expert, gopo.beta_cs and gopo.mu_lr must be finite numbers >= 0 (0: off)"),
+    ]
 
 
 def model_fingerprint(world: World) -> dict:
