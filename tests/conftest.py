@@ -7,8 +7,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import hypothesis.strategies  # noqa: E402, F401  (see below)
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
+
+# hypothesis is a pytest plugin, so pytest's assertion rewriter parses each of its modules when it is first imported.
+# Imported lazily from deep inside a test, `ast.parse` can then fail with "SystemError: AST constructor recursion
+# depth mismatch" (a CPython 3.11 bug in the AST recursion bookkeeping); seen here once in test_chat/test_checkpoint.
+# Importing the strategies (which pull in the whole engine) here parses them at a shallow stack, once.
 
 from tests.helpers import tiny_run_config, world_and_agents  # noqa: E402
 
