@@ -123,6 +123,14 @@ def _encode(doc, ascii_only: bool) -> bytes:
     return json.dumps(doc, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 @st.composite
 def malformed(draw, seeds, records=lambda doc: []):
     """A Case from the valid documents `seeds`; `records(doc)` lists the record paths a mutation may stay inside."""
@@ -133,7 +141,10 @@ def malformed(draw, seeds, records=lambda doc: []):
         scopes = records(seed)
         scope = draw(st.sampled_from(scopes)) if scopes and draw(st.booleans()) else ()
         doc = draw(mutated(seed, scope))
-        return Case(_encode(doc, draw(st.booleans())), doc, scope or None)
+        data = _encode(doc, draw(st.booleans()))
+        # A lone surrogate written raw makes the whole file undecodable: the error is then about the file, and no
+        # record can be named.
+        return Case(data, doc, (scope or None) if _is_utf8(data) else None)
     if kind == "truncated":
         return Case(valid[:draw(st.integers(0, len(valid) - 1))])
     if kind == "spliced":

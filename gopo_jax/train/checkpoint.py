@@ -256,13 +256,21 @@ def _listed(lines: list[str]) -> str:
     return "\n".join(lines[:_MAX_LISTED]) + more
 
 
+def _sharding(leaf: Any) -> jax.sharding.Sharding:
+    # An abstract leaf without a sharding (a `jax.eval_shape` result) lands where a fresh array would, on the
+    # default device. Left None, orbax would fall back to the sharding saved with the step, which names the devices
+    # of the process that wrote it: a step saved over 8 devices could not be read by a process that has one.
+    sharding = getattr(leaf, "sharding", None)
+    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
 def _restore_target(leaf: Any) -> Any:
     """What orbax restores one leaf into: arrays keep their sharding, typed keys become their raw key data."""
     if _is_key(leaf):
         data = jax.eval_shape(jax.random.key_data, leaf)
-        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(leaf, "sharding", None))
-    if isinstance(leaf, jax.Array):
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=_sharding(leaf))
+    if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=_sharding(leaf))
     if isinstance(leaf, np.generic):
         # orbax restores numpy scalars only as 0-d arrays.
         return np.asarray(leaf)
