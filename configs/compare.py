@@ -17,7 +17,7 @@ with `convergence_seeds` seeds; the GOPO runs of the comparison are its "default
 """
 import ml_collections
 
-from configs import overrides
+from configs import overrides, tuning
 
 # SHORT training for the embedded default on 2 CPU cores: the run config's agents and warm start (300 SFT steps),
 # 20 GOPO iterations instead of 40, 128 held-out customers. Shorter training (8 iterations of 8 × 4 dialogues on
@@ -41,8 +41,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.quick = False  # True: `tiny` after the environment's overrides (tests)
     c.tiny = overrides(TINY)
     c.share_warm_starts = True  # one SFT phase per (environment, seed, with/without Expert), in <workdir>/warm_starts
-    c.seeds = 3  # seeds 0 .. seeds-1 per method and environment
-    c.methods = "gopo,sft,grpo,ppo,dpo,memento,gopo_no_ea"
+    c.seeds = 5  # seeds 0 .. seeds-1 per method and environment, evaluated on the test customers
+    # Equal tuning (configs/tuning.py): each grid's settings on seeds 0 .. tuning_seeds-1, scored on the validation
+    # customers by `selection_metric` (higher is better); 0 runs every method at its grid's first setting.
+    c.tuning_seeds = 2
+    c.selection_metric = "tse"
+    c.grids = tuning.grids()
+    # The seeds of one setting train together, vmapped in one process (gopo_jax.train.driver.train_seeds), where the
+    # world is pure JAX; host worlds train them one after another.
+    c.vmap_seeds = True
+    c.methods = ("gopo,sft,grpo,ppo,dpo,memento,"
+                 "gopo_no_ea,gopo_no_esndcg,gopo_no_sop_mask,gopo_no_constraint,gopo_clipped_pg")
     c.gopo_label = "gopo"  # the method the relative differences are taken against
     # Labels that are not a plain `method=<name>`: ablations and named variants.
     c.variants = ml_collections.ConfigDict()
@@ -56,7 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
     # --config.variants.prompted.baselines.prompted.model=NAME
     c.variants.prompted = overrides({"method": "prompted", "baselines.prompted.base_url": "",
                                      "baselines.prompted.model": ""})
-    c.environments = "synthetic_shop,mg_shopdial,multiwoz"
+    c.environments = "synthetic_shop,mg_shopdial,multiwoz,tmallbrand"
+    # Seeds per environment where not `seeds` (the host worlds' Python turn loops cost far more per run).
+    c.env_seeds = ml_collections.ConfigDict({"mg_shopdial": 3, "multiwoz": 3, "tmallbrand": 3})
     # The run config of each environment (a path relative to the current directory, or configs/<name> of the
     # installed configs package) ...
     c.env_configs = ml_collections.ConfigDict()

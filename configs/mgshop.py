@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sampling.temperature = 1.0
     c.sampling.top_k = 0
     c.sampling.top_p = 1.0
+    c.sampling.expert_temperature = 1.0  # the Expert samples softmax(masked logits / T_E); > 0
 
     c.sft = ml_collections.ConfigDict()
     # "rollout": the world's demonstrator plays the episodes (below); "logged": the world's logged human dialogues
@@ -137,8 +138,17 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.episodes = 256
-    c.eval.seed = 10_000  # held-out world seeds, disjoint from training seeds
+    # Held-out customers, disjoint from the training ones and from each other's split: tune methods on
+    # "validation", report "test" (gopo_jax/envs/customers.py; the synthetic shop draws each split's customers from
+    # its own key stream).
+    c.eval.split = "test"
+    c.eval.seed = 10_000  # the first held-out customer (host worlds: the index in the split's items)
     c.eval.judge_dialogues = 8  # held-out dialogues whose turns are written as G-Eval samples (judge_samples.jsonl)
+    # The deployment-time filter (GOPO.md §1), in evaluation only (training draws one reply): the CS draws
+    # n_candidates replies per turn and keeps the first aligned, SOP-valid one, else the most likely. Candidate 0 is
+    # the greedy reply; the others are sampled at candidate_temperature. Pure-JAX worlds only (synthetic_shop).
+    c.eval.n_candidates = 1
+    c.eval.candidate_temperature = 0.7
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

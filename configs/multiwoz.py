@@ -10,6 +10,7 @@ from configs.host_short import short_host_config
 
 
 def get_config():
-    # eval seeds 0..63 = test goals 0..63 (training draws random goals from the same split)
+    # eval episodes 0..63 = the first 64 goals of eval.split: the official test goals ("test") or the val goals at
+    # odd positions ("validation"); training plays the val goals at even positions (gopo_jax/envs/multiwoz.py)
     return short_host_config("multiwoz", vocab_size=768, context_len=24, customer_len=40, reply_len=32,
                              eval_episodes=64, eval_seed=0, max_turns=12)

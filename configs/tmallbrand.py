@@ -10,4 +10,4 @@ from configs.host_short import short_host_config
 
 def get_config():
     return short_host_config("tmallbrand", vocab_size=768, context_len=32, customer_len=32, reply_len=32,
-                             eval_episodes=55, eval_seed=100_000)
+                             eval_episodes=55, eval_seed=0)  # each of the 55 subflows once, as held-out customers

@@ -25,7 +25,6 @@ import math
 import os
 import pathlib
 import time
-import traceback
 from typing import Callable
 
 import ml_collections
@@ -33,13 +32,17 @@ from absl import flags
 from ml_collections import config_flags
 
 import configs
+from experiments import runs as runs_lib
 from experiments.common import ConfigError, apply_overrides, flattened, load_config_file
+from experiments.runs import jsonable
 from gopo_jax import command_line
 from gopo_jax.metrics import geval as geval_lib
+from gopo_jax.metrics.reporting import mean_ci_over_seeds
 from gopo_jax.report import figures, tables
 
 _log = logging.getLogger(__name__)
 FLAGS = flags.FLAGS
+MAX_GRID = 4  # settings per method: the equal tuning budget
 # A relative env.data_dir of the comparison config (../shared/data/...) is taken from the repository root of a
 # checkout: the directory that holds the configs package.
 DATA_ROOT = configs.CONFIGS_DIR.parent
@@ -56,14 +59,29 @@ def _names(text: str, key: str) -> list[str]:
     return names
 
 
-def plan(cfg: ml_collections.ConfigDict) -> list[dict]:
-    """The runs of a comparison: dicts {env, label, seed, kind, config} with the resolved run config."""
-    if cfg.seeds < 1:
-        raise ComparisonError("compare config: seeds must be >= 1")
-    envs = _names(cfg.environments, "environments")
-    runs = []
+def _label_overrides(cfg, label: str) -> ml_collections.ConfigDict | dict:
+    """A label's run-config overrides: its `variants` entry, or `method=<label>`."""
+    return cfg.variants[label] if label in cfg.variants else {"method": label}
 
-    def resolved(env: str, method_overrides: list, seed: int, where: str) -> ml_collections.ConfigDict:
+
+def tuned_by(cfg, label: str) -> str | None:
+    """The grid (configs/tuning.py) whose selected setting `label` runs with: its own, else its method's (an
+    ablation runs with the tuned setting of the method it ablates); None when nothing is tuned."""
+    if label in cfg.grids:
+        return label
+    method = flattened(_label_overrides(cfg, label)).get("method", label)
+    return method if method in cfg.grids else None
+
+
+class _Resolver:
+    """Resolved run configs: the environment's run config + its short-training overrides (+ `tiny` when quick) +
+    the given overrides + `seed`."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def __call__(self, env: str, method_overrides: list, seed: int, where: str) -> ml_collections.ConfigDict:
+        cfg = self.cfg
         if env not in cfg.env_configs or env not in cfg.env_overrides:
             raise ComparisonError(f"compare config: environment {env!r} needs an entry in env_configs (its run "
                                   "config file) and in env_overrides (its short-training overrides); add them to "
@@ -79,103 +97,148 @@ def plan(cfg: ml_collections.ConfigDict) -> list[dict]:
             run_cfg.env.data_dir = str((DATA_ROOT / run_cfg.env.data_dir).resolve())
         return run_cfg
 
+
+def _check_counts(cfg) -> None:
+    if cfg.seeds < 1 or any(n < 1 for n in cfg.env_seeds.values()):
+        raise ComparisonError("compare config: seeds and every env_seeds entry must be >= 1")
+    if cfg.tuning_seeds < 0:
+        raise ComparisonError("compare config: tuning_seeds must be >= 0 (0: no tuning, every method runs its "
+                              "grid's first setting)")
+    for label, grid in cfg.grids.items():
+        if not 1 <= len(grid) <= MAX_GRID:
+            raise ComparisonError(f"compare config: grids.{label} has {len(grid)} settings; the equal tuning budget "
+                                  f"is 1 to {MAX_GRID} settings per method (configs/tuning.py)")
+
+
+def _tuned_labels(cfg) -> list[str]:
+    """The grids the comparison's labels need, in the order the labels first need them."""
+    needed = [tuned_by(cfg, label) for label in _names(cfg.methods, "methods")]
+    if cfg.convergence_seeds > 0:
+        needed.append(tuned_by(cfg, cfg.gopo_label))
+    return list(dict.fromkeys(g for g in needed if g is not None))
+
+
+def tuning_plan(cfg: ml_collections.ConfigDict) -> list[dict]:
+    """The tuning runs: every setting of every grid the comparison needs, `tuning_seeds` seeds each, evaluated on
+    the validation customers. Dicts {env, label, setting, seed, kind="tune", config}."""
+    _check_counts(cfg)
+    resolved = _Resolver(cfg)
+    runs = []
+    for env in _names(cfg.environments, "environments"):
+        for label in _tuned_labels(cfg):
+            for setting, setting_overrides in cfg.grids[label].items():
+                for seed in range(cfg.tuning_seeds):
+                    runs.append(dict(env=env, label=label, setting=setting, seed=seed, kind="tune", config=resolved(
+                        env, [_label_overrides(cfg, label), setting_overrides, {"eval.split": "validation"}], seed,
+                        f"grids.{label}.{setting}")))
+    return runs
+
+
+def select(cfg, tune_runs: list[dict], records: list[dict], workdir: pathlib.Path) -> dict:
+    """{env: {label: {"setting", "complete", "metric", "scores": {setting: ci}, "grid": {setting: overrides}}}}:
+    per grid, the setting with the best mean validation `selection_metric` over its tuning seeds (the first listed
+    wins ties). Without tuning (tuning_seeds 0) the first setting is taken, complete. A grid with an unfinished run
+    is incomplete: the runs it tunes wait for it."""
+    selection: dict = {}
+    for env in _names(cfg.environments, "environments"):
+        for label in _tuned_labels(cfg):
+            grid = cfg.grids[label]
+            entry = {"metric": cfg.selection_metric, "grid": {k: flattened(v) for k, v in grid.items()},
+                     "tuning_seeds": cfg.tuning_seeds, "scores": {}}
+            mine = [(run, rec) for run, rec in zip(tune_runs, records) if (run["env"], run["label"]) == (env, label)]
+            if cfg.tuning_seeds == 0:
+                selection.setdefault(env, {})[label] = entry | {"setting": next(iter(grid)), "complete": True}
+                continue
+            complete = all(rec["status"] == "done" for _, rec in mine)
+            for setting in grid:
+                values = [tables.run_value(json.loads((run_dir(workdir, run) / "summary.json").read_text()),
+                                           cfg.selection_metric)
+                          for run, rec in mine if run["setting"] == setting and rec["status"] == "done"]
+                if values:
+                    entry["scores"][setting] = mean_ci_over_seeds(values)
+            best = (max(entry["scores"], key=lambda k: (entry["scores"][k]["mean"], -list(grid).index(k)))
+                    if complete else None)
+            selection.setdefault(env, {})[label] = entry | {"setting": best, "complete": complete}
+    return selection
+
+
+def plan(cfg: ml_collections.ConfigDict, selection: dict | None = None) -> list[dict]:
+    """The runs of the comparison proper, on the TEST customers: dicts {env, label, setting, seed, kind, config}
+    with the resolved run config. A label that is tuned runs its grid's selected setting (`selection`, from
+    `select`); with `selection` None each runs its grid's first setting. Labels whose grid is not fully tuned yet
+    are left out (rerun the comparison once the tuning runs have finished)."""
+    _check_counts(cfg)
+    envs = _names(cfg.environments, "environments")
+    resolved = _Resolver(cfg)
+    test = {"eval.split": "test"}
+
+    def setting_of(env: str, label: str) -> tuple[str | None, list] | None:
+        grid_label = tuned_by(cfg, label)
+        if grid_label is None:
+            return None, []
+        chosen = (selection[env][grid_label] if selection is not None
+                  else {"setting": next(iter(cfg.grids[grid_label])), "complete": True})
+        if not chosen["complete"]:
+            return None
+        return chosen["setting"], [cfg.grids[grid_label][chosen["setting"]]]
+
+    runs = []
     for env in envs:
         for label in _names(cfg.methods, "methods"):
-            method_overrides = [cfg.variants[label] if label in cfg.variants else {"method": label}]
-            for seed in range(cfg.seeds):
-                runs.append(dict(env=env, label=label, seed=seed, kind="compare",
-                                 config=resolved(env, method_overrides, seed, f"variants.{label}")))
-    for setting in cfg.convergence:
+            chosen = setting_of(env, label)
+            if chosen is None:
+                continue
+            setting, setting_overrides = chosen
+            for seed in range(cfg.env_seeds.get(env, cfg.seeds)):
+                runs.append(dict(env=env, label=label, setting=setting, seed=seed, kind="compare", config=resolved(
+                    env, [_label_overrides(cfg, label), *setting_overrides, test], seed, f"variants.{label}")))
+    gopo = setting_of(envs[0], cfg.gopo_label) if cfg.convergence_seeds > 0 else None
+    for name in cfg.convergence if gopo is not None else ():
+        setting, setting_overrides = gopo
         for seed in range(cfg.convergence_seeds):
-            method_overrides = [{"method": "gopo"}, cfg.convergence[setting]]
-            runs.append(dict(env=envs[0], label=f"conv_{setting}", seed=seed, kind="convergence",
-                             config=resolved(envs[0], method_overrides, seed, f"convergence.{setting}")))
+            runs.append(dict(env=envs[0], label=f"conv_{name}", setting=setting, seed=seed, kind="convergence",
+                             config=resolved(envs[0], [_label_overrides(cfg, cfg.gopo_label), *setting_overrides,
+                                                       cfg.convergence[name], test], seed, f"convergence.{name}")))
     return runs
 
 
 def run_dir(workdir: pathlib.Path, run: dict) -> pathlib.Path:
+    if run["kind"] == "tune":
+        return workdir / "tuning" / run["env"] / run["label"] / run["setting"] / f"seed{run['seed']}"
     return workdir / "runs" / run["env"] / run["label"] / f"seed{run['seed']}"
 
 
-# Run config keys that change neither training nor evaluation: where shared warm starts live (a moved workdir
-# still resumes) and how many dialogues are written out for a judge.
-_NOT_RESULTS = frozenset({"sft.cache_dir", "eval.judge_dialogues"})
-# Where metrics are sent (TensorBoard, W&B) and how long a multi-process run waits for a silent peer change nothing
-# a run computes: switching W&B on for a resumed comparison, or a workdir from before these sections, is the same run.
-_NOT_RESULTS_PREFIXES = ("log.", "distributed.")
-
-
-def check_same_config(directory: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-    path = directory / "config.json"
-    if not path.exists():
-        return
-    stored = json.loads(path.read_text())
-    wanted = json.loads(config.to_json_best_effort())
-
-    a, b = flattened(stored), flattened(wanted)
-    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in _NOT_RESULTS
-                  and not k.startswith(_NOT_RESULTS_PREFIXES))
-    if diff:
-        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
-        raise ComparisonError(f"{directory} was trained with a different config ({shown}); use a fresh --workdir "
-                              f"or delete {directory} to retrain it")
-
-
-class _NotRun(Exception):
-    """A run a report-only call leaves untrained."""
-
-
-def execute(run: dict, directory: pathlib.Path, train_fn: Callable) -> dict:
-    """Trains (or reads) one run; never raises for a failing run, only for a mislabelled directory."""
-    record = {k: run[k] for k in ("env", "label", "seed", "kind")} | {"dir": str(directory)}
-    summary_path = directory / "summary.json"
-    check_same_config(directory, run["config"])
-    if summary_path.exists():
-        return record | {"status": "done", "resumed": "skipped (summary.json exists)"}
-    start = time.time()
-    try:
-        summary = train_fn(run["config"], directory)
-    except _NotRun:
-        return record | {"status": "not run"}
-    except Exception as e:  # noqa: BLE001  (one failing method must not end the comparison)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "error.txt").write_text(traceback.format_exc())
-        message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        _log.error("run %s/%s/seed%d failed: %s (traceback in %s)", run["env"], run["label"], run["seed"], message,
-                   directory / "error.txt")
-        return record | {"status": "failed", "error": message, "wall_seconds": time.time() - start}
-    if summary.get("stopped"):
-        return record | {"status": "stopped", "iteration": summary.get("iteration"),
-                         "wall_seconds": time.time() - start}
-    (directory / "error.txt").unlink(missing_ok=True)
-    return record | {"status": "done", "wall_seconds": time.time() - start}
-
-
 def compare(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, train_fn: Callable | None = None,
-            report_only: bool = False) -> dict:
-    """Runs (or resumes) the whole comparison and writes the results files; returns the results dict.
-    `report_only`: train nothing, report the runs that have finished (others are listed as "not run")."""
-    if report_only:
-        def train_fn(config, directory):
-            raise _NotRun(f"{directory} has not finished; rerun without --report_only to train it")
-    elif train_fn is None:
+            train_group_fn: Callable | None = None, report_only: bool = False, shard: int = 0,
+            num_shards: int = 1) -> dict:
+    """Runs (or resumes) the tuning and the comparison and writes the results files; returns the results dict.
+    `report_only`: train nothing, report the runs that have finished (others are listed as "not run").
+    `shard`/`num_shards`: this process trains unit i of each stage when i % num_shards == shard (a unit is a run,
+    or with `vmap_seeds` a setting's seeds); any process, or a last `report_only` call, writes the report."""
+    if train_fn is None and not report_only:
         from gopo_jax.launch import train as train_fn  # noqa: PLC0415  (heavy: JAX, models)
+    if train_group_fn is None and cfg.vmap_seeds and not report_only:
+        from gopo_jax.train.driver import train_seeds as train_group_fn  # noqa: PLC0415
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    runs = plan(cfg)
-    if cfg.share_warm_starts:
-        for run in runs:
-            run["config"].sft.cache_dir = str((workdir / "warm_starts").resolve())
-    records = []
-    for i, run in enumerate(runs):
-        _log.info("[%d/%d] %s · %s · seed %d", i + 1, len(runs), run["env"], run["label"], run["seed"])
-        record = execute(run, run_dir(workdir, run), train_fn)
-        records.append(record)
-        if record["status"] == "stopped":
-            _log.warning("stopped by SIGTERM; rerun the same command to resume")
-            break
+
+    def execute_all(runs: list[dict]) -> list[dict]:
+        if cfg.share_warm_starts:
+            for run in runs:
+                run["config"].sft.cache_dir = str((workdir / "warm_starts").resolve())
+        return runs_lib.run_all(runs, lambda run: run_dir(workdir, run), train_fn=train_fn,
+                                train_group_fn=train_group_fn, vmap_seeds=cfg.vmap_seeds, shard=shard,
+                                num_shards=num_shards, report_only=report_only)
+
+    tune_runs = tuning_plan(cfg)
+    tune_records = execute_all(tune_runs)
+    selection = select(cfg, tune_runs, tune_records, workdir)
+    runs = plan(cfg, selection)
+    records = execute_all(runs)
     results = collect(cfg, workdir, runs, records)
+    results["tuning"] = {"runs": tune_records, "selection": selection,
+                         "wall_seconds": sum(r.get("wall_seconds", 0.0) for r in tune_records)}
     results["wall_seconds"] = time.time() - start
     write_results(workdir, results, cfg)
     return results
@@ -247,21 +310,11 @@ def _convergence_curves(cfg, workdir, runs, records) -> dict:
     return curves
 
 
-def jsonable(x):
-    """Standard JSON: non-finite numbers (an interval from one seed) become null."""
-    if isinstance(x, dict):
-        return {k: jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def write_results(workdir: pathlib.Path, results: dict, cfg) -> None:
     (workdir / "results.json").write_text(json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n")
     columns = (*tables.HEADLINE, "geval") if results["geval"]["available"] else tables.HEADLINE
-    (workdir / "results.md").write_text(tables.markdown(results, gopo_label=cfg.gopo_label, metrics=columns))
+    (workdir / "results.md").write_text(tables.markdown(results, gopo_label=cfg.gopo_label, metrics=columns)
+                                        + tables.tuning_markdown(results["tuning"]))
     if results["table"]:
         geval = results["geval"]
         table = {env: {label: cis["geval"] for label, cis in by_label.items() if "geval" in cis}
@@ -280,6 +333,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "comparison directory; rerun the same command to resume")
     flags.DEFINE_bool("report_only", False, "train nothing: write the results of the runs that have finished "
                       "(e.g. while other processes still train parts of the comparison in the same workdir)")
+    flags.DEFINE_integer("shard", 0, "this process's share of each stage's units: unit i when i % num_shards == shard")
+    flags.DEFINE_integer("num_shards", 1, "processes splitting the comparison (each with its own --shard)")
 
 
 def main(argv) -> None:
@@ -292,7 +347,8 @@ def main(argv) -> None:
         # The runs of a comparison compile the same rollouts and steps again and again: compile each once.
         jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(FLAGS.workdir).resolve() / "jax_cache"))
     try:
-        results = compare(FLAGS.config, FLAGS.workdir, report_only=FLAGS.report_only)
+        results = compare(FLAGS.config, FLAGS.workdir, report_only=FLAGS.report_only, shard=FLAGS.shard,
+                          num_shards=FLAGS.num_shards)
     except ConfigError as e:
         command_line.fail(str(e))
     counts = dict(collections.Counter(r["status"] for r in results["runs"]))

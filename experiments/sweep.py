@@ -26,7 +26,6 @@ import json
 import logging
 import pathlib
 import time
-import traceback
 from typing import Any, Callable
 
 import ml_collections
@@ -35,7 +34,8 @@ from ml_collections import config_flags
 
 import configs
 from experiments.common import ConfigError, apply_overrides, flattened, load_config_file
-from experiments.compare import check_same_config, execute, jsonable
+from experiments import runs as runs_lib
+from experiments.runs import jsonable
 from gopo_jax import command_line
 from gopo_jax.report import figures, tables
 
@@ -76,62 +76,12 @@ def run_dir(workdir: pathlib.Path, run: dict) -> pathlib.Path:
     return workdir / "runs" / run["label"] / f"seed{run['seed']}"
 
 
-def execute_group(runs: list[dict], directories: list[pathlib.Path], train_group_fn: Callable) -> list[dict]:
-    """The seeds of one setting trained together: `train_group_fn(configs, workdirs) -> summaries` on those without
-    summary.json. One record per seed, as `execute` writes them; never raises for a failing group."""
-    for run, directory in zip(runs, directories):
-        check_same_config(directory, run["config"])
-    records = [{k: run[k] for k in ("env", "label", "seed", "kind")} | {"dir": str(d)}
-               for run, d in zip(runs, directories)]
-    todo = [j for j, d in enumerate(directories) if not (d / "summary.json").exists()]
-    for j in sorted(set(range(len(runs))) - set(todo)):
-        records[j] |= {"status": "done", "resumed": "skipped (summary.json exists)"}
-    if not todo:
-        return records
-    start = time.time()
-    try:
-        summaries = train_group_fn([runs[j]["config"] for j in todo], [directories[j] for j in todo])
-    except Exception as e:  # noqa: BLE001  (one failing setting must not end the sweep)
-        text = traceback.format_exc()
-        message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        for j in todo:
-            directories[j].mkdir(parents=True, exist_ok=True)
-            (directories[j] / "error.txt").write_text(text)
-            records[j] |= {"status": "failed", "error": message, "wall_seconds": time.time() - start}
-        _log.error("seed group %s (seeds %s) failed: %s (traceback in each seed's error.txt)", runs[0]["label"],
-                   [runs[j]["seed"] for j in todo], message)
-        return records
-    wall = time.time() - start
-    for j, summary in zip(todo, summaries):
-        if summary.get("stopped"):
-            records[j] |= {"status": "stopped", "iteration": summary.get("iteration"), "wall_seconds": wall}
-        else:
-            (directories[j] / "error.txt").unlink(missing_ok=True)
-            records[j] |= {"status": "done", "wall_seconds": wall, "seed_parallel": True}
-    return records
-
-
-def _vmapped(run: dict) -> bool:
-    """Whether the seeds of `run`'s setting can train vmapped; logs the way they go."""
-    from gopo_jax.train.driver import check_supported  # noqa: PLC0415  (heavy: JAX)
-    try:
-        check_supported(run["config"])
-    except ValueError as e:
-        _log.info("sweep: %s: seeds one after another (%s)", run["label"], e)
-        return False
-    _log.info("sweep: %s: seeds trained together, vmapped in one process (gopo_jax.train.driver)",
-              run["label"])
-    return True
-
-
 def sweep(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, shard: int = 0, num_shards: int = 1,
           report_only: bool = False, train_fn: Callable | None = None,
           train_group_fn: Callable | None = None) -> dict:
     """`train_fn(config, workdir)` trains one run (default `gopo_jax.launch.train`); `train_group_fn(configs,
     workdirs)` the seeds of a setting together when `cfg.vmap_seeds` (default
     `gopo_jax.train.driver.train_seeds`)."""
-    if not 0 <= shard < num_shards:
-        raise ConfigError(f"--shard={shard} must be in 0..{num_shards - 1} (--num_shards={num_shards})")
     vmap_seeds = bool(cfg.get("vmap_seeds", False))
     if train_fn is None and not report_only:
         from gopo_jax.launch import train as train_fn  # noqa: PLC0415
@@ -141,36 +91,9 @@ def sweep(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, shard:
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     runs = expand(cfg)
-    # Units of work, sharded between processes: one run each, or with vmap_seeds one setting (all its seeds).
-    units: list[list[int]] = []
-    for i, run in enumerate(runs):
-        if vmap_seeds and units and runs[units[-1][0]]["label"] == run["label"]:
-            units[-1].append(i)
-        else:
-            units.append([i])
-    records: list[dict | None] = [None] * len(runs)
-    stopped = False
-    for u, unit in enumerate(units):
-        if stopped or report_only or u % num_shards != shard:
-            continue
-        if len(unit) > 1 and _vmapped(runs[unit[0]]):
-            _log.info("[%d-%d/%d] %s · seeds %s", unit[0] + 1, unit[-1] + 1, len(runs), runs[unit[0]]["label"],
-                      [runs[i]["seed"] for i in unit])
-            for i, record in zip(unit, execute_group([runs[i] for i in unit],
-                                                     [run_dir(workdir, runs[i]) for i in unit], train_group_fn)):
-                records[i] = record
-        else:
-            for i in unit:
-                _log.info("[%d/%d] %s · seed %d", i + 1, len(runs), runs[i]["label"], runs[i]["seed"])
-                records[i] = execute(runs[i], run_dir(workdir, runs[i]), train_fn)
-                if records[i]["status"] == "stopped":
-                    break
-        stopped = any(records[i] is not None and records[i]["status"] == "stopped" for i in unit)
-    for i, run in enumerate(runs):
-        if records[i] is None:  # another shard's, a report-only call, or after a stop
-            directory = run_dir(workdir, run)
-            status = "done" if (directory / "summary.json").exists() else "not run here"
-            records[i] = {"label": run["label"], "seed": run["seed"], "dir": str(directory), "status": status}
+    records = runs_lib.run_all(runs, lambda run: run_dir(workdir, run), train_fn=train_fn,
+                               train_group_fn=train_group_fn, vmap_seeds=vmap_seeds, shard=shard,
+                               num_shards=num_shards, report_only=report_only)
     done = [(run, rec) for run, rec in zip(runs, records) if rec["status"] == "done"]
     summaries = [(run["env"], run["label"], run["seed"], json.loads((run_dir(workdir, run) / "summary.json")
                                                                      .read_text())) for run, _ in done]

@@ -178,8 +178,9 @@ def headline(summary: dict) -> str:
     for name in ("reference", "sft", summary["method"]):
         block = summary.get(name)
         if block:
+            # A metric the method does not have (alignment without an Expert) is null in summary.json.
             lines.append(f"  {name:>9}: " + "  ".join(f"{k} {_interval(block[k])}" for k in HEADLINE_METRICS
-                                                       if k in block))
+                                                       if block.get(k) is not None))
     return "\n".join(lines)
 
 

@@ -249,7 +249,8 @@ def abstract_trajectory(layout: Layout, num_strategies: int, rows: int) -> Traje
                       cs_mask=s((length,), bool), cs_logprob=s((length,), f32), strategy=s((turns,), i32),
                       allowed=s((turns, num_strategies), bool), ea_logprob=s((turns,), f32),
                       realised=s((turns,), i32), aligned=s((turns,), f32), sop_valid=s((turns,), f32),
-                      gain=s((turns,), f32), cont=s((turns,), f32), rel=s((turns,), f32), quality=s((turns,), f32),
+                      gain=s((turns,), f32), cont=s((turns,), f32), rel=s((turns,), f32),
+                      rel_realised=s((turns,), f32), quality=s((turns,), f32),
                       turn_mask=s((turns,), bool), outcome=s((), f32), satisfaction=s((), f32), fcr=s((), f32))
 
 

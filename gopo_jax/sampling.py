@@ -14,9 +14,11 @@ passed as an NNX module; under a transformation use the functional pattern:
 Variables across trace levels. `generate` wraps prefill + decode in one `jax.jit` with static shape
 arguments: it compiles once per (batch, prompt length, max_new_tokens) bucket and model graph.
 
-Log-probabilities. `sample_token` draws from the temperature-scaled, top-k/top-p filtered distribution but
-returns log softmax(logits)[id] under the UNMODIFIED policy logits: that is the behaviour-policy log-prob that
-importance ratios and KL terms need, and it equals what `qwen3.forward_logprobs` recomputes from the tokens.
+Log-probabilities. `sample_token` draws from the temperature-scaled, top-k/top-p filtered distribution
+(`heads.SamplingDist`) and returns the drawn id's log-prob under that same distribution: the behaviour log-prob
+that importance ratios need (GOPO.md §1). The trainers recompute it with the same `SamplingDist`
+(`scoring.cs_token_log_probs`), so at θ = θ_old every ratio is 1; greedy decoding (temperature 0) records the
+model's own log softmax(logits)[id], which is also what `qwen3.forward_logprobs` recomputes from the tokens.
 """
 from __future__ import annotations
 
@@ -26,75 +28,47 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gopo_jax.models.heads import SamplingDist, check_filters
 from gopo_jax.models.qwen3 import KVCache, Qwen3, init_cache
 
 
 @flax.struct.dataclass
 class GenerateOutput:
     tokens: jax.Array  # int32[B, N]: generated ids, pad_id after a sequence stopped
-    logprobs: jax.Array  # float32[B, N]: policy log-probs of the ids, 0.0 on pads
+    logprobs: jax.Array  # float32[B, N]: log-probs of the ids under the sampled distribution, 0.0 on pads
     lengths: jax.Array  # int32[B]: generated tokens per sequence, the stop token included
-
-
-def _check_filters(top_k: int, top_p) -> None:
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
-    if isinstance(top_p, (int, float)) and not 0.0 < float(top_p) <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
-
-
-def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-    """Sets logits outside the top-k and then the top-p nucleus to -inf. logits: float[..., V].
-
-    top_p keeps the smallest prefix (by descending probability) whose mass reaches top_p, i.e. a token is kept
-    when the mass strictly above it is < top_p (Hugging Face's TopPLogitsWarper rule). Ties with the last
-    kept logit are kept too. `top_k` is a static Python number; `top_p` is one too (1 skips the nucleus filter at
-    trace time) or a traced scalar in (0, 1], which always filters (a server compiles one program for every
-    requested top_p).
-    """
-    _check_filters(top_k, top_p)
-    vocab = logits.shape[-1]
-    neg_inf = jnp.asarray(-jnp.inf, logits.dtype)
-    if 0 < top_k < vocab:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, neg_inf, logits)
-    if not isinstance(top_p, (int, float)) or top_p < 1.0:
-        sorted_desc = -jnp.sort(-logits, axis=-1)
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        mass_above = jnp.cumsum(probs, axis=-1) - probs
-        threshold = jnp.min(jnp.where(mass_above < top_p, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, neg_inf, logits)
-    return logits
 
 
 def sample_token(key: jax.Array, logits: jax.Array, *, temperature=1.0, top_k: int = 0,
                  top_p: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """Draws one id per row. Returns (ids int32[B], logprob_policy float32[B]).
+    """Draws one id per row from softmax(filter(logits / temperature)). Returns (ids int32[B], logprob float32[B]):
+    each id's log-prob under the distribution it was drawn from (`SamplingDist`).
 
-    temperature == 0 is greedy (argmax of the raw logits, so top-k/top-p do not matter); temperature may be
-    a traced scalar. logprob_policy = log_softmax(logits)[id] of the unscaled, unfiltered logits (see the
-    module docstring for why).
+    temperature == 0 is greedy (argmax of the raw logits, so top-k/top-p do not matter) and its log-prob is the
+    model's log_softmax(logits)[id]; temperature may be a traced scalar.
     """
     chex.assert_rank(logits, 2)
     logits = logits.astype(jnp.float32)
 
-    def greedy(logits):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    def log_prob_of(ids, dist_logits):
+        return jnp.take_along_axis(jax.nn.log_softmax(dist_logits, axis=-1), ids[:, None], axis=-1)[:, 0]
 
-    def draw(logits):
-        safe_t = jnp.where(temperature > 0, temperature, 1.0)
-        filtered = filter_logits(logits / safe_t, top_k=top_k, top_p=top_p)
-        return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    def greedy(logits):
+        ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return ids, log_prob_of(ids, logits)
+
+    def draw(logits, t):
+        dist_logits = SamplingDist(temperature=t, top_k=top_k, top_p=top_p).logits(logits)
+        ids = jax.random.categorical(key, dist_logits, axis=-1).astype(jnp.int32)
+        return ids, log_prob_of(ids, dist_logits)
 
     if isinstance(temperature, (int, float)):
-        ids = greedy(logits) if temperature == 0 else draw(logits)
-    else:
-        # A traced temperature: branch at run time, so a greedy call (temperature 0) skips the sort, filter and
-        # draw of a sampling step rather than computing them and masking them out (~6x the greedy step's cost).
-        temperature = jnp.asarray(temperature, jnp.float32)
-        ids = jax.lax.cond(temperature > 0, draw, greedy, logits)
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), ids[:, None], axis=-1)[:, 0]
-    return ids, logprob
+        return greedy(logits) if temperature == 0 else draw(logits, temperature)
+    # A traced temperature: branch at run time, so a greedy call (temperature 0) skips the sort, filter and
+    # draw of a sampling step rather than computing them and masking them out (~6x the greedy step's cost).
+    temperature = jnp.asarray(temperature, jnp.float32)
+    safe_t = jnp.where(temperature > 0, temperature, 1.0)  # the draw branch's division, also traced at t == 0
+    return jax.lax.cond(temperature > 0, lambda x: draw(x, safe_t), greedy, logits)
 
 
 def prefill(model: Qwen3, cache: KVCache, tokens: jax.Array, valid: jax.Array,
@@ -196,7 +170,7 @@ def generate(model: Qwen3, prompt_tokens: jax.Array, prompt_valid: jax.Array, ke
     stop_tokens' values and max_lengths are traced. cache_len defaults to P + max_new_tokens.
     """
     chex.assert_rank([prompt_tokens, prompt_valid], 2)
-    _check_filters(top_k, top_p)
+    check_filters(top_k, top_p)
     b = prompt_tokens.shape[0]
     if max_lengths is None:
         max_lengths = jnp.full((b,), max_new_tokens, jnp.int32)

@@ -2,6 +2,7 @@
 real comparison of 2 methods × 2 seeds plus a missing method, with its files and skip-on-resume."""
 import json
 
+import ml_collections
 import pytest
 
 import configs
@@ -22,6 +23,9 @@ def test_plan_resolves_variants_quick_and_seeds():
                                                               ("gopo_no_ea", 1), ("sft", 0), ("sft", 1)]
     no_ea = compare_runs[2]["config"]
     assert no_ea.method == "gopo" and no_ea.gopo.use_expert is False and no_ea.seed == 0
+    # The comparison reports the test customers; without a selection every tuned label runs its first setting.
+    assert {r["config"].eval.split for r in runs} == {"test"}
+    assert [r["setting"] for r in compare_runs] == ["default"] * 4 + [None] * 2
     assert compare_runs[4]["config"].method == "sft"
     assert all(r["config"].sft.steps == 2 for r in runs)  # quick -> the tiny overrides
     conv = [r for r in runs if r["kind"] == "convergence"]
@@ -33,7 +37,7 @@ def test_plan_host_worlds_use_their_own_run_config():
     c = compare_config.get_config()
     c.seeds, c.methods, c.convergence_seeds = 1, "gopo", 0
     by_env = {r["env"]: r["config"] for r in compare_lib.plan(c)}
-    assert set(by_env) == {"synthetic_shop", "mg_shopdial", "multiwoz"}
+    assert set(by_env) == {"synthetic_shop", "mg_shopdial", "multiwoz", "tmallbrand"}
     assert by_env["synthetic_shop"].env.name == "synthetic_shop" and by_env["synthetic_shop"].sft.steps == 300
     woz = by_env["multiwoz"]
     assert woz.env.name == "multiwoz" and woz.layout.max_turns == woz.env.max_turns == 6
@@ -78,6 +82,47 @@ def test_command_line_overrides_reach_a_variant(monkeypatch):
     assert run["config"].method == "prompted" and prompted.base_url == "http://127.0.0.1:8000"
 
 
+def test_tuning_grids_validation_and_selection(tmp_path):
+    """Every tuned method's grid (at most 4 settings) on `tuning_seeds` seeds, on the validation customers; the best
+    mean validation TSE is selected (ties: the first listed); an ablation runs with its method's selection; a grid
+    with an unfinished run holds back the labels it tunes."""
+    c = compare_config.get_config()
+    c.quick, c.seeds, c.tuning_seeds, c.convergence_seeds = True, 2, 2, 0
+    c.environments, c.methods = "synthetic_shop", "gopo,sft,ppo,gopo_no_ea"
+    tune = compare_lib.tuning_plan(c)
+    assert {r["label"] for r in tune} == {"gopo", "ppo"}  # sft has nothing to tune; gopo_no_ea ablates gopo
+    assert len(tune) == 2 * 4 * 2 and {r["config"].eval.split for r in tune} == {"validation"}
+    beta = {r["setting"]: r["config"].gopo.beta_pref for r in tune if r["label"] == "gopo"}
+    assert beta["beta_pref_1"] == 1.0 and beta["default"] == 0.3  # configs/mgshop.py's
+    # Validation TSE per (label, setting): gopo's best is lr_cs_half; ppo's settings tie, so its first one wins.
+    score = {("gopo", "lr_cs_half"): 0.5}
+    records = []
+    for run in tune:
+        d = compare_lib.run_dir(tmp_path, run)
+        d.mkdir(parents=True)
+        tse = score.get((run["label"], run["setting"]), 0.2) + 0.01 * run["seed"]
+        (d / "summary.json").write_text(json.dumps(summary(run["config"].method, tse, 0.0)))
+        records.append({"status": "done"})
+    selection = compare_lib.select(c, tune, records, tmp_path)
+    assert selection["synthetic_shop"]["gopo"]["setting"] == "lr_cs_half"
+    assert selection["synthetic_shop"]["gopo"]["scores"]["lr_cs_half"]["mean"] == pytest.approx(0.505)
+    assert selection["synthetic_shop"]["ppo"]["setting"] == "default"
+    runs = compare_lib.plan(c, selection)
+    by_label = {r["label"]: r for r in runs}
+    assert by_label["gopo"]["setting"] == by_label["gopo_no_ea"]["setting"] == "lr_cs_half"
+    assert by_label["gopo_no_ea"]["config"].train.lr_cs == 2.5e-4 and by_label["gopo_no_ea"]["config"].gopo.use_expert \
+        is False
+    records[0] = {"status": "not run"}
+    pending = compare_lib.plan(c, compare_lib.select(c, tune, records, tmp_path))
+    assert {r["label"] for r in pending} == {"sft", "ppo"}
+    md = tables.tuning_markdown({"selection": selection})
+    assert "| lr_cs_half | train.lr_cs=0.00025 | 0.505 [" in md and "**selected**" in md
+    with c.unlocked():
+        c.grids.ppo.more = overrides({"baselines.ppo.beta": 0.1})
+    with pytest.raises(compare_lib.ComparisonError, match="grids.ppo has 5 settings; the equal tuning budget"):
+        compare_lib.tuning_plan(c)
+
+
 def summary(method, tse, gre, ref_tse=0.5):
     def block(t, g):
         d = {k: {"mean": 0.0, "lo": 0.0, "hi": 0.0, "n": 4} for k in tables.METRICS if k != "ntse"}
@@ -110,8 +155,14 @@ def test_tables_hand_computed():
 def test_tiny_comparison_end_to_end_and_resume(tmp_path):
     c = compare_config.get_config()
     c.quick, c.seeds, c.methods, c.convergence_seeds = True, 2, "gopo,sft,not_a_method", 0
-    c.environments = "synthetic_shop"
+    c.environments, c.tuning_seeds = "synthetic_shop", 1
+    with c.unlocked():  # a 2-setting grid keeps the test short; the selection is what is checked
+        c.grids.gopo = ml_collections.ConfigDict({"default": overrides({}),
+                                                  "beta_pref_1": overrides({"gopo.beta_pref": 1.0})})
     results = compare_lib.compare(c, tmp_path)
+    tuning = results["tuning"]["selection"]["synthetic_shop"]["gopo"]
+    assert tuning["complete"] and tuning["setting"] in ("default", "beta_pref_1") and len(tuning["scores"]) == 2
+    assert "## Tuning (validation customers)" in (tmp_path / "results.md").read_text()
     status = {(r["label"], r["seed"]): r["status"] for r in results["runs"]}
     assert status == {("gopo", 0): "done", ("gopo", 1): "done", ("sft", 0): "done", ("sft", 1): "done",
                       ("not_a_method", 0): "failed", ("not_a_method", 1): "failed"}

@@ -32,6 +32,7 @@ def test_compare_judges_every_run_once(tmp_path):
     judge = StubOpenAI(("judge-model",), top_logprobs={"4": 0.6, " 5": 0.3, "The": 0.1})
     c = compare_config.get_config()
     c.quick, c.seeds, c.methods, c.convergence_seeds, c.environments = True, 2, "gopo,sft", 0, "synthetic_shop"
+    c.tuning_seeds, c.vmap_seeds = 0, False
     c.geval.judge, c.geval.endpoint_model, c.geval.endpoint_url = "endpoint", "judge-model", judge.url
     c.geval.criteria = "fluency,coherence"
     try:

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from gopo_jax import parallel
-from gopo_jax.algorithms.gopo import GOPOBatch, GOPOHyper, make_gopo_loss
+from gopo_jax.algorithms.gopo import GOPOBatch, GOPOHyper, make_dual_ascent, make_gopo_loss
 from gopo_jax.dialogue.rollout import ModelAgents, SamplingConfig
 from gopo_jax.metrics.episode import EpisodeMetricSettings
 from gopo_jax.train.methods import MethodContext
@@ -66,12 +66,16 @@ def test_hierarchical_step_same_on_1_and_8_devices(setup):
     assert max(jax.tree.leaves(moved["expert"])) > 0 and max(jax.tree.leaves(moved["cs"])) > 0
 
 
-def test_multiplier_follows_dual_ascent(setup):
+def test_multiplier_is_constant_within_an_iteration_and_steps_after_it(setup):
+    """The train step leaves μ alone (every update of an iteration reads the same μ); the iteration's end takes one
+    dual-ascent step from the rollout's misalignment rate (the whole iteration: tests/test_gopo_by_value.py)."""
     world, ge, gc, params, batch, hyper = setup
     one = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    state, metrics = _train(world, ge, gc, params, batch, hyper, one, steps=1)
-    expected = max(0.0, 0.0 + hyper.mu_lr * (metrics[0]["misalignment_rate"] - hyper.delta))
-    np.testing.assert_allclose(float(state.extras["mu"]), expected, rtol=1e-5, atol=1e-7)
+    state, metrics = _train(world, ge, gc, params, batch, hyper, one, steps=2)
+    assert float(state.extras["mu"]) == 0.0 and [float(m["mu"]) for m in metrics] == [0.0, 0.0]
+    stepped = make_dual_ascent(hyper)({"mu": jnp.float32(0.0)}, batch.traj)
+    expected = max(0.0, hyper.mu_lr * (metrics[0]["misalignment_rate"] - hyper.delta))
+    np.testing.assert_allclose(float(stepped["mu"]), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_beta_zero_needs_no_reference(setup):

@@ -35,8 +35,8 @@ def _trajectory(cs_mask, tokens):
                       cs_mask=cs_mask, cs_logprob=jnp.zeros((b, length), jnp.float32),
                       strategy=jnp.zeros((b, t), jnp.int32), allowed=jnp.ones((b, t, 3), bool), ea_logprob=zf,
                       realised=jnp.zeros((b, t), jnp.int32), aligned=zf, sop_valid=zf, gain=zf, cont=zf, rel=zf,
-                      quality=zf, turn_mask=jnp.ones((b, t), bool), outcome=jnp.zeros(b), satisfaction=jnp.zeros(b),
-                      fcr=jnp.zeros(b))
+                      rel_realised=zf, quality=zf, turn_mask=jnp.ones((b, t), bool), outcome=jnp.zeros(b),
+                      satisfaction=jnp.zeros(b), fcr=jnp.zeros(b))
 
 
 def test_grpo_loss_token_mean_at_ratio_one():

@@ -103,7 +103,8 @@ def test_trajectory_check():
     traj = L.Trajectory(
         tokens=z(b, lay.length), valid=z(b, lay.length), ea_mask=z(b, lay.length), cs_mask=z(b, lay.length),
         cs_logprob=z(b, lay.length), strategy=z(b, 2), allowed=z(b, 2, n_k), ea_logprob=z(b, 2), realised=z(b, 2),
-        aligned=z(b, 2), sop_valid=z(b, 2), gain=z(b, 2), cont=z(b, 2), rel=z(b, 2), quality=z(b, 2),
+        aligned=z(b, 2), sop_valid=z(b, 2), gain=z(b, 2), cont=z(b, 2), rel=z(b, 2), rel_realised=z(b, 2),
+        quality=z(b, 2),
         turn_mask=jnp.array([[True, True], [True, False]]), outcome=z(b), satisfaction=z(b), fcr=z(b))
     traj.check(lay, n_k)
     np.testing.assert_array_equal(traj.num_turns, [2, 1])

@@ -1,5 +1,6 @@
 """Logged demonstrations (SFT warm start from real logged dialogues): the shared replay (gopo_jax/envs/logged.py),
 MultiWOZ's val dialogues and TmallBrand's ABCD conversations on the real data, their quality numbers, bad data."""
+import copy
 import gzip
 import io
 import json
@@ -12,7 +13,7 @@ import hypothesis.strategies as st
 import pytest
 
 from gopo_jax.dialogue.sop import UNRECOGNISED, load_sop, sop_from_dict
-from gopo_jax.envs import logged, multiwoz, tmallbrand
+from gopo_jax.envs import customers, logged, multiwoz, tmallbrand
 from gopo_jax.envs.base import MissingEnvData
 
 # ------------------------------------------------------------------------------------------- shared replay
@@ -96,11 +97,13 @@ def test_delexicalise_speaks_the_worlds_placeholders():
 
 @pytest.fixture(scope="module")
 def mwz(shared_data):
-    return multiwoz.make_env(shared_data / "multiwoz", "test")
+    return multiwoz.make_env(shared_data / "multiwoz")
 
 
-def _val_world(mwz):
-    return multiwoz.make_env(mwz.data.data_dir, multiwoz.LOGGED_SPLIT)
+def _training_contexts(mwz) -> dict:
+    """Val goal index -> the context `reset` shows the training customer who plays it."""
+    world, goals = copy.deepcopy(mwz), mwz.customer_goals(customers.TRAIN)[1]
+    return {goal: world.reset(index).context for index, goal in enumerate(goals)}
 
 
 def test_multiwoz_report_on_the_val_dialogues(mwz):
@@ -118,10 +121,9 @@ def test_multiwoz_demonstrations_are_val_dialogues_in_the_worlds_language(mwz):
     demos = mwz.logged_demonstrations(40, seed=7)
     assert [d.to_json() for d in demos] == [d.to_json() for d in mwz.logged_demonstrations(40, seed=7)]
     assert [d.to_json() for d in demos] != [d.to_json() for d in mwz.logged_demonstrations(40, seed=8)]
-    dialogues, world = mwz._logged_dialogues(), _val_world(mwz)
+    dialogues, contexts = mwz._logged_dialogues(), set(_training_contexts(mwz).values())
     test_ids = {g.dialogue_id for g in mwz.data.goals}
     assert not test_ids & {d.dialogue_id for d in dialogues}
-    contexts = {world.reset(d.goal).context for d in dialogues}
     sop = mwz.spec.sop
     for demo in demos:
         assert demo.context in contexts and demo.context.startswith("Cambridge TownInfo centre")
@@ -134,24 +136,18 @@ def test_multiwoz_demonstrations_are_val_dialogues_in_the_worlds_language(mwz):
 
 
 def test_multiwoz_demonstration_replays_its_dialogue(mwz):
-    dialogues, world = mwz._logged_dialogues(), _val_world(mwz)
-    d = dialogues[0]
-    demo = logged.demonstration(world.reset(d.goal).context, mwz.replay_logged(d), mwz.spec.strategies)
-    assert demo.context == world.reset(d.goal).context
+    d = mwz._logged_dialogues()[0]  # val goal 0: a training customer's
+    context = _training_contexts(mwz)[d.goal]
+    demo = logged.demonstration(context, mwz.replay_logged(d), mwz.spec.strategies)
     assert [t.reply for t in demo.turns] == [t.reply for t in d.turns if t.label is not None
                                              or mwz.realise(t.reply) != UNRECOGNISED]
     assert demo.turns[0].customer == d.turns[0].customer
 
 
-def test_multiwoz_demonstrations_cycle_past_the_number_of_dialogues(mwz):
-    demos = mwz.logged_demonstrations(1001, seed=0)
-    assert len(demos) == 1001 and demos[999].to_json() == demos[0].to_json()
-    assert len({json.dumps(d.to_json()) for d in demos[:999]}) > 990  # a few val dialogues are near-duplicates
-
-
-def test_a_val_world_refuses_logged_demonstrations(shared_data):
-    with pytest.raises(multiwoz.MultiWOZEnvError, match=r"come from the val dialogues.*split='test'"):
-        multiwoz.make_env(shared_data / "multiwoz", "val").logged_demonstrations(1, seed=0)
+def test_multiwoz_demonstrations_cycle_past_the_training_customers_dialogues(mwz):
+    demos = mwz.logged_demonstrations(501, seed=0)  # the 500 val dialogues of training customers' goals
+    assert len(demos) == 501 and demos[500].to_json() == demos[0].to_json()
+    assert len({json.dumps(d.to_json()) for d in demos[:500]}) > 495  # a few val dialogues are near-duplicates
 
 
 def _val_folder(tmp_path, dialogues: dict):

@@ -147,8 +147,10 @@ def test_learning_rate_groups_are_the_param_groups(comps, name):
     lrs, t = c.method.learning_rates, c.config.train
     if name == "gopo":
         assert (lrs["expert"], lrs["cs"]) == (t.lr_expert, t.lr_cs)
-    elif name in ("grpo", "ppo", "dpo"):  # the CS alone learns, at the shared CS step size
+    elif name in ("grpo", "ppo"):  # the CS alone learns, at the shared CS step size
         assert lrs["expert"] == 0.0 and lrs["cs"] == t.lr_cs
+    elif name == "dpo":  # offline preferences: the CS alone learns, at DPO's own step size
+        assert lrs["expert"] == 0.0 and lrs["cs"] == c.config.baselines.dpo.lr
     elif name == "memento":
         assert lrs["expert"] == lrs["cs"] == 0.0 and lrs["q"] == c.config.baselines.memento.lr_q
     else:
@@ -279,11 +281,13 @@ def test_batches_agree_across_methods(traj, prepared):
     assert np.all(np.asarray(gopo.ref_expert_logp) <= 1e-6)
 
 
-def test_gopo_loss_updates_the_multiplier(comps, prepared):
+def test_gopo_multiplier_steps_at_the_iteration_end(comps, prepared, traj):
     _, _, _, _, (_, (metrics, new_extras)) = prepared("gopo")
+    assert float(new_extras["mu"]) == float(metrics["mu"])  # the loss leaves μ alone
     hyper = comps["gopo"].hyper
-    expected = max(0.0, hyper.mu_lr * (float(metrics["misalignment_rate"]) - hyper.delta))
-    np.testing.assert_allclose(float(new_extras["mu"]), expected, rtol=1e-5, atol=1e-7)
+    stepped = comps["gopo"].method.end_iteration(new_extras, traj)
+    expected = max(0.0, float(metrics["mu"]) + hyper.mu_lr * (float(metrics["misalignment_rate"]) - hyper.delta))
+    np.testing.assert_allclose(float(stepped["mu"]), expected, rtol=1e-5, atol=1e-7)
 
 
 # --- GOPO's β = 0 path: no reference pass ---

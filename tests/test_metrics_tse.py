@@ -39,18 +39,15 @@ class TseTest(chex.TestCase):
         np.testing.assert_allclose(fn(F([1.0, 0.0]), F([1.0, 1.0]), B([1, 1])), 1.0, rtol=1e-6)
 
     @chex.variants(with_jit=True, without_jit=True)
-    def test_ntse(self):
+    def test_ntse_is_a_ratio_of_means(self):
         fn = self.variant(ntse)
-        # Reference: progress 1 on turn 2 with full engagement, TSE_ref = 1/log2(3).
-        ref = (F([0.0, 1.0]), F([1.0, 1.0]), B([1, 1]))
-        got = fn(F([0.5, 0.0, 0.0]), F([1.0, 1.0, 1.0]), B([1, 1, 1]), *ref)
-        np.testing.assert_allclose(got, 0.5 * math.log2(3), rtol=1e-6)
-        zero_ref = (F([0.0, 0.0]), F([1.0, 1.0]), B([1, 1]))
-        assert np.isnan(fn(F([0.5]), F([1.0]), B([1]), *zero_ref))
+        # Customer 2 is one the reference barely serves: a mean of per-dialogue ratios would be (0.5 + 20) / 2.
+        np.testing.assert_allclose(fn(F([0.2, 0.2]), F([0.4, 0.01])), 0.4 / 0.41, rtol=1e-6)
+        assert np.isnan(fn(F([0.5, 0.1]), F([0.0, 0.0])))  # a reference with no engaged progress: undefined
 
-    def test_ntse_zero_reference_value_is_configurable(self):
-        got = ntse(F([0.5]), F([1.0]), B([1]), F([0.0]), F([1.0]), B([1]), zero_ref_value=0.0)
-        np.testing.assert_allclose(got, 0.0)
+    def test_ntse_needs_the_same_customers(self):
+        with self.assertRaises(AssertionError):
+            ntse(F([0.2, 0.2]), F([0.4]))
 
     def test_rejects_wrong_dtype(self):
         with self.assertRaises(AssertionError):

@@ -27,7 +27,7 @@ def convs(data_path):
 
 @pytest.fixture(scope="module")
 def env(shared_data):
-    return M.make_env(shared_data / "mgshopdial", split="all")
+    return M.make_env(shared_data / "mgshopdial")
 
 
 # -- pure pieces ----------------------------------------------------------------------------------------------

@@ -127,13 +127,19 @@ def _config(method):
 
 
 def _update_of(comps):
-    """(the method's initial state, its reference, the jitted `traj -> (state, metrics)`: prepare + one update)."""
+    """(the method's initial state, its reference, the jitted `traj -> (state, metrics)`: prepare + one update + the
+    iteration's end, as `Phases.update` does)."""
     p = Phases(comps)
     params = comps.init_params(0)
     state = p.method_state(params, comps.method.init_extras(), 0)
     ref = p.kept_reference(jax.tree.map(jnp.copy, params))
     step = pure_train_step(comps.method.loss, comps.tx)
-    return state, ref, jax.jit(lambda traj: step(state, p.prepare(traj, ref, state.params)))
+
+    def update(traj):
+        new, metrics = step(state, p.prepare(traj, ref, state.params))
+        return new.replace(extras=comps.method.end_iteration(new.extras, traj)), metrics
+
+    return state, ref, jax.jit(update)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +175,11 @@ def test_gopo_update_with_a_nonfinite_reward_is_skipped(gopo_rollout, field, val
     state, update, traj = gopo_rollout
     new, metrics = update(_inject(traj, field, value))
     assert int(metrics["nonfinite"]) == 1 and not np.isfinite(float(metrics["loss"]))
-    assert float(new.extras["mu"]) == float(state.extras["mu"]) and np.isfinite(float(new.extras["mu"]))
+    # μ steps once per iteration from the rollout's misalignment rate: a bad reward does not stop it, a non-finite
+    # `aligned` leaves it as it was.
+    clean, _ = update(traj)
+    expected = state.extras["mu"] if field == "aligned" else clean.extras["mu"]
+    assert float(new.extras["mu"]) == float(expected) and np.isfinite(float(new.extras["mu"]))
     _assert_trees_equal(new.params, state.params)
     _assert_trees_equal(new.opt_state, state.opt_state)
 

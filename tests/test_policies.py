@@ -37,7 +37,8 @@ class TwoMoveWorld:
         self.grabbed |= k == 0
         self.progress += gain
         self.t += 1
-        sig = env_protocol.TurnSignals(gain=gain, cont=cont, rel=3.0 if k == 1 else 1.0, quality=1.0, realised=k,
+        sig = env_protocol.TurnSignals(gain=gain, cont=cont, rel=3.0 if k == 1 else 1.0,
+                                       rel_realised=3.0 if k == 1 else 1.0, quality=1.0, realised=k,
                                aligned=float(k == strategy), sop_valid=1.0, done=self.t >= self.spec.max_turns)
         return self._obs("ok"), sig
 

@@ -63,7 +63,8 @@ def build(tokenizer) -> Trajectory:
         strategy=strategy, allowed=np.ones((b, t_max, len(STRATEGIES)), bool), ea_logprob=np.zeros((b, t_max)),
         realised=realised, aligned=np.zeros((b, t_max)), sop_valid=np.ones((b, t_max)),
         gain=per_turn([0.5, 0.0, 9.0], [0.25, 0.0, 1.0]), cont=per_turn([1.0, 0.5, 9.0], [1.0, 1.0, 0.0]),
-        rel=per_turn([1, 0, 9], [0, 1, 1]), quality=per_turn([0.75, 0.25, 9.0], [0.5, 0.5, 1.0]),
+        rel=per_turn([1, 0, 9], [0, 1, 1]), rel_realised=per_turn([1, 0, 9], [0, 1, 1]),
+        quality=per_turn([0.75, 0.25, 9.0], [0.5, 0.5, 1.0]),
         turn_mask=turn_mask, outcome=np.array([1.0, 0.0]), satisfaction=np.array([0.8, 0.125]),
         fcr=np.array([0.0, 1.0]))
 

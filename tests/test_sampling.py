@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from gopo_jax import sampling
-from gopo_jax.models import qwen3
+from gopo_jax.models import heads, qwen3
 
 TINY = qwen3.get_config("tiny")
 PAD = 0
@@ -31,25 +31,25 @@ class FilterLogitsTest(chex.TestCase):
     def test_top_p_by_hand(self):
         # probs 0.5, 0.25, 0.15, 0.1: mass above = 0, .5, .75, .9.
         logits = jnp.log(jnp.array([[0.15, 0.5, 0.1, 0.25]]))
-        f = self.variant(lambda x: sampling.filter_logits(x, top_p=0.7))
+        f = self.variant(lambda x: heads.filter_logits(x, top_p=0.7))
         np.testing.assert_array_equal(np.isfinite(f(logits)), [[False, True, False, True]])
-        f = self.variant(lambda x: sampling.filter_logits(x, top_p=0.8))
+        f = self.variant(lambda x: heads.filter_logits(x, top_p=0.8))
         np.testing.assert_array_equal(np.isfinite(f(logits)), [[True, True, False, True]])
-        f = self.variant(lambda x: sampling.filter_logits(x, top_p=0.3))  # the top token is always kept
+        f = self.variant(lambda x: heads.filter_logits(x, top_p=0.3))  # the top token is always kept
         np.testing.assert_array_equal(np.isfinite(f(logits)), [[False, True, False, False]])
 
     def test_a_traced_top_p_filters_as_the_same_static_one(self):
         # A server passes each request's top_p into one compiled program.
         logits = jax.random.normal(jax.random.key(3), (4, 50)) * 3
-        traced = jax.jit(lambda x, p: sampling.filter_logits(x, top_p=p))
+        traced = jax.jit(lambda x, p: heads.filter_logits(x, top_p=p))
         for p in (0.05, 0.3, 0.7, 0.95):
             np.testing.assert_array_equal(np.asarray(traced(logits, jnp.float32(p))),
-                                          np.asarray(sampling.filter_logits(logits, top_p=p)))
+                                          np.asarray(heads.filter_logits(logits, top_p=p)))
 
     @chex.all_variants
     def test_top_k_by_hand(self):
         logits = jnp.array([[1.0, 4.0, 3.0, 2.0], [0.0, -1.0, 5.0, 6.0]])
-        out = self.variant(lambda x: sampling.filter_logits(x, top_k=2))(logits)
+        out = self.variant(lambda x: heads.filter_logits(x, top_k=2))(logits)
         np.testing.assert_array_equal(np.isfinite(out), [[False, True, True, False], [False, False, True, True]])
         np.testing.assert_array_equal(np.asarray(out)[np.isfinite(out)], [4.0, 3.0, 5.0, 6.0])
 
@@ -60,11 +60,11 @@ class FilterLogitsTest(chex.TestCase):
         ids, lp = self.variant(lambda k, x: sampling.sample_token(k, x, temperature=0.0))(jax.random.key(0), logits)
         np.testing.assert_array_equal(ids, [1, 0])
         np.testing.assert_allclose(lp, policy[[0, 1], [1, 0]], rtol=1e-6)
-        # top_k=1 is greedy at any temperature; the returned log-prob is still the unfiltered policy's.
+        # top_k=1 is greedy at any temperature; the log-prob is that of the distribution sampled from (one token).
         ids, lp = self.variant(lambda k, x: sampling.sample_token(k, x, temperature=2.0, top_k=1))(
             jax.random.key(1), logits)
         np.testing.assert_array_equal(ids, [1, 0])
-        np.testing.assert_allclose(lp, policy[[0, 1], [1, 0]], rtol=1e-6)
+        np.testing.assert_allclose(lp, [0.0, 0.0], atol=1e-6)
         # top_p keeping only {0, 2} in row 1 (probs ~.72, .27): the sample never leaves the nucleus.
         keys = jax.random.split(jax.random.key(2), 64)
         many = jax.vmap(lambda k: sampling.sample_token(k, logits, temperature=1.0, top_p=0.9)[0])(keys)
@@ -73,9 +73,9 @@ class FilterLogitsTest(chex.TestCase):
 
 def test_filter_argument_errors():
     with pytest.raises(ValueError, match="top_p"):
-        sampling.filter_logits(jnp.zeros((1, 3)), top_p=0.0)
+        heads.filter_logits(jnp.zeros((1, 3)), top_p=0.0)
     with pytest.raises(ValueError, match="top_k"):
-        sampling.filter_logits(jnp.zeros((1, 3)), top_k=-1)
+        heads.filter_logits(jnp.zeros((1, 3)), top_k=-1)
 
 
 def test_greedy_generate_matches_argmax_and_forward_logprobs(model):
@@ -106,7 +106,13 @@ def test_sampled_logprobs_match_forward_and_compile_once(model):
     full = jnp.concatenate([tokens, out.tokens], 1)
     full_valid = jnp.concatenate([valid, gen_valid], 1)
     positions = jnp.maximum(jnp.cumsum(full_valid, 1) - 1, 0)
-    lp = qwen3.forward_logprobs(model, full, positions, full_valid)[:, 6:]
+    # The recorded log-probs are the filtered distribution's (top-k 50, top-p 0.9 at temperature 1), recomputed
+    # here from one forward pass over the whole sequence.
+    logits, _ = model(full, positions, full_valid)
+    dist_logp = jax.nn.log_softmax(heads.SamplingDist(top_k=50, top_p=0.9).logits(logits), axis=-1)
+    prev, _ = qwen3.previous_valid_slot(full_valid)
+    lp = jnp.take_along_axis(dist_logp, prev[:, :, None], axis=1)
+    lp = jnp.take_along_axis(lp, full[:, :, None], axis=2)[:, 6:, 0]
     diff = np.abs(np.asarray(jnp.where(gen_valid, lp - out.logprobs, 0.0))).max()
     assert diff < 2e-5, diff
     assert (np.asarray(out.logprobs)[~np.asarray(gen_valid)] == 0).all()

@@ -61,7 +61,7 @@ def _trajectory(seed=0, b=3):
                       cs_logprob=jnp.zeros((b, length), jnp.float32),
                       strategy=jax.random.randint(k_strat, (b, t), 0, len(STRATEGY_IDS)), allowed=allowed,
                       ea_logprob=zf, realised=jnp.zeros((b, t), jnp.int32), aligned=zf, sop_valid=zf, gain=zf,
-                      cont=zf, rel=zf, quality=zf, turn_mask=turn_mask, outcome=jnp.zeros(b),
+                      cont=zf, rel=zf, rel_realised=zf, quality=zf, turn_mask=turn_mask, outcome=jnp.zeros(b),
                       satisfaction=jnp.zeros(b), fcr=jnp.zeros(b))
 
 

@@ -218,7 +218,7 @@ def test_sweep_shards_whole_settings_and_records_a_failing_group(tmp_path):
                                      "vmap_seeds": True})
     first = sweep_lib.sweep(cfg, tmp_path, shard=0, num_shards=2, train_group_fn=train_group)
     assert groups == [[0, 1], [0, 1]]  # settings 0 and 2 of 3, each with both seeds
-    assert [r["status"] for r in first["runs"]] == ["done", "done", "not run here", "not run here", "done", "done"]
+    assert [r["status"] for r in first["runs"]] == ["done", "done", "not run", "not run", "done", "done"]
     second = sweep_lib.sweep(cfg, tmp_path, shard=1, num_shards=2, train_group_fn=train_group)
     assert [r["status"] for r in second["runs"]] == ["done", "done", "failed", "failed", "done", "done"]
     assert second["runs"][2]["error"] == "RuntimeError: boom"

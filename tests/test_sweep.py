@@ -60,7 +60,7 @@ def test_sweep_report_and_sharding(tmp_path):
         return fake_train(c, d)
 
     half = sweep_lib.sweep(cfg, tmp_path, shard=0, num_shards=2, train_fn=train)
-    assert [r["status"] for r in half["runs"]] == ["done", "not run here", "done", "not run here"]
+    assert [r["status"] for r in half["runs"]] == ["done", "not run", "done", "not run"]
     full = sweep_lib.sweep(cfg, tmp_path, shard=1, num_shards=2, train_fn=train)
     assert calls == [0, 0, 1, 1]
     assert all(r["status"] == "done" for r in full["runs"])

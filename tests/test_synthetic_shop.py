@@ -248,6 +248,7 @@ EMBEDDED_ROLLOUT_DIGESTS = {
         'customer_valid': '82503f4983871276', 'fcr': '0542f581071759f6', 'gain': '8fe3e370d362a6fc',
         'outcome': '0542f581071759f6', 'quality': '809ecc7b0863f2d8', 'reaction': '234a51962bd69bd3',
         'reaction_valid': 'cefd7cc1626d16a3', 'realised': 'e12e1061bfb18b85', 'rel': 'a45a17576ef23408',
+        'rel_realised': 'a45a17576ef23408',  # the reference's replies realise what it chose: equal to rel
         'reply': 'c12e9a837f08d384', 'reply_valid': 'd24f0e98737f5ef3', 'satisfaction': '27bdd9f2551a5cc1',
         'sop_valid': '809ecc7b0863f2d8', 'stage': 'dddd6cabd5edb143', 'strategy': 'e12e1061bfb18b85',
         'turn_mask': 'cc54fb03230544b7',
@@ -258,6 +259,7 @@ EMBEDDED_ROLLOUT_DIGESTS = {
         'customer_valid': '6cca38e365e2d186', 'fcr': '3e1df5387a141326', 'gain': 'b9143169526a1a7b',
         'outcome': 'e74e1af4b51f5db6', 'quality': '0cb8bd48c77e8f41', 'reaction': '10c01628fee538b0',
         'reaction_valid': '9aa125da557f52eb', 'realised': '6d531abcf162c2a4', 'rel': '1a7dc2131ab0593f',
+        'rel_realised': '1a7dc2131ab0593f',
         'reply': 'c256e65fdc0793e4', 'reply_valid': '2f6cfe9b738cd7b9', 'satisfaction': '79b3abc6ae85dac6',
         'sop_valid': 'f8ad6ee5edaec08f', 'stage': 'b00052cc3fbb2868', 'strategy': '6d531abcf162c2a4',
         'turn_mask': '15ea01661fa5a7a0',

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from configs.tmallbrand import get_config as tmallbrand_config
+from gopo_jax.envs import customers
 from gopo_jax.train.world import HostWorld, JaxWorld, build_world
 from tests.helpers import tiny_run_config
 
@@ -113,7 +114,10 @@ def test_host_episodes_are_seeds_repeated_per_group(host):
     groups = world.group_episodes(key, 3, 4)
     assert groups.shape == (12,)
     np.testing.assert_array_equal(groups.reshape(3, 4), np.repeat(seeds[:3, None], 4, axis=1))
-    np.testing.assert_array_equal(world.eval_episodes(100, 3), [100, 101, 102])
+    # Held-out customers 100..102 of the test split (gopo_jax/envs/customers.py), above every training seed.
+    held_out = world.eval_episodes(100, 3)
+    assert [customers.customer(s) for s in held_out] == [("test", 100), ("test", 101), ("test", 102)]
+    assert held_out.min() >= customers.HELD_OUT_SEED0 > seeds.max()
 
 
 def test_host_world_rejects_the_habit_demonstrator(host):

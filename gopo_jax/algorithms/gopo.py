@@ -21,6 +21,7 @@ from flax import nnx
 from gopo_jax.dialogue import scoring
 from gopo_jax.dialogue.layout import Layout, Trajectory
 from gopo_jax.metrics.group import group_normalise, pairwise_preference_weights
+from gopo_jax.models.heads import SamplingDist
 
 Array = chex.Array
 
@@ -206,6 +207,9 @@ class GOPOHyper:
     esndcg_p: float = 0.8
     sop_mask: bool = True
     use_expert: bool = True  # ablation "no EA": only the CS objective, on the joint reward
+    # The rollout's sampling: the losses' log-probs are those of the distributions it samples from (`scoring`).
+    cs_sampling: SamplingDist = SamplingDist()
+    expert_temperature: float = 1.0
 
     @property
     def needs_expert_reference(self) -> bool:
@@ -255,7 +259,8 @@ def make_gopo_loss(expert_graphdef: Any, cs_graphdef: Any, layout: Layout, strat
         loss_e = jnp.zeros((), jnp.float32)
         if hyper.use_expert:
             expert = nnx.merge(expert_graphdef, params["expert"])
-            logp_all = scoring.expert_strategy_log_probs(expert, traj, layout, strategy_ids, sop_mask=hyper.sop_mask)
+            logp_all = scoring.expert_strategy_log_probs(expert, traj, layout, strategy_ids, sop_mask=hyper.sop_mask,
+                                                         temperature=hyper.expert_temperature)
             logp = scoring.chosen(logp_all, traj.strategy, traj.turn_mask)
             ref_all = batch.ref_expert_logp
             allowed = (traj.allowed if hyper.sop_mask else jnp.ones_like(traj.allowed)) & traj.turn_mask[..., None]
@@ -284,7 +289,7 @@ def make_gopo_loss(expert_graphdef: Any, cs_graphdef: Any, layout: Layout, strat
             metrics["expert_ratio_mean"] = _masked_mean(jnp.exp(logp - traj.ea_logprob), traj.turn_mask)
 
         cs = nnx.merge(cs_graphdef, params["cs"])
-        cs_logp, cs_entropy = scoring.cs_token_log_probs(cs, traj, layout)
+        cs_logp, cs_entropy = scoring.cs_token_log_probs(cs, traj, layout, hyper.cs_sampling)
         # Without an EA there is no chosen strategy to be aligned with: every turn counts as aligned.
         aligned = traj.aligned if hyper.use_expert else jnp.ones_like(traj.aligned)
         rewards = jax.vmap(lambda a, v, q, s: cs_turn_rewards(a, v, q, s, mu, lambda_s=hyper.lambda_s))(
@@ -299,12 +304,31 @@ def make_gopo_loss(expert_graphdef: Any, cs_graphdef: Any, layout: Layout, strat
         metrics["cs_entropy"] = _masked_mean(cs_entropy, traj.cs_mask)
 
         violation = 1.0 - _masked_mean(aligned, traj.turn_mask)
-        new_mu = update_multiplier(mu, violation, lr=hyper.mu_lr, target=hyper.delta) if hyper.constraint else mu
         loss = loss_e + hyper.alpha * loss_c
         metrics.update(loss_expert=loss_e, loss_cs=loss_c, misalignment_rate=violation,
                        sop_violation_rate=1.0 - _masked_mean(traj.sop_valid, traj.turn_mask), mu=mu,
                        score_mean=jnp.mean(scores), score_std=jnp.std(scores),
                        zero_variance_groups=jnp.mean(jnp.ptp(_groups(scores, g), axis=1) <= 1e-6))
-        return loss, (metrics, {**extras, "mu": jax.lax.stop_gradient(new_mu)})
+        return loss, (metrics, extras)
 
     return loss_fn
+
+
+def make_dual_ascent(hyper: GOPOHyper):
+    """`(extras, rollout trajectory) -> extras`: μ's dual-ascent step, once per iteration (GOPO.md §3), from the
+    misalignment rate over the valid turns of the iteration's whole rollout.
+
+    Once per iteration rather than per minibatch update: every update of an iteration reads the same rollout, so
+    per-update steps would count the same evidence epochs × minibatches times (η_μ silently scaled by the number of
+    updates) and let μ drift within one iteration on minibatch noise, while the constraint is about the policy
+    that acted, whose violation rate the rollout measures once. Without an Expert every turn counts as aligned."""
+
+    def end_iteration(extras: dict, traj) -> dict:
+        if not (hyper.constraint and hyper.use_expert):
+            return extras
+        violation = 1.0 - _masked_mean(traj.aligned, traj.turn_mask)
+        stepped = update_multiplier(extras["mu"], violation, lr=hyper.mu_lr, target=hyper.delta)
+        # A non-finite `aligned` signal (the train step skipped those updates) must not poison μ: it keeps its value.
+        return {**extras, "mu": jnp.where(jnp.isfinite(stepped), stepped, extras["mu"])}
+
+    return end_iteration

@@ -20,6 +20,7 @@ from gopo_jax.algorithms import gopo
 from gopo_jax.dialogue import scoring
 from gopo_jax.dialogue.layout import Layout, Trajectory
 from gopo_jax.metrics.group import group_normalise, zero_variance
+from gopo_jax.models.heads import SamplingDist
 
 Array = chex.Array
 
@@ -31,6 +32,7 @@ class GRPOHyper:
     beta: float = 0.02
     kl_clamp: float = 10.0
     aggregation: str = "seq-mean-token-mean"
+    sampling: SamplingDist = SamplingDist()  # the rollout's: the loss's log-probs are those it samples from
 
 
 def sequence_to_tokens(seq_values: Array, mask: Array) -> Array:
@@ -64,7 +66,7 @@ def make_grpo_loss(cs_graphdef: Any, layout: Layout, hyper: GRPOHyper):
         rewards = batch.rewards
         adv_tok = sequence_to_tokens(grpo_advantages(rewards, g), traj.cs_mask)
         cs = nnx.merge(cs_graphdef, params["cs"])
-        logp, entropy = scoring.cs_token_log_probs(cs, traj, layout)
+        logp, entropy = scoring.cs_token_log_probs(cs, traj, layout, hyper.sampling)
         loss, metrics = gopo.cs_policy_loss(
             logp, traj.cs_logprob, batch.ref_cs_logp if hyper.beta > 0 else None, adv_tok, traj.cs_mask,
             clip_eps=hyper.clip_eps, beta=hyper.beta, aggregation=hyper.aggregation, kl_clamp=hyper.kl_clamp)

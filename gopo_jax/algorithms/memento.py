@@ -1,23 +1,35 @@
 """Memento baseline (GOPO.md §4): frozen SFT agents, an episodic case bank and a soft-Q case-selection policy.
 
-No LLM gradient: the SFT Expert and CS stay as they are. What learns is which strategy to ask the CS for:
+No LLM gradient: the SFT Expert and CS stay as they are. What learns is a correction to the SFT Expert's choice of
+strategy:
 
+* **Policy** (`MementoAgents`): π(k | s) ∝ π_SFT(k | s) · exp(Q(s, k) / α) over the SOP-allowed strategies: Q/α is
+  added to the frozen Expert's strategy logits before its SOP mask (`ModelAgents.act(strategy_bias=...)`), so the
+  mask stays a hard constraint and the Expert's decision is sampled (or, in evaluation, taken greedily) from the
+  mixed policy. This is the optimum of the KL-regularised objective E[Σ r] − α KL(π ‖ π_SFT) for that Q. The Q-MLP's
+  output layer starts at zero, so Q ≡ 0 and an untrained Memento is exactly the SFT agents.
 * **State embedding** of an agent turn (`state_embedding`): the mean of the frozen Expert's input-embedding rows
   over the customer's last utterance (unit-normalised), the SOP stage one-hot and the turn index / (T_max − 1).
-  The Expert's decision-position hidden state stays inside `ModelAgents.act` (using it here would need a second
-  Expert pass); the customer's utterance is what carries their reaction, so its bag of embeddings is the cheap signal.
 * **Case bank** (`CaseBank`, fixed-size ring-buffer arrays kept in the train state's extras): one case per agent
-  turn, (state embedding, strategy, soft return). New cases are written by the train step, once per rollout.
-* **Retrieval** (`retrieve`): cosine similarity to the valid cases, the top-K, weighted by a softmax of their
-  similarities; `memory_features` summarise them per strategy (weighted mean return, weight mass).
-* **Case-selection Q-function** (`q_values`): a small MLP on [state embedding, memory features] -> Q(s, k) for
-  every strategy, trained by soft Q-learning on the bank's (state, strategy, return) tuples: the regression
-  target is the soft (entropy-regularised) Monte-Carlo return of the turn (`soft_q_targets`),
-  `y_t = r_t + γ (y_{t+1} − α log π(k_{t+1} | s_{t+1}))`, with the same per-turn rewards as PPO
-  (`shaping · g_t`, R_B on the last turn). Each case's memory features leave the case itself out.
-* **Policy** (`MementoAgents`): π(k | s) ∝ exp(Q(s, k) / α) over the SOP-allowed strategies; the frozen CS
-  realises the chosen strategy. When the retrieved cases hold no allowed strategy (e.g. an empty bank) the frozen
-  Expert decides, so an empty bank is exactly the SFT agents.
+  turn: (state embedding, memory features, strategy, target, iteration written). Written by the train step, once
+  per rollout.
+* **Retrieval** (`retrieve`): cosine similarity to the visible cases, the top-K, weighted by a softmax of their
+  similarities; `memory_features` summarise them per strategy (weighted mean target, weight mass).
+* **Q-function** (`q_values`): a small MLP on [state embedding, memory features] -> Q(s, k) for every strategy,
+  regressed on the bank's (features, strategy, target) cases.
+
+Targets as documented (what a case may use). A case's *features* are what the acting agent saw when it acted: its
+own customer's utterance, stage and turn (its own dialogue so far), and memory features retrieved from the bank as
+it stood at that rollout, i.e. only cases written by EARLIER iterations (`stamp < this iteration`). They are
+computed once, when the case is written (`make_memento_loss`), and stored with it; the Q loss never re-retrieves.
+So no case's features hold its siblings (the other G − 1 rollouts of the same customer, or other dialogues of the
+same rollout) nor later turns of its own dialogue, whose outcomes the agent could not know when it acted. (With
+several minibatches per iteration, cases older than this iteration that an earlier minibatch's writes evicted from
+the ring buffer are missing from a later minibatch's features; `bank_size` ≥ an iteration's cases keeps that rare.)
+A case's *target* is its own dialogue's KL-regularised soft Monte-Carlo return from that turn on
+(`soft_q_targets`): y_t = r_t + γ (y_{t+1} − α log[π(k_{t+1}|s_{t+1}) / π_SFT(k_{t+1}|s_{t+1})]), with the same
+per-turn rewards as PPO (`shaping · g_t`, R_B on the last turn). Siblings' returns enter only as other cases'
+regression targets of the shared Q-MLP (ordinary learning), never as inputs.
 """
 from __future__ import annotations
 
@@ -32,31 +44,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from gopo_jax.dialogue.layout import Layout, Trajectory
-from gopo_jax.dialogue.sop import masked_strategy_log_softmax
 
 Array = chex.Array
-BANK_KEYS = ("memento_emb", "memento_strategy", "memento_return", "memento_valid", "memento_ptr")
+BANK_KEYS = ("memento_emb", "memento_feat", "memento_strategy", "memento_return", "memento_stamp", "memento_valid",
+             "memento_ptr")
 
 
 @flax.struct.dataclass
 class CaseBank:
     emb: Any  # f32[N, D] state embeddings
+    feat: Any  # f32[N, 2 n_k] memory features as retrieved when the case was acted (`q_features`)
     strategy: Any  # int32[N]
     ret: Any  # f32[N] soft return (the Q target)
+    stamp: Any  # int32[N]: the iteration that wrote the case
     valid: Any  # bool[N]
     ptr: Any  # int32[]: next slot to write
 
     @classmethod
-    def empty(cls, size: int, dim: int) -> "CaseBank":
-        return cls(emb=jnp.zeros((size, dim), jnp.float32), strategy=jnp.zeros((size,), jnp.int32),
-                   ret=jnp.zeros((size,), jnp.float32), valid=jnp.zeros((size,), bool), ptr=jnp.zeros((), jnp.int32))
+    def empty(cls, size: int, dim: int, num_strategies: int) -> CaseBank:
+        return cls(emb=jnp.zeros((size, dim), jnp.float32), feat=jnp.zeros((size, 2 * num_strategies), jnp.float32),
+                   strategy=jnp.zeros((size,), jnp.int32), ret=jnp.zeros((size,), jnp.float32),
+                   stamp=jnp.zeros((size,), jnp.int32), valid=jnp.zeros((size,), bool), ptr=jnp.zeros((), jnp.int32))
 
     def to_extras(self) -> dict[str, jax.Array]:
         # The train state's extras are a flat dict of arrays.
-        return dict(zip(BANK_KEYS, (self.emb, self.strategy, self.ret, self.valid, self.ptr)))
+        return dict(zip(BANK_KEYS, (self.emb, self.feat, self.strategy, self.ret, self.stamp, self.valid, self.ptr)))
 
     @classmethod
-    def from_extras(cls, extras: dict) -> "CaseBank":
+    def from_extras(cls, extras: dict) -> CaseBank:
         return cls(*(extras[k] for k in BANK_KEYS))
 
 
@@ -67,7 +82,7 @@ class MementoHyper:
     max_turns: int
     top_k: int = 8
     retrieval_temperature: float = 0.1
-    alpha: float = 0.1
+    alpha: float = 0.5
     gamma: float = 1.0
     shaping: float = 1.0
     steps_per_iteration: int = 1  # train steps per rollout (epochs × minibatches)
@@ -108,16 +123,16 @@ def trajectory_state_embeddings(traj: Trajectory, layout: Layout, stage_ids: tup
     return jax.vmap(jax.vmap(emb))(traj.tokens[:, cust], traj.valid[:, cust], stages, turns)
 
 
-def retrieve(query: Array, bank: CaseBank, exclude: Array, *, top_k: int, temperature: float
+def retrieve(query: Array, bank: CaseBank, visible: Array, *, top_k: int, temperature: float
              ) -> tuple[Array, Array]:
-    """Top-K valid cases by cosine similarity to `query` f32[D] (case index `exclude` left out; −1: none).
-    Returns (indices int32[K], weights f32[K]): softmax(similarity / temperature) over the cases found, 0 for
-    slots without a case."""
-    chex.assert_rank([query, bank.emb, exclude], [1, 2, 0])
+    """Top-K cases among the valid, `visible` (bool[N]) ones by cosine similarity to `query` f32[D]. Returns
+    (indices int32[K], weights f32[K]): softmax(similarity / temperature) over the cases found, 0 for slots without
+    a case."""
+    chex.assert_rank([query, bank.emb, visible], [1, 2, 1])
     n = bank.emb.shape[0]
     norms = jnp.linalg.norm(bank.emb, axis=-1) * jnp.linalg.norm(query) + 1e-8
     sims = bank.emb @ query / norms
-    ok = bank.valid & (jnp.arange(n) != exclude)
+    ok = bank.valid & visible
     top, idx = jax.lax.top_k(jnp.where(ok, sims, -2.0), min(top_k, n))  # cosine >= -1: -2 marks "no case"
     found = ok[idx]
     logits = jnp.where(found, top / temperature, -jnp.inf)
@@ -135,62 +150,65 @@ def memory_features(idx: Array, weights: Array, bank: CaseBank, num_strategies: 
     return jnp.concatenate([jnp.where(mass > 0, mean_ret, 0.0), mass])
 
 
-def q_features(query: Array, bank: CaseBank, exclude: Array, hyper: MementoHyper) -> tuple[Array, Array]:
-    """(Q input f32[D + 2 n_k], weight mass per strategy f32[n_k]) for one state."""
-    idx, w = retrieve(query, bank, exclude, top_k=hyper.top_k, temperature=hyper.retrieval_temperature)
-    mem = memory_features(idx, w, bank, hyper.num_strategies)
-    return jnp.concatenate([query, mem]), mem[hyper.num_strategies:]
+def q_features(query: Array, bank: CaseBank, visible: Array, hyper: MementoHyper) -> Array:
+    """f32[2 n_k]: the memory features of one state, retrieved from the bank's valid, `visible` cases."""
+    idx, w = retrieve(query, bank, visible, top_k=hyper.top_k, temperature=hyper.retrieval_temperature)
+    return memory_features(idx, w, bank, hyper.num_strategies)
 
 
 def init_q_params(key: jax.Array, in_dim: int, hidden: int, num_strategies: int) -> dict[str, jax.Array]:
-    """The Q-MLP's parameters; the output layer starts at zero, so the first soft-Q policy is uniform."""
+    """The Q-MLP's parameters; the output layer starts at zero (Q ≡ 0), so the first policy is the SFT Expert's."""
     return {"w1": jax.random.normal(key, (in_dim, hidden), jnp.float32) / np.sqrt(in_dim),
             "b1": jnp.zeros((hidden,), jnp.float32),
             "w2": jnp.zeros((hidden, num_strategies), jnp.float32),
             "b2": jnp.zeros((num_strategies,), jnp.float32)}
 
 
-def q_values(params: dict, features: Array) -> Array:
-    """f32[n_k]: Q(s, ·) for one state's features."""
-    chex.assert_rank(features, 1)
-    return jax.nn.relu(features @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+def q_values(params: dict, emb: Array, memory: Array) -> Array:
+    """f32[n_k]: Q(s, ·) for one state's embedding f32[D] and memory features f32[2 n_k]."""
+    chex.assert_rank([emb, memory], [1, 1])
+    x = jnp.concatenate([emb, memory])
+    return jax.nn.relu(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
 
 
-def soft_q_targets(rewards: Array, logp: Array, mask: Array, *, gamma: float, alpha: float) -> Array:
-    """Soft Monte-Carlo returns of one dialogue: y_t = r_t + γ (y_{t+1} − α log π(k_{t+1}|s_{t+1})), the next terms
-    only while t+1 is a valid turn (valid turns are a prefix). f32[T] x2, bool[T] -> f32[T], 0 off the mask."""
-    chex.assert_rank([rewards, logp, mask], [1, 1, 1])
-    chex.assert_equal_shape([rewards, logp, mask])
+def soft_q_targets(rewards: Array, log_ratio: Array, mask: Array, *, gamma: float, alpha: float) -> Array:
+    """KL-regularised soft Monte-Carlo returns of one dialogue: y_t = r_t + γ (y_{t+1} − α ρ_{t+1}) with
+    ρ = log π(k|s) − log π_SFT(k|s) of the strategy taken, the next terms only while t+1 is a valid turn (valid turns
+    are a prefix). f32[T] x2, bool[T] -> f32[T], 0 off the mask."""
+    chex.assert_rank([rewards, log_ratio, mask], [1, 1, 1])
+    chex.assert_equal_shape([rewards, log_ratio, mask])
 
     def back(carry, x):
         r, lp, m = x
         y = r + gamma * carry
         return jnp.where(m, y - alpha * lp, carry), jnp.where(m, y, 0.0)
 
-    _, y = jax.lax.scan(back, jnp.zeros((), jnp.float32), (rewards.astype(jnp.float32), logp.astype(jnp.float32),
-                                                           mask), reverse=True)
+    _, y = jax.lax.scan(back, jnp.zeros((), jnp.float32),
+                        (rewards.astype(jnp.float32), log_ratio.astype(jnp.float32), mask), reverse=True)
     return y
 
 
-def write_cases(bank: CaseBank, emb: Array, strategy: Array, ret: Array, valid: Array) -> CaseBank:
-    """Appends the valid rows of (emb f32[M, D], strategy, ret, valid) at the ring buffer's pointer, overwriting the
-    oldest cases. The caller keeps M <= N (one write must not wrap onto itself)."""
-    chex.assert_rank([emb, strategy, ret, valid], [2, 1, 1, 1])
+def write_cases(bank: CaseBank, emb: Array, feat: Array, strategy: Array, ret: Array, valid: Array, stamp: Array
+                ) -> CaseBank:
+    """Appends the valid rows of (emb f32[M, D], feat f32[M, 2 n_k], strategy, ret, valid), stamped with iteration
+    `stamp` int32[], at the ring buffer's pointer, overwriting the oldest cases. The caller keeps M <= N (one write
+    must not wrap onto itself)."""
+    chex.assert_rank([emb, feat, strategy, ret, valid, stamp], [2, 2, 1, 1, 1, 0])
     n = bank.emb.shape[0]
     offset = jnp.cumsum(valid.astype(jnp.int32)) - 1
     slot = jnp.where(valid, (bank.ptr + offset) % n, n)  # slot n is out of range: dropped
     return CaseBank(emb=bank.emb.at[slot].set(emb.astype(jnp.float32), mode="drop"),
+                    feat=bank.feat.at[slot].set(feat.astype(jnp.float32), mode="drop"),
                     strategy=bank.strategy.at[slot].set(strategy.astype(jnp.int32), mode="drop"),
                     ret=bank.ret.at[slot].set(ret.astype(jnp.float32), mode="drop"),
+                    stamp=bank.stamp.at[slot].set(stamp.astype(jnp.int32), mode="drop"),
                     valid=bank.valid.at[slot].set(True, mode="drop"),
                     ptr=(bank.ptr + jnp.sum(valid.astype(jnp.int32))) % n)
 
 
-def q_loss(q_params: dict, bank: CaseBank, hyper: MementoHyper) -> tuple[Array, dict[str, Array]]:
-    """0.5 (Q(s_c, k_c) − y_c)² over the bank's valid cases, each with its memory features retrieved without it."""
-    n = bank.emb.shape[0]
-    feats, _ = jax.vmap(lambda i: q_features(bank.emb[i], bank, i, hyper))(jnp.arange(n))
-    q = jax.vmap(lambda f: q_values(q_params, f))(jax.lax.stop_gradient(feats))
+def q_loss(q_params: dict, bank: CaseBank) -> tuple[Array, dict[str, Array]]:
+    """0.5 (Q(s_c, k_c) − y_c)² over the bank's valid cases, on the features each case was acted with."""
+    q = jax.vmap(lambda e, f: q_values(q_params, e, f))(bank.emb, bank.feat)
     taken = jnp.take_along_axis(q, bank.strategy[:, None], axis=1)[:, 0]
     count = jnp.maximum(jnp.sum(bank.valid), 1)
     err = jnp.where(bank.valid, taken - bank.ret, 0.0)
@@ -210,17 +228,23 @@ class MementoBatch:
 
 
 def make_memento_loss(hyper: MementoHyper):
-    """The loss over a `MementoBatch`. Writes the minibatch's cases into the bank (first epoch only:
-    `memento_updates` counts the train steps), then fits the Q-MLP on the whole bank."""
+    """The loss over a `MementoBatch`. The first `write_steps` train steps of an iteration (`memento_updates`
+    counts the train steps) write their minibatch's cases into the bank, each with the memory features the acting
+    agent saw (retrieved from cases of earlier iterations only); then the Q-MLP is fitted on the whole bank."""
 
     def loss_fn(params, extras, batch, rng):
         del rng
         count = extras["memento_updates"]
+        iteration = count // hyper.steps_per_iteration
         write = (count % hyper.steps_per_iteration) < hyper.write_steps
         d = batch.emb.shape[-1]
-        bank = write_cases(CaseBank.from_extras(extras), batch.emb.reshape(-1, d), batch.strategy.reshape(-1),
-                           batch.target.reshape(-1), batch.turn_mask.reshape(-1) & write)
-        loss, metrics = q_loss(params["q"], bank, hyper)
+        bank = CaseBank.from_extras(extras)
+        emb = batch.emb.reshape(-1, d)
+        seen_when_acting = bank.stamp < iteration
+        feat = jax.vmap(lambda e: q_features(e, bank, seen_when_acting, hyper))(emb)
+        bank = write_cases(bank, emb, feat, batch.strategy.reshape(-1), batch.target.reshape(-1),
+                           batch.turn_mask.reshape(-1) & write, iteration)
+        loss, metrics = q_loss(params["q"], bank)
         metrics.update(bank_fill=jnp.mean(bank.valid.astype(jnp.float32)),
                        target_mean=jnp.sum(jnp.where(batch.turn_mask, batch.target, 0.0)) / jnp.maximum(
                            jnp.sum(batch.turn_mask), 1))
@@ -237,40 +261,29 @@ class MementoCarry:
 
 @dataclasses.dataclass(frozen=True)
 class MementoAgents:
-    """Rollout policy: the soft-Q policy over strategies picks k_t, the wrapped frozen `ModelAgents` realise it
-    (its Expert is handed an allowed-mask with only k_t, so it "chooses" k_t and its cache stays consistent).
-    `params` = the run's params plus `bank` (the case-bank extras, see `Memento.acting_params`). `inner` must
-    sample with its SOP mask on (the forced one-hot mask); `sop_mask` here is the run's choice."""
+    """Rollout policy: the wrapped frozen `ModelAgents` act with Q(s, ·)/α added to their Expert's strategy logits
+    (π ∝ π_SFT · exp(Q/α), under the inner agents' own SOP mask and greedy/sampling setting). `params` = the run's
+    params plus `bank` (the case-bank extras, see `Memento.acting_params`)."""
 
     inner: Any
     hyper: MementoHyper
     stage_ids: tuple[int, ...]
-    greedy: bool
-    sop_mask: bool
 
     def init(self, params, context, context_valid) -> MementoCarry:
         return MementoCarry(inner=self.inner.init(params, context, context_valid),
                             turn=jnp.zeros((context.shape[0],), jnp.int32))
 
-    def act(self, params, carry: MementoCarry, inp, key):
+    def strategy_bias(self, params, carry: MementoCarry, inp) -> Array:
+        """f32[B, n_k]: Q(s, ·)/α of this turn's states, every bank case visible (all are from earlier rollouts)."""
         h = self.hyper
-        k_policy, k_inner = jax.random.split(key)
         emb = jax.vmap(functools.partial(state_embedding, embed_table=embedding_table(params["expert"]),
                                          num_stages=h.num_stages, max_turns=h.max_turns))(
             inp.customer, inp.customer_valid, stage_index(inp.header[:, -1], self.stage_ids), carry.turn)
         bank = CaseBank.from_extras(params["bank"])
-        feats, mass = jax.vmap(lambda e: q_features(e, bank, jnp.asarray(-1), h))(emb)
-        q = jax.vmap(lambda f: q_values(params["q"], f))(feats)
-        allowed = inp.allowed if self.sop_mask else jnp.ones_like(inp.allowed)
-        logp = masked_strategy_log_softmax(q / h.alpha, allowed)
-        if self.greedy:
-            choice = jnp.argmax(logp, axis=-1).astype(jnp.int32)
-        else:
-            choice = jax.random.categorical(k_policy, logp).astype(jnp.int32)
-        has_case = jnp.sum(jnp.where(allowed, mass, 0.0), axis=-1) > 0
-        forced = jax.nn.one_hot(choice, h.num_strategies, dtype=jnp.int32) > 0
-        inner_inp = inp.replace(allowed=jnp.where(has_case[:, None], forced, allowed))
-        inner_carry, action = self.inner.act(params, carry.inner, inner_inp, k_inner)
-        chosen = jnp.take_along_axis(logp, choice[:, None], axis=1)[:, 0]
-        action = action.replace(strategy_logp=jnp.where(has_case, chosen, action.strategy_logp))
+        memory = jax.vmap(lambda e: q_features(e, bank, bank.valid, h))(emb)
+        return jax.vmap(lambda e, m: q_values(params["q"], e, m))(emb, memory) / h.alpha
+
+    def act(self, params, carry: MementoCarry, inp, key):
+        inner_carry, action = self.inner.act(params, carry.inner, inp, key,
+                                             strategy_bias=self.strategy_bias(params, carry, inp))
         return MementoCarry(inner=inner_carry, turn=carry.turn + 1), action

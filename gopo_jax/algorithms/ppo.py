@@ -28,6 +28,7 @@ from flax import nnx
 from gopo_jax.algorithms import gopo
 from gopo_jax.dialogue import scoring
 from gopo_jax.dialogue.layout import Layout, Trajectory
+from gopo_jax.models.heads import SamplingDist
 from gopo_jax.models.qwen3 import positions_from_valid, previous_valid_slot
 from gopo_jax.models import qwen3
 
@@ -139,6 +140,7 @@ class PPOHyper:
     vf_coef: float = 0.5
     value_clip: float = 0.2
     normalize_advantages: bool = True
+    sampling: SamplingDist = SamplingDist()  # the rollout's: the loss's log-probs are those it samples from
 
 
 def ppo_targets(old_values: Array, traj: Trajectory, final_rewards: Array, token_turn: Array, hyper: PPOHyper
@@ -176,7 +178,7 @@ def make_ppo_loss(cs_graphdef: Any, value_graphdef: Any, layout: Layout, hyper: 
         traj = batch.traj
         mask = traj.cs_mask
         cs = nnx.merge(cs_graphdef, params["cs"])
-        logp, entropy = scoring.cs_token_log_probs(cs, traj, layout)
+        logp, entropy = scoring.cs_token_log_probs(cs, traj, layout, hyper.sampling)
         loss_pg, metrics = gopo.cs_policy_loss(
             logp, traj.cs_logprob, batch.ref_cs_logp if hyper.beta > 0 else None, batch.advantages, mask,
             clip_eps=hyper.clip_eps, beta=hyper.beta, aggregation=hyper.aggregation, kl_clamp=hyper.kl_clamp)

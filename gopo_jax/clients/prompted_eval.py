@@ -70,7 +70,7 @@ def evaluate_prompted(config, workdir: str | pathlib.Path) -> dict:
         raise ValueError(f"method=prompted needs a text (host) world: env.name={config.env.name!r} speaks token ids "
                          "only; use mg_shopdial, multiwoz or tmallbrand")
     save_config(workdir, config)
-    episodes = world.eval_episodes(config.eval.seed, config.eval.episodes)
+    episodes = world.eval_episodes(config.eval.seed, config.eval.episodes, config.eval.get("split", "test"))
     key = jax.random.key(config.seed)  # seeds the host loop's own draws; text agents and the reference use none
     metric_settings = EpisodeMetricSettings.from_config(config, spec_max_relevance=world.spec.max_relevance,
                                                    t_max=world.spec.max_turns)
@@ -84,7 +84,9 @@ def evaluate_prompted(config, workdir: str | pathlib.Path) -> dict:
     write_judge_samples(workdir, world, traj, config.eval.judge_dialogues)
     summary = {"env": world.spec.name, "method": "prompted", "eval_episodes": int(config.eval.episodes),
                "endpoint": {"base_url": settings.base_url, "model": settings.model},
-               "reference": summary_block(reference, reference), "prompted": summary_block(prompted, reference),
+               # The prompted model names its strategy every turn (STRATEGY: ...): it chooses, as an Expert does.
+               "reference": summary_block(reference, reference, use_expert=True),
+               "prompted": summary_block(prompted, reference, use_expert=True),
                "wall_seconds": time.time() - start}
     write_summary(workdir, summary)
     return summary

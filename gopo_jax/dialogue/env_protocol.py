@@ -50,7 +50,10 @@ class TurnSignals:
 
     gain: Any  # g_t in [0,1]: task-progress increment on this turn
     cont: Any  # c_t in [0,1]: probability the customer stays engaged after this turn
-    rel: Any  # rel_t in {0..R}: graded relevance of the chosen strategy (0 for an SOP violation)
+    rel: Any  # rel_t in {0..R}: graded relevance of the chosen strategy (0 for an SOP violation); trains the EA
+    # The same grade of the realised strategy k̂_t (0 for an SOP violation or an unrecognised reply): what the
+    # customer got, so evaluation scores every method, with or without an Expert, on the same thing.
+    rel_realised: Any
     quality: Any  # q_t: per-turn reply quality from the environment (0 if it has none)
     realised: Any  # k̂_t = R(y_t): strategy the reply carries out (sop.UNRECOGNISED if none)
     aligned: Any  # a_t = [k̂_t == k_t]

@@ -19,7 +19,7 @@ import numpy as np
 
 from gopo_jax.dialogue.env_protocol import Demonstration, EpisodeOutcome, TurnSignals
 from gopo_jax.dialogue.layout import Layout
-from gopo_jax.dialogue.rollout import AgentVocab, TurnAction, TurnInput, assemble, make_header
+from gopo_jax.dialogue.rollout import AgentVocab, TurnAction, TurnInput, assemble, filters, make_header
 from gopo_jax.dialogue.sop import UNRECOGNISED
 from gopo_jax.models.chat_format import ChatFormat
 
@@ -90,6 +90,10 @@ def rollout_host(make_env: Callable[[], Any], codec: TextCodec, agents, params, 
                  agent_key: jax.Array, *, jitted_act: Callable | None = None, jitted_init: Callable | None = None):
     """Runs one episode per seed. `agents` is a `ModelAgents` (then pass its jitted `init`/`act`), a
     `HostScriptedAgents` or `TextAgents`. Returns a `Trajectory` with the same layout as the pure-JAX driver."""
+    if filters(agents):
+        # The filter realises every candidate inside the jitted turn; a host world's check is a Python classifier.
+        raise ValueError("n_candidates > 1 (the deployment-time filter) needs a pure-JAX world such as "
+                         "synthetic_shop; host worlds (mgshop, multiwoz, tmallbrand) run with n_candidates = 1")
     layout, vocab = codec.layout, codec.vocab
     envs = [make_env() for _ in seeds]
     obs = [env.reset(int(s)) for env, s in zip(envs, seeds)]
@@ -141,7 +145,8 @@ def rollout_host(make_env: Callable[[], Any], codec: TextCodec, agents, params, 
                         "active": active})
     turns = {k: jnp.asarray(np.stack([r[k] for r in records])) for k in records[0]}
     sig = {k: np.array([[row[k] for row in rows] for rows in signal_rows], np.float32) for k in signal_rows[0][0]}
-    signals = TurnSignals(gain=sig["gain"], cont=sig["cont"], rel=sig["rel"], quality=sig["quality"],
+    signals = TurnSignals(gain=sig["gain"], cont=sig["cont"], rel=sig["rel"], rel_realised=sig["rel_realised"],
+                          quality=sig["quality"],
                           realised=sig["realised"].astype(np.int32), aligned=sig["aligned"],
                           sop_valid=sig["sop_valid"], done=sig["done"] > 0)
     outs = [env.outcome() for env in envs]
@@ -153,8 +158,8 @@ def rollout_host(make_env: Callable[[], Any], codec: TextCodec, agents, params, 
 
 
 def _zero_signals() -> dict:
-    return {"gain": 0.0, "cont": 0.0, "rel": 0.0, "quality": 0.0, "realised": float(UNRECOGNISED), "aligned": 0.0,
-            "sop_valid": 0.0, "done": 1.0}
+    return {"gain": 0.0, "cont": 0.0, "rel": 0.0, "rel_realised": 0.0, "quality": 0.0, "realised": float(UNRECOGNISED),
+            "aligned": 0.0, "sop_valid": 0.0, "done": 1.0}
 
 
 def _scripted_choice(envs, agents: HostScriptedAgents, inp: TurnInput, rng, i: int) -> tuple[int, str]:
@@ -230,7 +235,8 @@ def logged_trajectory(demos: Sequence[Demonstration], codec: TextCodec, sop, *, 
                         "strategy_logp": np.zeros((b,), np.float32), "allowed": allowed, "active": active})
     turns = {k: jnp.asarray(np.stack([r[k] for r in records])) for k in records[0]}
     zeros = jnp.zeros((t_max, b), jnp.float32)
-    signals = TurnSignals(gain=zeros, cont=zeros, rel=zeros, quality=zeros, realised=turns["strategy"],
+    signals = TurnSignals(gain=zeros, cont=zeros, rel=zeros, rel_realised=zeros, quality=zeros,
+                          realised=turns["strategy"],
                           aligned=zeros, sop_valid=zeros, done=~turns["active"])
     outcome = EpisodeOutcome(outcome=jnp.zeros((b,)), satisfaction=jnp.zeros((b,)), fcr=jnp.zeros((b,)))
     return assemble(layout, jnp.asarray(ctx["ids"]), jnp.asarray(ctx["valid"]), turns, signals, outcome)

@@ -89,12 +89,16 @@ class Trajectory:
     sop_valid: Any  # f32[B, T]
     gain: Any  # f32[B, T]
     cont: Any  # f32[B, T]
-    rel: Any  # f32[B, T]
+    rel: Any  # f32[B, T]  relevance of the chosen k_t (the Expert's training signal)
+    rel_realised: Any  # f32[B, T]  relevance of the realised k̂_t (what evaluation reports)
     quality: Any  # f32[B, T]
     turn_mask: Any  # bool[B, T]  turns that happened
     outcome: Any  # f32[B]
     satisfaction: Any  # f32[B]
     fcr: Any  # f32[B]
+    # f32[B, T]: turns the deployment-time n-candidate filter rescued (`rollout.ModelAgents._filter`); None when
+    # the agents ran no filter (training, n_candidates == 1), so such trajectories are as before.
+    filter_rescued: Any = None
 
     @property
     def num_turns(self) -> jax.Array:
@@ -104,6 +108,7 @@ class Trajectory:
         b = self.tokens.shape[0]
         chex.assert_shape([self.tokens, self.valid, self.ea_mask, self.cs_mask, self.cs_logprob], (b, layout.length))
         chex.assert_shape([self.strategy, self.ea_logprob, self.realised, self.aligned, self.sop_valid, self.gain,
-                           self.cont, self.rel, self.quality, self.turn_mask], (b, layout.max_turns))
+                           self.cont, self.rel, self.rel_realised, self.quality, self.turn_mask],
+                          (b, layout.max_turns))
         chex.assert_shape(self.allowed, (b, layout.max_turns, num_strategies))
         chex.assert_shape([self.outcome, self.satisfaction, self.fcr], (b,))

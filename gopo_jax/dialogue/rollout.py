@@ -20,6 +20,7 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,11 @@ class SamplingConfig:
     expert_temperature: float = 1.0
     sop_mask: bool = True  # ablation "no SOP mask": the EA may pick any strategy
     use_expert: bool = True  # ablation "no EA": the CS writes replies with no strategy token
+    # The deployment-time filter (GOPO.md §1): the CS draws `n_candidates` replies and keeps the first aligned,
+    # SOP-valid one, else the most likely (`ModelAgents.act`). Candidate 0 is the reply drawn without the filter
+    # (greedy in evaluation); candidates 1..n-1 are drawn at `candidate_temperature` (n greedy drafts would be one).
+    n_candidates: int = 1
+    candidate_temperature: float = 0.7
 
 
 @flax.struct.dataclass
@@ -97,6 +103,9 @@ class TurnAction:
     reply: Any  # int32[B, Lr]
     reply_valid: Any  # bool[B, Lr]
     reply_logp: Any  # f32[B, Lr]
+    # bool[B]: the n-candidate filter kept a later candidate because the first failed the realisation check (aligned
+    # and SOP-valid); None when no filter ran (n_candidates == 1, scripted agents), so the record has no such field.
+    rescued: Any = None
 
 
 @flax.struct.dataclass
@@ -123,6 +132,9 @@ class ModelAgents:
     vocab: AgentVocab
     layout: Layout
     sampling: SamplingConfig
+    # R as the filter reads it: (reply int32[Lr], reply_valid bool[Lr]) -> the realised strategy int32[]. Needed
+    # when sampling.n_candidates > 1; the pure-JAX rollouts bind the world's own (`bind_realiser`).
+    realise: Callable | None = None
 
     def init(self, params, context, context_valid) -> ModelAgentsState:
         b = context.shape[0]
@@ -139,7 +151,10 @@ class ModelAgents:
         return ModelAgentsState(expert_cache=expert_cache, cs_cache=cs_cache,
                                 num_valid=context_valid.sum(-1).astype(jnp.int32))
 
-    def act(self, params, carry: ModelAgentsState, inp: TurnInput, key) -> tuple[ModelAgentsState, TurnAction]:
+    def act(self, params, carry: ModelAgentsState, inp: TurnInput, key, strategy_bias: jax.Array | None = None
+            ) -> tuple[ModelAgentsState, TurnAction]:
+        """One agent turn. `strategy_bias` f32[B, n_k] is added to the Expert's strategy logits before the SOP mask
+        (Memento's soft-Q: π ∝ π_E · exp(Q/α)); the recorded log-prob is that of the biased policy."""
         cfg, vocab = self.sampling, self.vocab
         b = inp.customer.shape[0]
         k_expert, k_cs = jax.random.split(key)
@@ -155,12 +170,21 @@ class ModelAgents:
             allowed = inp.allowed if cfg.sop_mask else jnp.ones_like(inp.allowed)
             # The decision is predicted from the chunk's last slot (the header's stage token), n_k rows only.
             strategy_logits = heads.row_logits(h[:, -1, :], expert.head_embedding(), strategy_ids)
+            if strategy_bias is not None:
+                strategy_logits = strategy_logits + strategy_bias
             logp_all = masked_strategy_log_softmax(strategy_logits, allowed)
             if cfg.expert_greedy:
                 strategy = jnp.argmax(logp_all, axis=-1).astype(jnp.int32)
             else:
                 strategy = jax.random.categorical(k_expert, logp_all / cfg.expert_temperature).astype(jnp.int32)
-            strategy_logp = jnp.take_along_axis(logp_all, strategy[:, None], axis=1)[:, 0]
+            # The log-prob under the distribution actually drawn from (tempered, still masked); T = 1 and the greedy
+            # Expert record logp_all itself, bit for bit.
+            # (A server passes a traced temperature: always the tempered form there.)
+            untempered = cfg.expert_greedy or (isinstance(cfg.expert_temperature, (int, float))
+                                               and cfg.expert_temperature == 1.0)
+            drawn = (logp_all if untempered
+                     else masked_strategy_log_softmax(logp_all / cfg.expert_temperature, allowed))
+            strategy_logp = jnp.take_along_axis(drawn, strategy[:, None], axis=1)[:, 0]
             decision_valid = inp.active
         else:
             strategy = jnp.full((b,), UNRECOGNISED, jnp.int32)
@@ -175,11 +199,22 @@ class ModelAgents:
         # The reply is predicted from the last *valid* slot: the decision token, or the header without an EA.
         last_logits = cs.logits(jnp.where(decision_valid[:, None], h[:, -1, :], h[:, -2, :]))
         n_before_reply = n_after_chunk + decision_valid.astype(jnp.int32)
-        reply, reply_logp, lengths, cs_cache = sampling.decode(
-            cs, cs_cache, last_logits, k_cs, max_new_tokens=self.layout.reply_len,
-            stop_tokens=jnp.asarray([vocab.eot], jnp.int32), pad_id=vocab.pad, temperature=cfg.temperature,
-            top_k=cfg.top_k, top_p=cfg.top_p, start_positions=n_before_reply,
-            max_lengths=jnp.where(inp.active, self.layout.reply_len, 0))
+        decode = functools.partial(
+            sampling.decode, cs, max_new_tokens=self.layout.reply_len, stop_tokens=jnp.asarray([vocab.eot], jnp.int32),
+            pad_id=vocab.pad, top_k=cfg.top_k, top_p=cfg.top_p)
+        max_lengths = jnp.where(inp.active, self.layout.reply_len, 0)
+        prompt_cache = cs_cache
+        reply, reply_logp, lengths, cs_cache = decode(prompt_cache, last_logits, k_cs, temperature=cfg.temperature,
+                                                      start_positions=n_before_reply, max_lengths=max_lengths)
+        rescued = None
+        if cfg.n_candidates > 1:
+            # Candidates 1..n-1 continue the same prompt cache, repeated candidate-major ([c * B + b]).
+            m = cfg.n_candidates - 1
+            more = decode(_repeat_rows(prompt_cache, m), jnp.tile(last_logits, (m, 1)), jax.random.fold_in(k_cs, 1),
+                          temperature=cfg.candidate_temperature, start_positions=jnp.tile(n_before_reply, m),
+                          max_lengths=jnp.tile(max_lengths, m))
+            reply, reply_logp, lengths, cs_cache, rescued = self._filter(
+                (reply, reply_logp, lengths, cs_cache), more, strategy, inp)
         reply_valid = jnp.arange(self.layout.reply_len)[None, :] < lengths[:, None]
         if cfg.use_expert:
             tail = jnp.concatenate([decision_tok[:, None], reply], axis=1)
@@ -189,7 +224,33 @@ class ModelAgents:
                                  num_valid=n_before_reply + lengths.astype(jnp.int32))
         return carry, TurnAction(strategy=strategy, strategy_logp=strategy_logp, decision_valid=decision_valid,
                                  reply=reply, reply_valid=reply_valid,
-                                 reply_logp=jnp.where(reply_valid, reply_logp, 0.0))
+                                 reply_logp=jnp.where(reply_valid, reply_logp, 0.0), rescued=rescued)
+
+    def _filter(self, first, more, strategy, inp: TurnInput):
+        """The n-candidate filter: of candidate 0 (`first`: the decode of B rows) and the others (`more`: the decode
+        of (n-1)·B rows, candidate-major), keeps per row the first whose realised strategy k̂ = R(y) is aligned
+        (k̂ == k_t; without an Expert, any recognised k̂, as the world counts it) and SOP-valid (M[σ_t][k̂]), else the
+        most likely (largest sum of token log-probs). The kept reply's own cache rows become the CS cache, so the
+        cache holds exactly what decoding that reply alone writes. -> (reply, logp, lengths, cache, rescued)."""
+        if self.realise is None:
+            raise ValueError("sampling.n_candidates > 1 needs the world's realisation check: ModelAgents.realise "
+                             "(the pure-JAX rollouts bind it; host worlds do not support the filter)")
+        n, b, lr = self.sampling.n_candidates, strategy.shape[0], self.layout.reply_len
+        replies, logps, lengths = (jnp.concatenate([f, m], axis=0) for f, m in zip(first[:3], more[:3]))
+        replies, logps = replies.reshape(n, b, lr), logps.reshape(n, b, lr)
+        lengths = lengths.reshape(n, b)
+        valid = jnp.arange(lr) < lengths[..., None]
+        realised = jax.vmap(jax.vmap(self.realise))(replies, valid).astype(jnp.int32)
+        chex.assert_shape(realised, (n, b))
+        target = jnp.where(strategy >= 0, strategy, realised)
+        sop_valid = (realised >= 0) & inp.allowed[jnp.arange(b)[None, :], jnp.clip(realised, 0)]
+        passes = (realised == target) & (realised >= 0) & sop_valid
+        most_likely = jnp.argmax(jnp.where(valid, logps, 0.0).sum(-1), axis=0)
+        kept = jnp.where(passes.any(0), jnp.argmax(passes, axis=0), most_likely)
+        rows = jnp.arange(b)
+        cache = _select_rows(_concat_rows(first[3], more[3]), kept * b + rows)
+        rescued = (kept > 0) & passes[kept, rows] & inp.active
+        return replies[kept, rows], logps[kept, rows], lengths[kept, rows], cache, rescued
 
     def replay(self, params, carry: ModelAgentsState, inp: TurnInput, decision: jax.Array,
                decision_valid: jax.Array, reply: jax.Array, reply_valid: jax.Array) -> ModelAgentsState:
@@ -246,6 +307,47 @@ class ScriptedAgents:
                                  reply_logp=jnp.zeros(reply.shape, jnp.float32))
 
 
+def _cache_map(fn_kv, fn_valid, *caches):
+    """Maps the batch axis of KV caches (axis 1 of k/v, axis 0 of valid); the write index is shared."""
+    c = caches[0]
+    return c.replace(k=fn_kv(*(x.k for x in caches)), v=fn_kv(*(x.v for x in caches)),
+                     valid=fn_valid(*(x.valid for x in caches)))
+
+
+def _repeat_rows(cache, m: int):
+    return _cache_map(lambda x: jnp.concatenate([x] * m, axis=1), lambda x: jnp.concatenate([x] * m, axis=0), cache)
+
+
+def _concat_rows(a, b):
+    return _cache_map(lambda x, y: jnp.concatenate([x, y], axis=1), lambda x, y: jnp.concatenate([x, y], axis=0),
+                      a, b)
+
+
+def _select_rows(cache, rows: jax.Array):
+    return _cache_map(lambda x: x[:, rows], lambda x: x[rows], cache)
+
+
+def _realised_strategy(env, reply: jax.Array, reply_valid: jax.Array) -> jax.Array:
+    out = env.realise(reply, reply_valid)
+    return out[0] if isinstance(out, tuple) else out  # the synthetic shop also returns product and value
+
+
+def filters(agents) -> bool:
+    """Whether `agents` (or the ModelAgents a method's agents wrap as `inner`, e.g. Memento's) run the n-candidate
+    filter (and so record `rescued`)."""
+    agents = getattr(agents, "inner", agents)
+    return isinstance(agents, ModelAgents) and agents.sampling.n_candidates > 1
+
+
+def bind_realiser(agents, env: JaxEnv):
+    """`agents` with the pure-JAX world's realisation check for the n-candidate filter (others unchanged)."""
+    if not isinstance(agents, ModelAgents) and isinstance(getattr(agents, "inner", None), ModelAgents):
+        return dataclasses.replace(agents, inner=bind_realiser(agents.inner, env))
+    if filters(agents) and agents.realise is None:
+        return dataclasses.replace(agents, realise=functools.partial(_realised_strategy, env))
+    return agents
+
+
 def jax_env_layout(env: JaxEnv, vocab: AgentVocab) -> Layout:
     """The buffer layout of a pure-JAX environment: its own slot sizes and every turn up to T_max."""
     return Layout(context_len=env.context_len, customer_len=env.customer_len, header_len=vocab.header_len,
@@ -297,9 +399,11 @@ def assemble(layout: Layout, context, context_valid, turns: dict, signals: TurnS
         realised=bt(jnp.where(active, signals.realised, UNRECOGNISED)).astype(jnp.int32),
         aligned=fmask(signals.aligned), sop_valid=fmask(signals.sop_valid), gain=fmask(signals.gain),
         cont=fmask(signals.cont), rel=fmask(signals.rel), quality=fmask(signals.quality),
+        rel_realised=fmask(signals.rel_realised),
         turn_mask=bt(active),
         outcome=outcome.outcome.astype(jnp.float32), satisfaction=outcome.satisfaction.astype(jnp.float32),
-        fcr=outcome.fcr.astype(jnp.float32))
+        fcr=outcome.fcr.astype(jnp.float32),
+        filter_rescued=fmask(turns["rescued"]) if "rescued" in turns else None)
     traj.check(layout, turns["allowed"].shape[-1])
     return traj
 
@@ -312,9 +416,11 @@ def _turn_input(vocab: AgentVocab, state, obs) -> TurnInput:
                      header_valid=header_valid, allowed=obs.allowed, active=active, env_state=state)
 
 
-def _no_action(vocab: AgentVocab, batch: int, reply_len: int) -> TurnAction:
-    """What a dialogue that has ended does on a turn: no strategy, no decision token, an all-pad reply."""
-    return TurnAction(strategy=jnp.full((batch,), UNRECOGNISED, jnp.int32),
+def _no_action(vocab: AgentVocab, batch: int, reply_len: int, filtered: bool = False) -> TurnAction:
+    """What a dialogue that has ended does on a turn: no strategy, no decision token, an all-pad reply (and no
+    rescue, where the agents' filter records them)."""
+    return TurnAction(rescued=jnp.zeros((batch,), bool) if filtered else None,
+                      strategy=jnp.full((batch,), UNRECOGNISED, jnp.int32),
                       strategy_logp=jnp.zeros((batch,), jnp.float32), decision_valid=jnp.zeros((batch,), bool),
                       reply=jnp.full((batch, reply_len), vocab.pad, jnp.int32),
                       reply_valid=jnp.zeros((batch, reply_len), bool),
@@ -327,7 +433,7 @@ def _record(vocab: AgentVocab, inp: TurnInput, act: TurnAction) -> dict:
             "header_valid": inp.header_valid, "decision": decision, "decision_valid": act.decision_valid,
             "reply": act.reply, "reply_valid": act.reply_valid, "reply_logp": act.reply_logp,
             "strategy": act.strategy, "strategy_logp": act.strategy_logp, "allowed": inp.allowed,
-            "active": inp.active}
+            "active": inp.active, **({} if act.rescued is None else {"rescued": act.rescued})}
 
 
 def _turn(env: JaxEnv, vocab: AgentVocab, agents, params, agent_key, loop, t):
@@ -339,12 +445,12 @@ def _turn(env: JaxEnv, vocab: AgentVocab, agents, params, agent_key, loop, t):
     # finished dialogue's state), so the record does not depend on running the agents for them: `_ended_turn`.
     b, reply_len = act.reply.shape
     act = jax.tree.map(lambda a, none: jnp.where(inp.active.reshape((b,) + (1,) * (a.ndim - 1)), a, none),
-                       act, _no_action(vocab, b, reply_len))
+                       act, _no_action(vocab, b, reply_len, act.rescued is not None))
     new_state, new_obs, signals = jax.vmap(env.step)(state, act.strategy, act.reply, act.reply_valid)
     return (new_state, new_obs, carry), (_record(vocab, inp, act), signals)
 
 
-def _ended_turn(vocab: AgentVocab, reply_len: int, signals_shape, loop):
+def _ended_turn(vocab: AgentVocab, reply_len: int, filtered: bool, signals_shape, loop):
     """A turn of a batch whose dialogues have all ended, without running the agents or the environment: the record
     `_turn` writes for ended dialogues, the state and the observation as they are (an ended environment's step is
     a no-op; the record reads the observation only through the stage and the SOP mask, which it keeps) and the
@@ -354,7 +460,8 @@ def _ended_turn(vocab: AgentVocab, reply_len: int, signals_shape, loop):
     signals = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), signals_shape)
     signals = signals.replace(realised=jnp.full_like(signals.realised, UNRECOGNISED),
                               done=jnp.ones_like(signals.done))
-    return (state, obs, carry), (_record(vocab, inp, _no_action(vocab, inp.active.shape[0], reply_len)), signals)
+    return (state, obs, carry), (_record(vocab, inp, _no_action(vocab, inp.active.shape[0], reply_len, filtered)),
+                                 signals)
 
 
 def _start(env: JaxEnv, agents, params, env_keys):
@@ -370,11 +477,12 @@ def rollout_jax(env: JaxEnv, layout: Layout, vocab: AgentVocab, agents, params, 
 
     Once every dialogue of the batch has ended, the remaining turns skip the agents and the environment
     (`_ended_turn` records the same; under `jax.vmap` the cond runs both branches, which is still correct)."""
+    agents = bind_realiser(agents, env)
     state, context, context_valid, obs, carry = _start(env, agents, params, env_keys)
     live = functools.partial(_turn, env, vocab, agents, params, agent_key)
     none = _no_action(vocab, env_keys.shape[0], layout.reply_len)
     signals_shape = jax.eval_shape(jax.vmap(env.step), state, none.strategy, none.reply, none.reply_valid)[2]
-    ended = functools.partial(_ended_turn, vocab, layout.reply_len, signals_shape)
+    ended = functools.partial(_ended_turn, vocab, layout.reply_len, filters(agents), signals_shape)
 
     def turn(loop, t):
         return jax.lax.cond(jnp.any(~loop[1].done), live, lambda lp, _: ended(lp), loop, t)
@@ -386,6 +494,7 @@ def rollout_jax(env: JaxEnv, layout: Layout, vocab: AgentVocab, agents, params, 
 def python_loop_rollout(env: JaxEnv, layout: Layout, vocab: AgentVocab, agents) -> Callable:
     """The same rollout as `make_rollout`, driven by a Python loop over turns (one jitted call per turn, as a host
     environment must run). Used as the side-by-side reference of the full-jit rollout in benchmarks/tests."""
+    agents = bind_realiser(agents, env)
     start = jax.jit(functools.partial(_start, env, agents))
     step = jax.jit(functools.partial(_turn, env, vocab, agents))
     finish = jax.jit(functools.partial(_finish, env, layout))

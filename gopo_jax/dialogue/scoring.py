@@ -8,6 +8,14 @@ The model returns hidden states only; each agent turns into logits just the slot
   SOP mask;
 * the CS's log-probs and entropies are read at the reply slots of the layout (the only slots `cs_mask` can mark),
   each predicted from the previous *valid* slot (pads are invisible, see `layout`), through the chunked head.
+
+Which distribution. The RL losses train the policy the rollout samples from, so their log-probs are the sampled
+distribution's, as the rollout recorded them (GOPO.md §1): the CS's under the run's `heads.SamplingDist`
+(temperature, top-k, top-p, applied per chunk of the head), the Expert's under its sampling temperature,
+masked_log_softmax(z / T_E) (= log_softmax(masked_log_softmax(z) / T_E), what the rollout draws from). At θ = θ_old
+they equal the recorded behaviour log-probs, so every PPO ratio starts at 1; the reference model's log-probs (KL,
+preference reference) go through the same functions with the same transformation. The defaults (T 1, no filter)
+are the model's own distribution: what SFT's likelihood and DPO's sequence log-probs use.
 """
 from __future__ import annotations
 
@@ -33,15 +41,18 @@ def reply_positions(layout: Layout) -> np.ndarray:
                       np.int32)
 
 
-def expert_strategy_log_probs(expert, traj: Trajectory, layout: Layout, strategy_ids, *, sop_mask: bool = True
-                              ) -> jax.Array:
-    """f32[B, T, n_k]: log π_E(k | x_t) for every strategy under the masked softmax (all-allowed without the SOP
-    mask ablation, matching what the rollout sampled from)."""
+def expert_strategy_log_probs(expert, traj: Trajectory, layout: Layout, strategy_ids, *, sop_mask: bool = True,
+                              temperature: float = 1.0) -> jax.Array:
+    """f32[B, T, n_k]: log π_E(k | x_t) for every strategy under the masked softmax of the logits / `temperature`
+    (the Expert's sampling temperature; all-allowed without the SOP mask ablation), matching what the rollout
+    sampled from."""
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"the Expert's sampling temperature must be a number > 0, got {temperature!r}")
     h, _ = expert.hidden(traj.tokens, positions_from_valid(traj.valid), traj.valid)
     at_decisions = h[:, decision_logit_positions(layout), :]  # [B, T, D]
     strategy_logits = heads.row_logits(at_decisions, expert.head_embedding(), jnp.asarray(strategy_ids, jnp.int32))
     allowed = traj.allowed if sop_mask else jnp.ones_like(traj.allowed)
-    return masked_strategy_log_softmax(strategy_logits, allowed & traj.turn_mask[..., None])
+    return masked_strategy_log_softmax(strategy_logits / temperature, allowed & traj.turn_mask[..., None])
 
 
 def chosen(log_probs: jax.Array, strategy: jax.Array, turn_mask: jax.Array) -> jax.Array:
@@ -51,10 +62,12 @@ def chosen(log_probs: jax.Array, strategy: jax.Array, turn_mask: jax.Array) -> j
     return jnp.where(turn_mask, picked, 0.0)
 
 
-def cs_token_log_probs(cs, traj: Trajectory, layout: Layout) -> tuple[jax.Array, jax.Array]:
-    """(log p(token_i | valid slots < i), entropy of that predictive distribution), both f32[B, L], filled at the
-    reply slots of `layout` and 0 elsewhere, and 0 where the slot is a pad or has no valid slot before it.
-    Callers read them under `traj.cs_mask` (reply slots only)."""
+def cs_token_log_probs(cs, traj: Trajectory, layout: Layout, dist: heads.SamplingDist = heads.SamplingDist()
+                       ) -> tuple[jax.Array, jax.Array]:
+    """(log π(token_i | valid slots < i), entropy of that predictive distribution), both f32[B, L], with π the
+    sampled distribution `dist` of the CS's logits (default: the model's own), filled at the reply slots of `layout`
+    and 0 elsewhere, and 0 where the slot is a pad or has no valid slot before it. Callers read them under
+    `traj.cs_mask` (reply slots only)."""
     chex.assert_shape([traj.tokens, traj.valid], (None, layout.length))
     b = traj.tokens.shape[0]
     h, _ = cs.hidden(traj.tokens, positions_from_valid(traj.valid), traj.valid)
@@ -63,7 +76,7 @@ def cs_token_log_probs(cs, traj: Trajectory, layout: Layout) -> tuple[jax.Array,
     prev, has_prev = prev[:, slots], has_prev[:, slots]  # [B, R]
     h_prev = jnp.take_along_axis(h, prev[..., None], axis=1)  # [B, R, D]: the hidden state that predicts each slot
     logp, entropy = heads.token_log_probs_and_entropy(h_prev, cs.head_embedding(), traj.tokens[:, slots],
-                                                      chunk=cs.config.logits_chunk)
+                                                      chunk=cs.config.logits_chunk, dist=dist)
     zeros = jnp.zeros(traj.tokens.shape, jnp.float32)
 
     def scatter(x):

@@ -164,8 +164,9 @@ def host_turn_signals(*, strategy: int, realised: int, reference: int, allowed: 
     no-EA ablation): the chosen strategy is then the realised one."""
     chosen = realised if strategy < 0 else strategy
     return TurnSignals(gain=float(gain), cont=float(cont), rel=graded_relevance(chosen, reference, allowed, valid),
-                       quality=float(quality), realised=int(realised),
-                       aligned=int(realised == chosen and realised >= 0), sop_valid=int(valid), done=bool(done))
+                       rel_realised=graded_relevance(realised, reference, allowed, valid), quality=float(quality),
+                       realised=int(realised), aligned=int(realised == chosen and realised >= 0),
+                       sop_valid=int(valid), done=bool(done))
 
 
 def write_demonstrations_jsonl(demos: Iterable[Demonstration], path) -> int:

@@ -6,10 +6,12 @@ assistant) conversations in four product categories, every utterance annotated w
 module turns it into a GOPO world (GOPO.md §1, §5); every number below is fitted by this module from the training
 conversations and printed by `describe()` (the values quoted are those of the default options).
 
-Scenario. One real conversation (category, client scenario `desc`, type, constraint). `reset(seed)` draws one of
-the split's conversations from the seed. Splits are BY CONVERSATION: within each category the conversations sorted
-by id go 3 to "train", every 4th to "test" (50/14 conversations); "all" uses all 64. Agents see the category
-and their role, not the client's hidden `desc`.
+Scenario. One real conversation (category, client scenario `desc`, type, constraint). Splits are BY CONVERSATION:
+within each category the conversations sorted by id go 3 to "train", every 4th to "test" (50/14 conversations);
+R, the SOP and the fitted tables come from "train". Customers (gopo_jax/envs/customers.py): a training reset seed
+draws one of the 50 training conversations; the held-out 14 are divided into 8 VALIDATION and 6 TEST customers
+(within each category sorted by id, alternating), and held-out customer i of a split plays that split's conversation
+i % its size. Agents see the category and their role, not the client's hidden `desc`.
 
 Agent turn = one Wizard utterance. The customer utterance before it is the Client text since the previous Wizard
 utterance (it may be empty: wizards often send two messages in a row).
@@ -110,12 +112,12 @@ from absl import flags
 from gopo_jax import command_line
 from gopo_jax.dialogue.env_protocol import DemoTurn, Demonstration, EnvSpec, EpisodeOutcome, HostObs, TurnSignals
 from gopo_jax.dialogue.sop import UNRECOGNISED, load_sop, sop_from_dict
-from gopo_jax.envs import logged
+from gopo_jax.envs import customers, logged
 from gopo_jax.envs.base import HostEnv
 from gopo_jax.envs.mgshop_data import (CHECKLIST, QUESTION_INTENTS, SOP_PATH, STAGES, STRATEGIES,
-                                       STRATEGY_DESCRIPTIONS, Conversation, MgshopDataError, derive_sop,
-                                       load_conversations, logged_stages, resolve_data_path, split_indices,
-                                       top_client_intent)
+                                       STRATEGY_DESCRIPTIONS, Conversation, MgshopDataError, customer_indices,
+                                       derive_sop, load_conversations, logged_stages, resolve_data_path,
+                                       split_indices, top_client_intent)
 from gopo_jax.envs.mgshop_stats import (StrategyClassifier, fit_statistics, nearest_centroid_predict,
                                         relevance_grades, strategy_probabilities)
 
@@ -124,7 +126,6 @@ _BONUS_CONV, _BONUS_SCENARIO, _BONUS_CATEGORY, _BONUS_STAGE = 0.2, 0.1, 0.05, 0.
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
-    split: str = "all"
     max_turns: int = 36
     reference: str = "logged"
     reject_below: float = 0.2
@@ -143,7 +144,7 @@ class _World:
         self.conversations = load_conversations(path)
         self.train = split_indices(self.conversations, "train")
         self.test = split_indices(self.conversations, "test")
-        self.episode_convs = split_indices(self.conversations, opts.split)
+        self.customers = customer_indices(self.conversations)
         train_convs = [self.conversations[i] for i in self.train]
         derived = derive_sop(train_convs, min_count=opts.min_count, min_share=opts.min_share)
         self.sop = load_sop(opts.sop_path or SOP_PATH)
@@ -270,8 +271,11 @@ class MgshopEnv(HostEnv):
         return self._obs()
 
     def reset(self, seed: int) -> HostObs:
-        convs = self._w.episode_convs
-        return self.start(convs[int(np.random.default_rng(seed).integers(len(convs)))])
+        split, index = customers.customer(seed)
+        convs = self._w.customers[split]
+        if split == customers.TRAIN:
+            return self.start(convs[int(np.random.default_rng(seed).integers(len(convs)))])
+        return self.start(convs[index % len(convs)])
 
     def _count_feedback(self, intents: dict) -> None:
         self._ep.n_pf += "pf" in intents
@@ -332,7 +336,9 @@ class MgshopEnv(HostEnv):
         stage = ep.stage
         valid = realised != UNRECOGNISED and bool(sop.allowed[stage, realised])
         probs = strategy_probabilities(w.stats, stage, ep.client_intent)
-        rel = int(relevance_grades(probs, sop.allowed[stage])[strategy]) if valid and strategy >= 0 else 0
+        grades = relevance_grades(probs, sop.allowed[stage])
+        rel = int(grades[strategy]) if valid and strategy >= 0 else 0
+        rel_realised = int(grades[realised]) if valid else 0  # valid: realised is a recognised, allowed strategy
         if realised == UNRECOGNISED:
             cont, quality = w.stats.cont_unrecognised, 0.0
         else:
@@ -352,7 +358,8 @@ class MgshopEnv(HostEnv):
         self._count_feedback(turn.response_intents)
         ep.t += 1
         ep.done = bool(turn.final or sop.terminal[ep.stage] or ep.t >= self.spec.max_turns)
-        signals = TurnSignals(gain=float(gain), cont=float(cont), rel=rel, quality=quality, realised=int(realised),
+        signals = TurnSignals(gain=float(gain), cont=float(cont), rel=rel, rel_realised=rel_realised, quality=quality,
+                              realised=int(realised),
                               aligned=bool(realised == strategy and realised >= 0), sop_valid=bool(valid), done=ep.done)
         return self._obs(), signals
 
@@ -391,8 +398,8 @@ class MgshopEnv(HostEnv):
         return k, self.scripted_reply(k)
 
     def demonstrations(self, num_episodes: int, seed: int) -> list[Demonstration]:
-        """The logged wizard turns of the split's conversations, in a seed-shuffled order (cycling if needed)."""
-        convs = list(self._w.episode_convs)
+        """The logged wizard turns of the training conversations, in a seed-shuffled order (cycling if needed)."""
+        convs = list(self._w.customers[customers.TRAIN])
         order = [convs[i] for i in np.random.default_rng(seed).permutation(len(convs))]
         demos = []
         for n in range(num_episodes):
@@ -409,16 +416,16 @@ class MgshopEnv(HostEnv):
         return self.demonstrations(num_episodes, seed)
 
     def logged_report(self) -> dict:
-        """How the split's logged wizard turns fit this world (see logged.report). R was fitted on the training
-        conversations' turns, so its agreement here is partly training accuracy; `classifier_report` has the
-        held-out one."""
+        """How all 64 conversations' logged wizard turns fit this world (see logged.report). R was fitted on the
+        training conversations' turns, so its agreement here is partly training accuracy; `classifier_report` has
+        the held-out one."""
         w = self._w
         replayed = []
-        for i in w.episode_convs:
+        for i in range(len(w.conversations)):
             turns = [logged.LoggedTurn(t.customer_before, t.text, None if t.label is None else STRATEGIES[t.label])
                      for t in w.conversations[i].turns]
             replayed += logged.replay(turns, w.sop, self.realise)
-        return logged.report(replayed, STRATEGIES, dialogues=len(w.episode_convs))
+        return logged.report(replayed, STRATEGIES, dialogues=len(w.conversations))
 
     def corpus(self) -> Iterable[str]:
         seen = set()
@@ -457,8 +464,7 @@ class MgshopEnv(HostEnv):
         """The fitted numbers quoted in the module doc."""
         w, st = self._w, self._w.stats
         logged_valid = []
-        for i in w.episode_convs:
-            conv = w.conversations[i]
+        for i, conv in enumerate(w.conversations):
             ks = w.turn_labels[i]
             logged_valid += [bool(w.sop.allowed[s, k]) for s, k in zip(logged_stages(w.sop, conv, ks), ks)
                              if k is not None]
@@ -476,17 +482,16 @@ class MgshopEnv(HostEnv):
         }
 
 
-def make_env(data_dir: str | pathlib.Path | None = None, split: str = "all", **options: Any) -> MgshopEnv:
+def make_env(data_dir: str | pathlib.Path | None = None, **options: Any) -> MgshopEnv:
     """The Mgshop host environment. Options: max_turns (36), reference ('logged'|'fitted'), reject_below (0.2),
     min_count (3), min_share (0.02), sop_path (None: the shipped SOP)."""
-    known = {f.name for f in dataclasses.fields(_Options)} - {"split"}
+    known = {f.name for f in dataclasses.fields(_Options)}
     unknown = set(options) - known
     if unknown:
         raise ValueError(f"unknown Mgshop option(s) {sorted(unknown)}; valid: {sorted(known)}")
-    opts = _Options(split=split, **options)
+    opts = _Options(**options)
     if opts.reference not in ("logged", "fitted"):
         raise ValueError(f"Mgshop reference must be 'logged' or 'fitted', got {opts.reference!r}")
-    split_indices([], split)  # validates the name before the (slow) world is built
     path = resolve_data_path(data_dir)
     return MgshopEnv(_world(str(path.resolve()), opts))
 

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gopo_jax.dialogue.sop import SOP, sop_from_dict
+from gopo_jax.envs import customers
 from gopo_jax.envs.base import SHARED_DATA, DataSource, EnvDataError
 
 DATA_FOLDER = "mgshopdial"
@@ -221,6 +222,20 @@ def split_indices(conversations: Sequence[Conversation], split: str) -> list[int
         ids = sorted((c.id, i) for i, c in enumerate(conversations) if c.category == cat)
         held_out.update(i for r, (_, i) in enumerate(ids) if r % _SPLIT_EVERY == _SPLIT_EVERY - 1)
     return [i for i in range(len(conversations)) if (i in held_out) == (split == "test")]
+
+
+def customer_indices(conversations: Sequence[Conversation]) -> dict[str, list[int]]:
+    """The world's customers as conversation indices: "train" (the training split) and the held-out ("test") split
+    divided into "validation" and "test" halves: within each category its held-out conversations sorted by id
+    alternate validation, test (8 and 6 of the 14 held-out ones, every category in both)."""
+    held_out = split_indices(conversations, "test")
+    out = {customers.TRAIN: split_indices(conversations, "train"), **{s: [] for s in customers.EVAL_SPLITS}}
+    for cat in sorted({conversations[i].category for i in held_out}):
+        halves = customers.halves([i for i in held_out if conversations[i].category == cat],
+                                  key=lambda i: conversations[i].id)
+        for split, half in zip(customers.EVAL_SPLITS, halves):
+            out[split] += half
+    return {split: sorted(indices) for split, indices in out.items()}
 
 
 

@@ -1,8 +1,12 @@
 """MultiWOZ as a host environment: real test/val goals, the real databases, an agenda-based user simulator.
 
 What comes from where (all files under the shared `multiwoz` folder, see its README.md):
-- Goals: the `goal` field of the 1,000 ConvLab-format test (or val) dialogues `mwz21_convlab3/{test,val}.json.zip`,
-  one per dialogue id (sorted); `reset(seed)` plays goal `seed % 1000`. Per domain: `info` (constraints), `reqt`
+- Goals: the `goal` field of the ConvLab-format test and val dialogues `mwz21_convlab3/{test,val}.json.zip`, one
+  per dialogue id (sorted). Customers (gopo_jax/envs/customers.py) keep MultiWOZ's official split: TEST customers
+  are the 1,000 test goals, VALIDATION customers the val goals at odd positions (sorted by id), and, as no
+  training dialogues are on disk, TRAINING customers the val goals at even positions (500 of the 999). Customer
+  i of a split plays its goal `i % size` (a training seed is its own index) with patience from `i // size`. Per
+  domain: `info` (constraints), `reqt`
   (attributes to obtain), `book` (booking, minus the pre_invalid/invalid flags), and the goal's own failure
   branches: `fail_info` (first-tried constraints, used only when the database has no venue for them) and
   `fail_book` (first-tried booking values, which the world refuses). Domain order = order of first mention in
@@ -44,9 +48,9 @@ from the metrics module's scorer (`inform_success`), and `evaluator_turns` expor
 evaluator input format `{"response", "state", "active_domains"}`.
 
 Logged demonstrations (`logged_demonstrations`: the SFT warm start from real human system turns; `logged_report`
-gives the numbers below). Only the test and val dialogues are on disk and the world plays the test goals, so the
-demonstrations are the 999 val dialogues (`LOGGED_SPLIT`; a world built on split="val" refuses them). Every logged
-system turn is one agent turn:
+gives the numbers below, over all 999 val dialogues). The demonstrations are the val dialogues whose goals are
+TRAINING customers (`LOGGED_SPLIT`, even positions; never a validation or test goal). Every logged system turn is
+one agent turn:
 - customer: the user utterance before it (a turn left out hands its user utterance on to the next kept turn).
 - reply: the logged system utterance with every annotated value span (`span_info`) replaced by the world's
   `[value_x]` placeholder (`SPAN_PLACEHOLDER`: Choice -> count, Ref -> reference, Id -> id, Ticket -> price,
@@ -61,7 +65,7 @@ system turn is one agent turn:
 - stage: the SOP automaton's stage before the turn when it replays the demonstration's strategies from the start
   (a strategy the stage does not allow keeps the stage, as in the world). The schema/database preconditions are not
   replayed: they depend on the simulated user's state, which a logged dialogue does not have.
-- context: the business context `reset` shows for the same val goal.
+- context: the business context `reset` shows the training customer of the same val goal.
 Numbers (`logged_report()`): 7,365 system turns; 7,286 carry a dialogue act, 39 more take R's reading, 40 are left
 out. R agrees with the annotated strategy on 63.8% of the 7,286 and recognises nothing in 11.1%; per strategy:
 book 0.97, request 0.77, inform 0.68, bye 0.64, reqmore 0.60, offer_book 0.58, recommend 0.38, no_offer 0.36,
@@ -72,6 +76,7 @@ which the world reads as greetings outside the opening.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import pathlib
@@ -83,7 +88,7 @@ import numpy as np
 
 from gopo_jax.dialogue.env_protocol import Demonstration, EnvSpec, EpisodeOutcome, HostObs, TurnSignals
 from gopo_jax.dialogue.sop import SOP, UNRECOGNISED, load_sop
-from gopo_jax.envs import logged
+from gopo_jax.envs import customers, logged
 from gopo_jax.envs.base import DataSource, EnvDataError, HostEnv, host_turn_signals, scripted_user_engagement
 from gopo_jax.metrics import multiwoz_eval
 
@@ -366,6 +371,7 @@ def load_data(data_dir: str | pathlib.Path | None = None, split: str = "test") -
 # ----------------------------------------------------------------------------------- logged demonstrations
 
 LOGGED_SPLIT = "val"  # never the test dialogues: their goals are what the world is scored on
+TEST_SPLIT = "test"
 # ConvLab system dialogue-act type -> the world's strategy.
 ACT_STRATEGY = {
     "welcome": "greet", "greet": "greet", "Request": "request", "Inform": "inform", "Recommend": "recommend",
@@ -389,7 +395,7 @@ _DOMAIN_SPAN_PLACEHOLDER = {("Train", "Time"): "duration", ("Attraction", "Price
 @dataclasses.dataclass(frozen=True)
 class LoggedDialogue:
     dialogue_id: str
-    goal: int  # index of its goal in the split's sorted goals (the `reset` seed that plays it)
+    goal: int  # index of its goal in the val split's sorted goals (`MultiWOZEnv.customer_goals`)
     turns: tuple  # logged.LoggedTurn
 
 
@@ -492,6 +498,7 @@ def _phrase(domain: str, slot: str, value: str) -> str:
 @dataclasses.dataclass
 class _Episode:
     goal: Goal
+    source: MultiWOZData  # the split the goal comes from (its evaluator goals score the episode)
     seed: int
     patience: int
     d: int = 0  # index of the domain the user pursues
@@ -519,9 +526,14 @@ class _Episode:
 
 
 class MultiWOZEnv(HostEnv):
-    """One MultiWOZ episode at a time; see the module docstring for the world's rules."""
+    """One MultiWOZ episode at a time; see the module docstring for the world's rules. `data` is the test split
+    (the TEST customers and the databases); the val split (training and validation customers) is read on first
+    use."""
 
     def __init__(self, data: MultiWOZData, sop: SOP, *, max_turns: int = MAX_TURNS):
+        if data.split != TEST_SPLIT:
+            raise MultiWOZEnvError(f"the MultiWOZ world is built on the {TEST_SPLIT!r} split (its TEST customers), "
+                                   f"got {data.split!r}")
         self.data = data
         self.spec = EnvSpec(name="multiwoz", sop=sop, max_turns=max_turns, max_relevance=MAX_RELEVANCE,
                             strategy_descriptions=STRATEGY_DESCRIPTIONS)
@@ -530,14 +542,25 @@ class MultiWOZEnv(HostEnv):
 
     @property
     def num_goals(self) -> int:
+        """The test goals (TEST customers)."""
         return len(self.data.goals)
+
+    def customer_goals(self, split: str) -> tuple[MultiWOZData, list[int]]:
+        """(the official split's data, the indices of its goals) of the customers of `split` (module doc)."""
+        if split == TEST_SPLIT:
+            return self.data, list(range(len(self.data.goals)))
+        val = _cached_data(self.data.data_dir, LOGGED_SPLIT)
+        training, validation = customers.halves(range(len(val.goals)), key=lambda i: val.goals[i].dialogue_id)
+        return val, (training if split == customers.TRAIN else validation)
 
     # ---------------------------------------------------------------------------------------------- episode
 
     def reset(self, seed: int) -> HostObs:
-        goal = self.data.goals[seed % len(self.data.goals)]
-        ep = _Episode(goal=goal, seed=seed, patience=PATIENCE[(seed // len(self.data.goals)) % len(PATIENCE)],
-                      stage=self.spec.sop.initial)
+        split, index = customers.customer(seed)
+        data, goals = self.customer_goals(split)
+        goal = data.goals[goals[index % len(goals)]]
+        ep = _Episode(goal=goal, source=data, seed=seed,
+                      patience=PATIENCE[(index // len(goals)) % len(PATIENCE)], stage=self.spec.sop.initial)
         for g in goal.domains:
             ep.informed[g.domain], ep.dontcare[g.domain] = {}, set()
             ep.fail_mode[g.domain], ep.book_fail[g.domain] = bool(g.fail_info), bool(g.fail_book)
@@ -965,7 +988,7 @@ class MultiWOZEnv(HostEnv):
     def inform_success(self) -> dict:
         """Inform / Success of this episode with the metrics module's scorer (booked domains from this episode)."""
         ep = self._episode()
-        goals = _evaluator_goals(self.data)
+        goals = _evaluator_goals(ep.source)
         responses = [multiwoz_eval.normalise_response(r["response"]) for r in ep.records]
         states = [multiwoz_eval.normalise_state(r["state"]) for r in ep.records]
         domains = [r["active_domains"] for r in ep.records]
@@ -986,9 +1009,6 @@ class MultiWOZEnv(HostEnv):
 
     def _logged_dialogues(self) -> tuple:
         """The LOGGED_SPLIT dialogues (read once per folder)."""
-        if self.data.split == LOGGED_SPLIT:
-            raise MultiWOZEnvError(f"MultiWOZ logged demonstrations come from the {LOGGED_SPLIT} dialogues, whose "
-                                   f"goals this world (split={LOGGED_SPLIT!r}) plays; build it on split='test'")
         key = str(self.data.data_dir)
         if key not in _LOGGED_CACHE:
             _LOGGED_CACHE[key] = load_logged_dialogues(self.data.data_dir)
@@ -1001,12 +1021,12 @@ class MultiWOZEnv(HostEnv):
     def logged_demonstrations(self, num_episodes: int, seed: int) -> list[Demonstration]:
         """SFT demonstrations from the logged human system turns of the val dialogues (module doc), in a
         seed-shuffled order, cycling when more are asked for than exist."""
-        dialogues = self._logged_dialogues()
-        # A world on the logged dialogues' goals shows the context `reset` gives each.
-        world = MultiWOZEnv(_cached_data(self.data.data_dir, LOGGED_SPLIT), self.spec.sop,
-                            max_turns=self.spec.max_turns)
-        return [logged.demonstration(world.reset(dialogues[i].goal).context, self.replay_logged(dialogues[i]),
-                                     self.spec.strategies)
+        # Only the dialogues of training customers' goals, each with the context `reset` shows that customer.
+        customer_of_goal = {goal: index for index, goal in enumerate(self.customer_goals(customers.TRAIN)[1])}
+        dialogues = [d for d in self._logged_dialogues() if d.goal in customer_of_goal]
+        world = copy.deepcopy(self)
+        return [logged.demonstration(world.reset(customer_of_goal[dialogues[i].goal]).context,
+                                     self.replay_logged(dialogues[i]), self.spec.strategies)
                 for i in logged.episode_order(len(dialogues), num_episodes, seed)]
 
     def logged_report(self) -> dict:
@@ -1038,7 +1058,7 @@ def _cached_data(data_dir: str | pathlib.Path | None, split: str) -> MultiWOZDat
     return _DATA_CACHE[key]
 
 
-def make_env(data_dir: str | pathlib.Path | None = None, split: str = "test", *, max_turns: int = MAX_TURNS,
+def make_env(data_dir: str | pathlib.Path | None = None, *, max_turns: int = MAX_TURNS,
              sop_path: str | pathlib.Path = SOP_PATH) -> MultiWOZEnv:
-    """The MultiWOZ host environment over the real `split` goals."""
-    return MultiWOZEnv(_cached_data(data_dir, split), load_sop(sop_path), max_turns=max_turns)
+    """The MultiWOZ host environment: training, validation and test customers from the real goals (module doc)."""
+    return MultiWOZEnv(_cached_data(data_dir, TEST_SPLIT), load_sop(sop_path), max_turns=max_turns)

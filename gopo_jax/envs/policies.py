@@ -12,8 +12,9 @@ The pure-JAX policies (and `JaxDemonstrator`, the SFT demonstrator) are the `pol
 `rollout_scripted` cuts its `Trajectory` into padded per-turn arrays and `demonstrations` decodes them to text.
 Host environments (text, no tokenizer here) keep a Python turn loop of their own (`_host_episodes`).
 
-`evaluate_policy` runs a policy for N episodes and reports per-episode TSE, nTSE (against the reference policy on
-the same seeds/customers), ESNDCG, R_B and GRE (the mean R_B), each with a bootstrap 95% interval.
+`evaluate_policy` runs a policy for N episodes and reports TSE, ESNDCG (of the realised strategies), R_B and GRE
+(the mean R_B), each the mean over episodes with a bootstrap 95% interval, and nTSE: the run reports' ratio of means
+(`gopo_jax.metrics.tse.ntse`) against the reference policy on the same seeds/customers, with a paired interval.
 """
 from __future__ import annotations
 
@@ -29,11 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from gopo_jax.dialogue.env_protocol import Demonstration, DemoTurn, HostObs, JaxEnv
+from gopo_jax.dialogue.sop import UNRECOGNISED
 from gopo_jax.dialogue.layout import Layout, Trajectory
 from gopo_jax.dialogue.rollout import AgentVocab, ScriptedAgents, jax_env_layout, make_rollout
 from gopo_jax.envs.base import HostEnv
-from gopo_jax.metrics import ntse, reporting
+from gopo_jax.metrics import reporting
 from gopo_jax.metrics.episode import EpisodeMetricSettings, host_episode_metrics
+from gopo_jax.metrics.tse import ntse
 
 POLICIES = ("reference", "random", "greedy")
 
@@ -165,7 +168,8 @@ def _episode_arrays(traj: Trajectory, layout: Layout, vocab: AgentVocab) -> dict
     return dict(strategy=traj.strategy, reply=reply, reply_valid=reply_valid, customer=customer,
                 customer_valid=customer_valid, reaction=reaction, reaction_valid=reaction_valid, stage=stage,
                 allowed=traj.allowed, turn_mask=traj.turn_mask, gain=traj.gain, cont=traj.cont, rel=traj.rel,
-                quality=traj.quality, realised=traj.realised, aligned=traj.aligned, sop_valid=traj.sop_valid,
+                rel_realised=traj.rel_realised, quality=traj.quality, realised=traj.realised, aligned=traj.aligned,
+                sop_valid=traj.sop_valid,
                 context=traj.tokens[:, :layout.context_len], context_valid=traj.valid[:, :layout.context_len],
                 outcome=traj.outcome, satisfaction=traj.satisfaction, fcr=traj.fcr)
 
@@ -227,9 +231,10 @@ def _host_episodes(env: HostEnv, policy: str, episodes: int, seed: int) -> dict[
         raise ValueError(f"unknown policy {policy!r}; choose one of {list(HOST_POLICIES)}")
     fn = HOST_POLICIES[policy]
     t_max = env.spec.max_turns
-    fields = ("gain", "cont", "rel", "sop_valid", "aligned", "quality")
+    fields = ("gain", "cont", "rel", "rel_realised", "sop_valid", "aligned", "quality")
     out = {f: np.zeros((episodes, t_max), np.float32) for f in fields}
     out["strategy"] = np.zeros((episodes, t_max), np.int32)
+    out["realised"] = np.full((episodes, t_max), UNRECOGNISED, np.int32)
     out["turn_mask"] = np.zeros((episodes, t_max), bool)
     for f in ("outcome", "satisfaction", "fcr"):
         out[f] = np.zeros((episodes,), np.float32)
@@ -246,6 +251,7 @@ def _host_episodes(env: HostEnv, policy: str, episodes: int, seed: int) -> dict[
             obs, sig = env.step(strategy, reply)
             for f in fields:
                 out[f][i, t] = float(getattr(sig, f))
+            out["realised"][i, t] = int(sig.realised)
             out["strategy"][i, t] = strategy
             out["turn_mask"][i, t] = True
             turns.append(dict(customer=customer, strategy=env.spec.strategies[strategy], reply=reply,
@@ -281,16 +287,22 @@ def _jax_transcripts(env, arrays, count: int) -> list[dict]:
     return transcripts
 
 
-def _policy_metrics(arrays, ref, settings: EpisodeMetricSettings) -> dict[str, np.ndarray]:
-    """The run's per-episode metrics (`gopo_jax.metrics.episode`) of a policy's episode arrays, plus each dialogue's
-    TSE over the reference's on the same customer (nTSE per dialogue; NaN where the reference scored 0)."""
-    turn_fields = ("gain", "cont", "rel", "aligned", "sop_valid", "outcome", "satisfaction", "fcr")
+def _policy_metrics(arrays, settings: EpisodeMetricSettings) -> dict[str, np.ndarray]:
+    """The run's per-episode metrics (`gopo_jax.metrics.episode`) of a policy's episode arrays."""
+    turn_fields = ("gain", "cont", "rel", "rel_realised", "aligned", "sop_valid", "outcome", "satisfaction", "fcr")
     batch = types.SimpleNamespace(turn_mask=jnp.asarray(arrays["turn_mask"]),
+                                  realised=jnp.asarray(arrays["realised"], jnp.int32),
                                   **{f: _as_f32(arrays[f]) for f in turn_fields})
-    per = host_episode_metrics(batch, settings)
-    per["ntse"] = np.asarray(jax.vmap(ntse)(batch.gain, batch.cont, batch.turn_mask, _as_f32(ref["gain"]),
-                                            _as_f32(ref["cont"]), jnp.asarray(ref["turn_mask"])))
-    return per
+    return host_episode_metrics(batch, settings)
+
+
+def ntse_ci(tse_values: np.ndarray, reference_tse: np.ndarray) -> dict:
+    """nTSE (`gopo_jax.metrics.tse.ntse`, the ratio of means the run reports use) with a 95% interval: nTSE is
+    1 + the paired relative difference of the means, so the interval is `reporting.paired_difference`'s (customers
+    resampled with their reference dialogue)."""
+    diff = reporting.paired_difference(tse_values, reference_tse)
+    return dict(mean=float(ntse(jnp.asarray(tse_values), jnp.asarray(reference_tse))),
+                lo=1.0 + diff["rel_lo"] / 100.0, hi=1.0 + diff["rel_hi"] / 100.0, n=diff["n"])
 
 
 def evaluate_policy(env, policy: str, episodes: int, seed: int = 0, *, data_dir=None, p: float = 0.8,
@@ -319,14 +331,13 @@ def evaluate_policy(env, policy: str, episodes: int, seed: int = 0, *, data_dir=
     ref = arrays if policy == "reference" else run(env, "reference", episodes, seed)
     settings = EpisodeMetricSettings(max_relevance=float(env.spec.max_relevance), t_max=env.spec.max_turns,
                                      esndcg_p=p)
-    per = _policy_metrics(arrays, ref, settings)
+    per = _policy_metrics(arrays, settings)
     per["purchase"] = per["outcome"]
-    ntse_defined = per["ntse"][np.isfinite(per["ntse"])]
+    reference_tse = per["tse"] if ref is arrays else _policy_metrics(ref, settings)["tse"]
     result = {
         "env": env.spec.name, "policy": policy, "episodes": episodes,
         "tse": reporting.mean_ci(per["tse"]),
-        "ntse": reporting.mean_ci(ntse_defined) if ntse_defined.size else dict(mean=float("nan"), lo=float("nan"),
-                                                                                  hi=float("nan"), n=0),
+        "ntse": ntse_ci(per["tse"], reference_tse),
         "esndcg": reporting.mean_ci(per["esndcg"]),
         "gre": reporting.mean_ci(per["gre"]),
         "purchase": reporting.mean_ci(per["purchase"]),

@@ -891,7 +891,8 @@ class SyntheticShop:
                           progress=state.progress + gain, engagement=engagement,
                           done=new.purchased | abandoned | (turn >= self.config.max_turns))
         signals = TurnSignals(
-            gain=gain, cont=cont, rel=self.relevance(state, strategy), quality=quality, realised=realised,
+            gain=gain, cont=cont, rel=self.relevance(state, strategy),
+            rel_realised=self.relevance(state, realised), quality=quality, realised=realised,
             aligned=((realised == strategy) & (realised >= 0)).astype(jnp.float32),
             sop_valid=sop_valid.astype(jnp.float32),
             done=new.done)

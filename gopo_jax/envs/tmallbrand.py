@@ -1,10 +1,14 @@
 """TmallBrand stand-in: brand-store after-sales customer service on ABCD's guidelines, workflows and ontology.
 
 TmallBrand itself is not public; this world rebuilds its shape from ABCD (shared/data/abcd, see its README.md):
-- Scenarios: the 55 ABCD subflows of ontology.json (`intents.subflows`, grouped by the 10 flows); `reset(seed)`
-  plays subflow `seed % 55` with customer values drawn from the seed: name, membership level, product, shipping
-  status and reason from the ontology's enumerable values; account id, order id, zip code, username, e-mail,
-  address and refund amount generated in ABCD's formats. The customer's issue text is the guideline subflow title
+- Scenarios: the 55 ABCD subflows of ontology.json (`intents.subflows`, grouped by the 10 flows). A customer is a
+  subflow and the customer values drawn from its reset seed; customer i of its split (gopo_jax/envs/customers.py:
+  a training seed is its own index, held-out VALIDATION and TEST customers are counted per split) plays subflow
+  `i % 55`. Training, validation and test customers draw their values from disjoint seeds (ABCD's guidelines have
+  no held-out conversations, so the three sets are disjoint by seed, not by subflow: every subflow is trained on
+  and evaluated). Customer values: name, membership level, product, shipping status and reason from the
+  ontology's enumerable values; account id, order id, zip code, username, e-mail, address and refund amount
+  generated in ABCD's formats. The customer's issue text is the guideline subflow title
   and flow description (guidelines.json, matched to the ontology subflows by position, checked for equal counts).
 - SOP: kb.json's ordered required button sequence per subflow, built at load time into ONE AUTOMATON PER SUBFLOW
   (validated by gopo_jax.dialogue.sop.sop_from_dict): opening --greet--> step 1 (allows its button and ask_info)
@@ -71,7 +75,7 @@ import numpy as np
 
 from gopo_jax.dialogue.env_protocol import Demonstration, EnvSpec, EpisodeOutcome, HostObs, TurnSignals
 from gopo_jax.dialogue.sop import SOP, UNRECOGNISED, SOPError, sop_from_dict
-from gopo_jax.envs import logged
+from gopo_jax.envs import customers, logged
 from gopo_jax.envs.base import (DataSource, EnvDataError, HostEnv, MissingEnvData, host_turn_signals,
                                 scripted_user_engagement)
 
@@ -507,10 +511,11 @@ class TmallBrandEnv(HostEnv):
         )
 
     def reset(self, seed: int) -> HostObs:
-        scenario = self.data.scenarios[seed % len(self.data.scenarios)]
+        _, index = customers.customer(seed)
+        scenario = self.data.scenarios[index % len(self.data.scenarios)]
         self.spec = self._spec(scenario.subflow)
         self._ep = _Episode(scenario=scenario, facts=self._facts(seed), stage=self.spec.sop.initial,
-                            patience=PATIENCE[(seed // len(self.data.scenarios)) % len(PATIENCE)])
+                            patience=PATIENCE[(index // len(self.data.scenarios)) % len(PATIENCE)])
         self._ep.customer = "Hi! " + scenario.issue
         return self._obs()
 

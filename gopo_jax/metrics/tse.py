@@ -1,8 +1,9 @@
 """TSE (Task-focused Sequential Engagement) and nTSE, GOPO.md §2.
 
 `TSE(τ) = Σ_t S_t · g_t · w_t` with `w_t = 1/log2(t+1)`, `S_1 = 1`, `S_{t+1} = S_t · c_t`: task progress that the
-customer is still engaged to see, earlier progress worth more. Functions are rlax-style: one unbatched dialogue of
-padded per-turn arrays plus a validity mask; batch with `jax.vmap`.
+customer is still engaged to see, earlier progress worth more. `tse` is rlax-style: one unbatched dialogue of padded
+per-turn arrays plus a validity mask; batch with `jax.vmap`. `ntse` reduces a set of dialogues (ratio of means);
+every report (run summaries, scripted-policy evaluation) computes nTSE with it.
 
 Conventions (also in docs/metrics.md):
 - The turn index `t` of a valid turn is its rank among the valid turns (1, 2, ...), so a mask that is not a
@@ -54,23 +55,23 @@ def tse(gain: Array, cont: Array, mask: Array) -> Array:
     return jnp.sum(jnp.where(mask, s * gain * w, 0.0))
 
 
-def ntse(
-    gain: Array,
-    cont: Array,
-    mask: Array,
-    ref_gain: Array,
-    ref_cont: Array,
-    ref_mask: Array,
-    *,
-    zero_ref_value: float = float("nan"),
-) -> Array:
-    """nTSE = TSE(τ) / TSE(reference τ) for the same customer goal.
+def ntse(tse_values: Array, reference_tse: Array) -> Array:
+    """nTSE of a set of evaluation dialogues: their mean TSE over the reference policy's mean TSE on the same
+    customers (`tse_values[i]` and `reference_tse[i]` are dialogues of one customer), GOPO.md §2.
 
-    The reference arrays may have a different padded length. When the reference TSE is 0 the ratio is undefined
-    (the reference policy made no engaged progress); the result is then `zero_ref_value`, NaN by default so that a
-    `nanmean` over episodes leaves such goals out instead of silently counting them as 0 or infinity.
+    A ratio of means, not a mean of per-dialogue ratios: a customer the reference barely serves would otherwise
+    dominate the mean (TSE / ~0) or have to be dropped. NaN when the reference's mean TSE is 0 (it made no engaged
+    progress to normalise by).
+
+    Args:
+      tse_values: f32[N] TSE of the policy's dialogues.
+      reference_tse: f32[N] TSE of the reference policy's dialogues with the same N customers, in the same order.
+    Returns:
+      f32[] nTSE.
     """
-    ref = tse(ref_gain, ref_cont, ref_mask)
-    value = tse(gain, cont, mask)
-    safe_ref = jnp.where(ref > 0, ref, 1.0)
-    return jnp.where(ref > 0, value / safe_ref, jnp.float32(zero_ref_value))
+    chex.assert_rank([tse_values, reference_tse], 1)
+    chex.assert_equal_shape([tse_values, reference_tse])
+    reference = jnp.mean(jnp.asarray(reference_tse, jnp.float32))
+    defined = reference > 0
+    return jnp.where(defined, jnp.mean(jnp.asarray(tse_values, jnp.float32)) / jnp.where(defined, reference, 1.0),
+                     jnp.nan)

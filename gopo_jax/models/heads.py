@@ -11,6 +11,13 @@ plus a logsumexp and an entropy per reply slot. These heads compute just that:
   `token_log_probs_and_argmax` is the same scan with the arg-max token instead (SFT's accuracy).
 * `all_logits`: every vocabulary column at every given row (sampling a token, `Qwen3.logits`).
 
+The sampled distribution. A rollout draws each token from `SamplingDist`: softmax(filter(z / T)), temperature
+then top-k then top-p (`filter_logits`), and records the token's log-prob under that distribution (GOPO.md §1;
+greedy T == 0 records the model's own log softmax(z)). The policy the RL losses train is that distribution as a
+function of θ, so `token_log_probs_and_entropy` takes the same `SamplingDist` and applies it per chunk: at θ = θ_old
+the recomputed log-prob equals the recorded one and every PPO ratio is 1. The default (T 1, no filter) is the model's
+own distribution and costs nothing extra; a top-p filter sorts each chunk's [chunk, V] logits.
+
 Each takes the output embedding as a plain [V, D] table or as an `EditedEmbedding`: a table with a few rows replaced
 (a LoRA model's trained marker rows, `Qwen3.head_embedding`). The heads compute with the table and patch the edited
 rows or columns in, so the edited [V, D] table is never built: building it would copy the table at every call (every
@@ -20,6 +27,9 @@ n edited rows.
 Matmuls run in h's (compute) dtype; logsumexp, log-probs and entropies are fp32.
 """
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import chex
 import flax.struct
@@ -97,10 +107,90 @@ def row_logits(h: jax.Array, embedding: jax.Array | EditedEmbedding, ids: jax.Ar
     return jnp.einsum("...d,nd->...n", h, rows, preferred_element_type=jnp.float32)
 
 
+def check_filters(top_k: int, top_p) -> None:
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
+    if isinstance(top_p, (int, float)) and not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
+
+
+def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Sets logits outside the top-k and then the top-p nucleus to -inf. logits: float[..., V].
+
+    top_p keeps the smallest prefix (by descending probability) whose mass reaches top_p, i.e. a token is kept
+    when the mass strictly above it is < top_p (Hugging Face's TopPLogitsWarper rule). Ties with the last
+    kept logit are kept too. `top_k` is a static Python number; `top_p` is one too (1 skips the nucleus filter at
+    trace time) or a traced scalar in (0, 1], which always filters (a server compiles one program for every
+    requested top_p). Which tokens are kept is piecewise constant in the logits: the thresholds are computed under
+    `stop_gradient`, so a backward pass differentiates the kept logits only, never the sort.
+    """
+    check_filters(top_k, top_p)
+    vocab = logits.shape[-1]
+    neg_inf = jnp.asarray(-jnp.inf, logits.dtype)
+    if 0 < top_k < vocab:
+        kth = jax.lax.top_k(jax.lax.stop_gradient(logits), top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if not isinstance(top_p, (int, float)) or top_p < 1.0:
+        sorted_desc = -jnp.sort(-jax.lax.stop_gradient(logits), axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_above = jnp.cumsum(probs, axis=-1) - probs
+        threshold = jnp.min(jnp.where(mass_above < top_p, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, neg_inf, logits)
+    return logits
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingDist:
+    """The distribution a token is sampled from, as a function of the model's logits z: softmax(filter(z / T)),
+    temperature first, then top-k, then top-p (`filter_logits`). temperature == 0 is greedy decoding: the token is
+    argmax z and its recorded log-prob is the model's own log softmax(z), whatever the filters.
+
+    `temperature` and `top_p` are static Python numbers (a trainer's, hashable), or traced scalars where a sampler
+    takes them per call; a traced temperature must be > 0 (the sampler branches greedy decoding off before).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        check_filters(self.top_k, self.top_p)
+        t = self.temperature
+        if isinstance(t, (int, float)) and not (math.isfinite(t) and t >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {t!r}")
+
+    @property
+    def is_model(self) -> bool:
+        """Static: the distribution is the model's own softmax(z) (T 1 without filters, or greedy), so the heads
+        skip the transformation altogether."""
+        t = self.temperature
+        if not isinstance(t, (int, float)) or not isinstance(self.top_p, (int, float)):
+            return False
+        return t == 0 or (t == 1 and self.top_k == 0 and self.top_p == 1)
+
+    def tempered(self, logits: jax.Array) -> jax.Array:
+        """z / T, elementwise (z itself for the model's distribution): a gathered logit tempered here is bitwise
+        the entry of `logits(z)` at that token when the filters keep it."""
+        t = self.temperature
+        return logits if self.is_model or (isinstance(t, (int, float)) and t == 1) else logits / t
+
+    def logits(self, logits: jax.Array) -> jax.Array:
+        """filter(z / T) f32[..., V]: -inf outside the support; softmax of it is the sampled distribution."""
+        if self.is_model:
+            return logits
+        return filter_logits(self.tempered(logits), top_k=self.top_k, top_p=self.top_p)
+
+
 def token_log_probs_and_entropy(h: jax.Array, embedding: jax.Array | EditedEmbedding, targets: jax.Array, *,
-                                chunk: int) -> tuple[jax.Array, jax.Array]:
-    """(log softmax(h E^T)[target] f32[B, N], entropy of softmax(h E^T) f32[B, N]) for h [B, N, D], E [V, D],
-    targets int[B, N] (or h [N, D], targets int[N] without the batch axis).
+                                chunk: int, dist: SamplingDist = SamplingDist()) -> tuple[jax.Array, jax.Array]:
+    """(log π(target) f32[B, N], entropy of π f32[B, N]) with π = the sampled distribution `dist` of the logits
+    h E^T (by default the model's own softmax(h E^T)), for h [B, N, D], E [V, D], targets int[B, N] (or h [N, D],
+    targets int[N] without the batch axis).
+
+    When `dist` filters and its support at these logits excludes the target (the current policy moved after the
+    token was sampled), the target is kept in the support: log π(target) = (z_t / T) − logsumexp over the support
+    ∪ {target}. That stays finite, and at the logits the token was sampled from it is exactly the recorded log-prob
+    (the token was in the support then). The entropy is the filtered distribution's, the target not added.
 
     About `chunk` (static) rows at a time, taken as the same span of positions in every batch row: a chunk is
     [B, chunk / B, V], so it stays split over the batch's devices (a chunk of flattened rows would sit on the
@@ -108,19 +198,20 @@ def token_log_probs_and_entropy(h: jax.Array, embedding: jax.Array | EditedEmbed
     `jax.checkpoint`ed, so the backward pass recomputes each chunk's logits instead of saving B x N x V of them.
     Positions are spread evenly over the chunks and padded up to whole chunks (padding is computed and dropped).
     """
-    logp, entropy, _ = _chunked_token_statistics(h, embedding, targets, chunk=chunk)
+    logp, entropy, _ = _chunked_token_statistics(h, embedding, targets, chunk=chunk, dist=dist)
     return logp, entropy
 
 
 def token_log_probs_and_argmax(h: jax.Array, embedding: jax.Array | EditedEmbedding, targets: jax.Array, *,
                                chunk: int) -> tuple[jax.Array, jax.Array]:
     """(log softmax(h E^T)[target] f32[B, N], argmax_v (h E^T)[v] int32[B, N]): `token_log_probs_and_entropy`'s
-    scan, with the most likely token (first of ties, as `jnp.argmax`) in place of the entropy."""
-    logp, _, argmax = _chunked_token_statistics(h, embedding, targets, chunk=chunk)
+    scan under the model's own distribution (SFT's likelihood), with the most likely token (first of ties, as
+    `jnp.argmax`) in place of the entropy."""
+    logp, _, argmax = _chunked_token_statistics(h, embedding, targets, chunk=chunk, dist=SamplingDist())
     return logp, argmax
 
 
-def _chunked_token_statistics(h, embedding, targets, *, chunk):
+def _chunked_token_statistics(h, embedding, targets, *, chunk, dist: SamplingDist):
     if not isinstance(chunk, int) or chunk <= 0:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     unbatched = h.ndim == 2
@@ -141,14 +232,27 @@ def _chunked_token_statistics(h, embedding, targets, *, chunk):
     t_chunks = jnp.pad(targets.astype(jnp.int32), ((0, 0), (0, pad))).reshape(b, num_chunks, span).swapaxes(0, 1)
 
     def one_chunk(hc, tc):
-        # [B, span, V]: the only vocabulary-wide buffer; the matmul accumulates in fp32.
+        # [B, span, V]: the only vocabulary-wide buffer (with its transformed copy under a sampling filter); the
+        # matmul accumulates in fp32.
         logits = all_logits(hc, output)
-        lse = jax.nn.logsumexp(logits, axis=-1)
+        argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        probs = jnp.exp(logits - lse[..., None])
-        # H = -Σ p log p = lse - Σ p·logit: no second [chunk, V] log-softmax buffer.
-        entropy = lse - jnp.sum(probs * logits, axis=-1)
-        return target_logit - lse, entropy, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if dist.is_model:
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            probs = jnp.exp(logits - lse[..., None])
+            # H = -Σ p log p = lse - Σ p·logit: no second [chunk, V] log-softmax buffer.
+            return target_logit - lse, lse - jnp.sum(probs * logits, axis=-1), argmax
+        sampled = dist.logits(logits)  # -inf outside the support
+        in_support = jnp.isfinite(sampled)
+        support_lse = jax.nn.logsumexp(sampled, axis=-1)
+        target_tempered = dist.tempered(target_logit)
+        # A target the current filter drops is kept in the support (see `token_log_probs_and_entropy`).
+        dropped = ~jnp.take_along_axis(in_support, tc[..., None], axis=-1)[..., 0]
+        lse = jnp.where(dropped, jnp.logaddexp(support_lse, target_tempered), support_lse)
+        probs = jnp.exp(sampled - support_lse[..., None])
+        # 0 rather than -inf off the support: p·(-inf) would be NaN, in the backward pass too.
+        entropy = support_lse - jnp.sum(probs * jnp.where(in_support, sampled, 0.0), axis=-1)
+        return target_tempered - lse, entropy, argmax
 
     if num_chunks == 1:
         # Everything fits in one chunk: no loop, and the backward keeps this chunk's logits rather than recomputing

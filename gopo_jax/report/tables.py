@@ -14,20 +14,28 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from gopo_jax.metrics.reporting import mean_ci_over_seeds, paired_difference
 
-# Metrics of a run summary block; `ntse` is a plain number there, the others are mean_ci dicts.
-METRICS = ("tse", "ntse", "gre", "esndcg", "alignment", "sop_validity", "outcome", "turns")
-HEADLINE = ("tse", "gre", "ntse", "alignment", "sop_validity", "outcome")
-# Relative differences are reported for the paper's metrics.
+# Metrics of a run summary block; `ntse` is a plain number there, the others are mean_ci dicts, or null for a metric
+# the method does not have (alignment without an Expert: gopo_jax.train.report.EXPERT_ONLY), shown as "—".
+# Each means the same for every method (docs/metrics.md, "One meaning per column").
+METRICS = ("tse", "ntse", "gre", "esndcg", "alignment", "recognised", "sop_validity", "outcome", "turns")
+HEADLINE = ("tse", "gre", "ntse", "esndcg", "alignment", "recognised", "sop_validity", "outcome")
+UNDEFINED = "—"
+# Relative differences are reported for the paper's metrics (every metric's paired difference marks its cells).
 RELATIVE = ("tse", "gre")
+# A run's change from its own SFT start (the warm start it began from, evaluated on the same customers).
+FROM_SFT = ("tse", "gre", "esndcg")
 # Metrics that can be zero or negative (GRE is a mean of R_B, which penalties push below 0): a percentage of such a
 # baseline is meaningless (it flips sign and explodes near 0), so the tables show their absolute paired difference.
 SIGNED = ("gre",)
 
 
 def run_value(summary: Mapping[str, Any], metric: str) -> float:
-    """A finished run's episode-mean of `metric`, read from its own method block (`summary["method"]`)."""
+    """A finished run's episode-mean of `metric`, read from its own method block (`summary["method"]`); NaN when
+    the block has none."""
     block = summary[summary["method"]]
-    value = block[metric]
+    value = block.get(metric)
+    if value is None:  # a metric the method does not have (alignment without an Expert), or an older summary's
+        return float("nan")
     return float(value["mean"] if isinstance(value, Mapping) else value)
 
 
@@ -35,25 +43,45 @@ def _finite(x: float) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+def _undefined() -> dict:
+    """The cell of a metric a method does not have (alignment without an Expert)."""
+    return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0, "undefined": True}
+
+
 def aggregate(records: Iterable[tuple[str, str, int, Mapping[str, Any]]], *, gopo_label: str = "gopo",
               metrics: Sequence[str] = METRICS, n_boot: int = 10000) -> dict:
     """-> {"table": {env: {label: {metric: ci}}}, "relative": {env: {label: {metric: diff}}},
-    "reference": {env: {metric: ci}}, "seeds": {env: {label: [seeds]}}}.
+    "from_sft": {env: {label: {metric: diff}}}, "reference": {env: {metric: ci}}, "seeds": {env: {label: [seeds]}}}.
 
-    `ci` is `mean_ci_over_seeds(...)` (mean, lo, hi, n, per_seed); `diff` is `paired_difference(GOPO, label)`.
+    `ci` is `mean_ci_over_seeds(...)` (mean, lo, hi, n, per_seed), or an `undefined` cell when the method has no
+    such metric (NaN in every seed's summary: alignment without an Expert). `relative[env][label][m]` is
+    `paired_difference(GOPO, label)` for every metric both have (its `significant` marks the table's cells);
+    `from_sft[env][label][m]` is `paired_difference(final, SFT start)` of each run, paired by seed.
     A label with one seed gets lo = hi = NaN (no interval from one unit).
     """
     by = {}
     for env, label, seed, summary in records:
         by.setdefault(env, {}).setdefault(label, {})[int(seed)] = summary
-    table, relative, reference, seeds = {}, {}, {}, {}
+    table, relative, from_sft, reference, seeds = {}, {}, {}, {}, {}
+
+    def values(runs, order, metric):
+        out = [run_value(runs[s], metric) for s in order]
+        return None if all(math.isnan(v) for v in out) else out
+
     for env, labels in by.items():
-        table[env], relative[env], seeds[env] = {}, {}, {}
+        table[env], relative[env], from_sft[env], seeds[env] = {}, {}, {}, {}
         for label, runs in labels.items():
             order = sorted(runs)
             seeds[env][label] = order
-            table[env][label] = {m: mean_ci_over_seeds([run_value(runs[s], m) for s in order], n_boot=n_boot)
-                                 for m in metrics}
+            row = {}
+            for m in metrics:
+                v = values(runs, order, m)
+                row[m] = _undefined() if v is None else mean_ci_over_seeds(v, n_boot=n_boot)
+            table[env][label] = row
+            from_sft[env][label] = {
+                m: paired_difference([run_value(runs[s], m) for s in order],
+                                     [float(runs[s]["sft"][m]["mean"]) for s in order], n_boot=n_boot)
+                for m in FROM_SFT if all(m in runs[s].get("sft", {}) for s in order)}
         # The environment's reference policy is evaluated on the same customers in every run of a seed.
         any_runs = next(iter(labels.values()))
         order = sorted(any_runs)
@@ -68,17 +96,21 @@ def aggregate(records: Iterable[tuple[str, str, int, Mapping[str, Any]]], *, gop
             common = sorted(set(gopo) & set(runs))
             if not common:
                 continue
-            relative[env][label] = {
-                m: paired_difference([run_value(gopo[s], m) for s in common], [run_value(runs[s], m) for s in common],
-                                     n_boot=n_boot) for m in RELATIVE}
-    return {"table": table, "relative": relative, "reference": reference, "seeds": seeds}
+            pairs = {m: (values(gopo, common, m), values(runs, common, m)) for m in metrics}
+            relative[env][label] = {m: paired_difference(a, b, n_boot=n_boot)
+                                    for m, (a, b) in pairs.items() if a is not None and b is not None}
+    return {"table": table, "relative": relative, "from_sft": from_sft, "reference": reference, "seeds": seeds}
 
 
-def _ci_cell(ci: Mapping[str, Any], digits: int = 3) -> str:
+def _ci_cell(ci: Mapping[str, Any], digits: int = 3, diff: Mapping[str, Any] | None = None) -> str:
+    """`mean [lo, hi]`, with ` *` when `diff` (GOPO's paired difference from this cell) is significant."""
+    if ci.get("undefined"):
+        return "—"
+    mark = " *" if diff is not None and diff.get("significant") else ""
     lo, hi = _finite(ci.get("lo")), _finite(ci.get("hi"))
     if lo is None or hi is None:
-        return f"{ci['mean']:.{digits}f} (n={ci.get('n', 1)})"
-    return f"{ci['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+        return f"{ci['mean']:.{digits}f} (n={ci.get('n', 1)}){mark}"
+    return f"{ci['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]{mark}"
 
 
 def _diff_cell(d: Mapping[str, Any]) -> str:
@@ -105,7 +137,9 @@ def markdown(results: Mapping[str, Any], *, gopo_label: str = "gopo", metrics: S
     lines.append("Each cell: mean over seeds of the per-seed evaluation means, with a 95% BCa bootstrap "
                  "interval over seeds in brackets (few seeds make these intervals optimistic; `n` = seeds).")
     lines.append("Relative difference: 100·mean(GOPO − M)/mean(M), paired by seed, with its 95% interval; `*` "
-                 "marks a difference whose interval excludes 0.")
+                 "marks a difference whose interval excludes 0. In the main table, `*` after a method's cell marks a "
+                 "paired difference from GOPO on that metric whose 95% BCa interval excludes 0; `—`: the method has "
+                 "no such metric (alignment without an Expert).")
     for env, labels in results.get("table", {}).items():
         lines += ["", f"## {env}", "", "| method | seeds | " + " | ".join(metrics) + " |",
                   "|---|---|" + "---|" * len(metrics)]
@@ -113,18 +147,27 @@ def markdown(results: Mapping[str, Any], *, gopo_label: str = "gopo", metrics: S
         if ref:
             lines.append("| reference policy | " + str(ref["tse"].get("n")) + " | " + " | ".join(
                 _ci_cell(ref[m]) if m in ref else "" for m in metrics) + " |")
+        rel = results.get("relative", {}).get(env, {})
         for label, row in labels.items():
             n = results.get("seeds", {}).get(env, {}).get(label, [])
-            lines.append(f"| {label} | {len(n)} | " + " | ".join(_ci_cell(row[m]) for m in metrics) + " |")
-        rel = results.get("relative", {}).get(env, {})
+            diffs = rel.get(label, {})
+            lines.append(f"| {label} | {len(n)} | " + " | ".join(_ci_cell(row[m], diff=diffs.get(m))
+                                                                 for m in metrics) + " |")
         if rel:
-            keys = list(next(iter(rel.values())))
+            keys = [k for k in RELATIVE if all(k in d for d in rel.values())]
             lines += ["", f"GOPO ({gopo_label}) relative to each method:", "",
                       "| vs method | " + " | ".join(f"Δ{k} (absolute)" if k in SIGNED else f"Δ{k} %" for k in keys)
                       + " |", "|---|" + "---|" * len(keys)]
             for label, diffs in rel.items():
                 lines.append(f"| {label} | " + " | ".join(
                     _diff_cell(diffs[k]) if k in SIGNED else _rel_cell(diffs[k]) for k in keys) + " |")
+        start = results.get("from_sft", {}).get(env, {})
+        if start:
+            keys = [k for k in FROM_SFT if all(k in d for d in start.values())]
+            lines += ["", "Change from each run's own SFT start (final − SFT, paired by seed, same customers):", "",
+                      "| method | " + " | ".join(f"Δ{k}" for k in keys) + " |", "|---|" + "---|" * len(keys)]
+            for label, diffs in start.items():
+                lines.append(f"| {label} | " + " | ".join(_diff_cell(diffs[k]) for k in keys) + " |")
     failed = [r for r in results.get("runs", []) if r.get("status") == "failed"]
     if failed:
         lines += ["", "## Failed runs", "", "| environment | method | seed | error |", "|---|---|---|---|"]
@@ -146,4 +189,31 @@ def markdown(results: Mapping[str, Any], *, gopo_label: str = "gopo", metrics: S
                       f"{geval['criteria']} of the judge's probability-weighted 1-5 scores of its held-out turns."]
     if "wall_seconds" in results:
         lines += ["", f"Wall time of this invocation: {results['wall_seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def tuning_markdown(tuning: Mapping[str, Any]) -> str:
+    """The equal tuning budget: each grid's settings, their validation scores (mean [95% CI] over the tuning seeds)
+    and the setting selected, per environment."""
+    lines = ["", "## Tuning (validation customers)", ""]
+    selection = tuning.get("selection", {})
+    if not selection:
+        return "\n".join(lines + ["No method was tuned.", ""])
+    for env, by_label in selection.items():
+        for label, entry in by_label.items():
+            lines += [f"### {env} · {label} (by validation {entry['metric']}, {entry['tuning_seeds']} seeds)", "",
+                      "| setting | overrides | validation score | selected |", "|---|---|---|---|"]
+            for setting, overrides in entry["grid"].items():
+                shown = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(the method's defaults)"
+                score = entry["scores"].get(setting)
+                cell = _ci_cell(score) if score is not None else "not finished"
+                chosen = "**selected**" if setting == entry.get("setting") else ""
+                lines.append(f"| {setting} | {shown} | {cell} | {chosen} |")
+            if not entry.get("complete"):
+                lines.append("")
+                lines.append("Tuning not finished: the runs this grid tunes wait for it.")
+            lines.append("")
+    wall = tuning.get("wall_seconds")
+    if wall:
+        lines.append(f"Tuning runs trained in this invocation took {wall:.0f} s in all.")
     return "\n".join(lines) + "\n"

@@ -31,14 +31,16 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def build_api(workdir, *, step: int | None = None, model_name: str | None = None, api_key: str | None = None,
-              batch_buckets=None, max_wait_s: float = 0.005, warmup: bool = True):
+              batch_buckets=None, max_wait_s: float = 0.005, warmup: bool = True, n_candidates: int = 1,
+              max_candidates: int | None = None, candidate_temperature: float = 0.7):
     """The ServedAPI of the run in `workdir`, its programs compiled when `warmup` (the default)."""
     from gopo_jax.export import load_run  # noqa: PLC0415  (JAX and the run's world: only when serving)
     from gopo_jax.serve.api import ServedAPI  # noqa: PLC0415
     from gopo_jax.serve.engine import DEFAULT_BUCKETS, Engine, Sampling  # noqa: PLC0415
 
     run = load_run(workdir, step)
-    engine = Engine(run, batch_buckets=tuple(batch_buckets or DEFAULT_BUCKETS))
+    engine = Engine(run, batch_buckets=tuple(batch_buckets or DEFAULT_BUCKETS), n_candidates=n_candidates,
+                    max_candidates=max_candidates, candidate_temperature=candidate_temperature)
     if warmup:
         s = run.config.sampling
         seconds = engine.warmup([Sampling(temperature=0.0),
@@ -90,6 +92,10 @@ def define_flags() -> None:
                                          "loopback)")
     flags.DEFINE_list("batch_buckets", ["1", "4", "16"], "device batch sizes compiled at start-up; the largest is "
                                                          "the most rows one device call answers")
+    flags.DEFINE_integer("n_candidates", 1, "candidate replies drawn per turn by default (GOPO.md §1: the first "
+                         "aligned, SOP-valid one is returned, else the most likely); requests set gopo_n_candidates")
+    flags.DEFINE_integer("max_candidates", None, "the most candidates a request may ask for (default: n_candidates)")
+    flags.DEFINE_float("candidate_temperature", 0.7, "the temperature of candidates 1.. for a greedy request")
     flags.DEFINE_float("max_wait_ms", 5.0, "how long the first queued request waits for others to share its batch")
 
 
@@ -109,7 +115,8 @@ def main(argv) -> None:
                            "who can reach the port can query the model")
         buckets = [int(b) for b in f.batch_buckets]
         served = build_api(f.workdir, step=f.step, model_name=f.model_name, api_key=api_key,
-                           batch_buckets=buckets, max_wait_s=f.max_wait_ms / 1000)
+                           batch_buckets=buckets, max_wait_s=f.max_wait_ms / 1000, n_candidates=f.n_candidates,
+                           max_candidates=f.max_candidates, candidate_temperature=f.candidate_temperature)
     except (RunError, CheckpointError, ValueError) as e:
         command_line.fail(str(e))
     import uvicorn  # noqa: PLC0415

@@ -19,6 +19,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import math
 import time
 import uuid
 from typing import Any, Literal
@@ -84,6 +85,8 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     gopo_stage: int | str | None = None  # the SOP stage of the new turn (worlds without a realisation check)
+    # Candidate replies the CS drafts for the filter (first aligned, SOP-valid one kept); None: the server's default.
+    gopo_n_candidates: int | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
 
@@ -271,12 +274,17 @@ class ServedAPI:
         if max_tokens > reply_len:
             raise APIError(400, f"{field}={max_tokens}: this run's CS writes at most {reply_len} tokens per turn "
                            "(layout.reply_len, what it was trained on)", param=field)
+        n_candidates = self.engine.n_candidates if req.gopo_n_candidates is None else req.gopo_n_candidates
+        if isinstance(n_candidates, bool) or not 1 <= n_candidates <= self.engine.max_candidates:
+            raise APIError(400, f"gopo_n_candidates={n_candidates}: this server drafts 1..{self.engine.max_candidates} "
+                           "candidate replies per turn (its max_candidates)", param="gopo_n_candidates")
         wants_alternatives = bool(req.logprobs and req.top_logprobs)
         # The engine compiles a program per (greedy, nucleus filter or not, alternatives or not): tens of seconds in
         # which no request is answered. top_p's value is an argument of the program; greedy decoding ignores it; a
         # request for alternatives gets the most of them (its choices keep the first top_logprobs).
         return Sampling(temperature=req.temperature, top_p=1.0 if req.temperature == 0.0 else req.top_p,
-                        top_logprobs=MAX_TOP_LOGPROBS if wants_alternatives else 0, seed=req.seed), max_tokens
+                        top_logprobs=MAX_TOP_LOGPROBS if wants_alternatives else 0, seed=req.seed,
+                        n_candidates=n_candidates), max_tokens
 
     async def complete(self, req: ChatRequest):
         sampling, max_tokens = self.sampling(req)
@@ -322,8 +330,9 @@ class ServedAPI:
     def _logprob(self, token_id: int, logprob: float, top) -> dict:
         text = self.engine.token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
+                # Tokens outside the sampled distribution's support (top_p) are no alternatives: -inf is left out.
                 "top_logprobs": [{"token": (s := self.engine.token_text(i)), "logprob": float(v),
-                                  "bytes": list(s.encode("utf-8"))} for i, v in top]}
+                                  "bytes": list(s.encode("utf-8"))} for i, v in top if math.isfinite(float(v))]}
 
     def response(self, conversation: Conversation, replies: list[Reply], req: ChatRequest, max_tokens: int) -> dict:
         top_n = (req.top_logprobs or 0) if req.logprobs else 0

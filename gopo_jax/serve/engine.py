@@ -35,10 +35,12 @@ import numpy as np
 from flax import nnx
 
 from gopo_jax.chat import next_stage, realisation_kind, realise
-from gopo_jax.dialogue.rollout import ModelAgents, ModelAgentsState, SamplingConfig, TurnInput, make_header
+from gopo_jax.dialogue.rollout import (ModelAgents, ModelAgentsState, SamplingConfig, TurnInput, bind_realiser,
+                                       make_header)
 from gopo_jax.dialogue.sop import UNRECOGNISED
 from gopo_jax.export import RestoredRun
 from gopo_jax.models import qwen3
+from gopo_jax.models.heads import SamplingDist
 
 _log = logging.getLogger(__name__)
 DEFAULT_BUCKETS = (1, 4, 16)
@@ -84,6 +86,7 @@ class Sampling:
     top_p: float = 1.0
     top_logprobs: int = 0  # > 0: the top alternatives of every reply token
     seed: int | None = None  # a seeded request runs in a batch of its own, so its draw depends on the seed only
+    n_candidates: int = 1  # the deployment-time filter (GOPO.md §1; `Engine.max_candidates` bounds it)
 
     @property
     def greedy(self) -> bool:
@@ -106,9 +109,17 @@ class Reply:
 class Engine:
     """A restored run ready to answer conversations (`encode`, then `answer` on a batch)."""
 
-    def __init__(self, run: RestoredRun, *, batch_buckets: tuple[int, ...] = DEFAULT_BUCKETS):
+    def __init__(self, run: RestoredRun, *, batch_buckets: tuple[int, ...] = DEFAULT_BUCKETS, n_candidates: int = 1,
+                 max_candidates: int | None = None, candidate_temperature: float = 0.7):
         if not batch_buckets or any(b < 1 for b in batch_buckets):
             raise ValueError(f"batch_buckets must be positive sizes, got {batch_buckets!r}")
+        # n is static in a program: requests may ask for 1..max_candidates, so at most that many programs per
+        # bucket and sampling kind (warmup compiles the default's).
+        max_candidates = n_candidates if max_candidates is None else max_candidates
+        if not 1 <= n_candidates <= max_candidates:
+            raise ValueError(f"n_candidates must be in 1..max_candidates ({max_candidates}), got {n_candidates}")
+        if not candidate_temperature > 0:
+            raise ValueError(f"candidate_temperature must be > 0, got {candidate_temperature}")
         self.run, self.world = run, run.world
         self.vocab, self.layout, self.sop = self.world.vocab, self.world.layout, self.world.spec.sop
         self.codec = self.world.codec()
@@ -122,6 +133,11 @@ class Engine:
         # reply slot's ids (at most layout.reply_len of them), not by the text, which a client may make 1 MiB long.
         self._realised_slot = functools.lru_cache(maxsize=8192)(self._realise_slot)
         self._device_realises = self.world.kind == "jax" and realisation_kind(self.world) is not None
+        if max_candidates > 1 and not self._device_realises:
+            raise ValueError("n_candidates > 1 (the deployment-time filter) needs a pure-JAX world with a realisation "
+                             f"check; {self.world.spec.name} has none on the device: serve with max_candidates=1")
+        self.n_candidates, self.max_candidates = n_candidates, max_candidates
+        self.candidate_temperature = float(candidate_temperature)
 
     # ------------------------------------------------------------------------------------------ requests -> slots
     def _world_context(self) -> tuple[np.ndarray, np.ndarray]:
@@ -239,14 +255,18 @@ class Engine:
         return rows
 
     def _turn(self, params, rows: dict, key, temperature, top_p, *, greedy: bool, filtered: bool,
-              top_logprobs: int):
-        """The device program: read the contexts, replay the finished turns, answer the new one."""
+              top_logprobs: int, n_candidates: int):
+        """The device program: read the contexts, replay the finished turns, answer the new one. With the filter,
+        candidate 0 is the request's own draw; the others are drawn at the request's temperature, or at the server's
+        candidate_temperature for a greedy request (n greedy drafts would be one)."""
         vocab = self.vocab
         sampling = SamplingConfig(temperature=0.0 if greedy else temperature, top_k=0,
                                   top_p=top_p if filtered and not greedy else 1.0,
                                   expert_greedy=greedy, expert_temperature=1.0 if greedy else temperature,
-                                  sop_mask=self.sop_mask, use_expert=self.use_expert)
+                                  sop_mask=self.sop_mask, use_expert=self.use_expert, n_candidates=n_candidates,
+                                  candidate_temperature=self.candidate_temperature if greedy else temperature)
         agents = ModelAgents(self.run.components.expert_gd, self.run.components.cs_gd, vocab, self.layout, sampling)
+        agents = bind_realiser(agents, self.world.env)
         carry = agents.init(params, rows["context"], rows["context_valid"])
 
         def past_turn(carry, turn):
@@ -263,17 +283,20 @@ class Engine:
                         header_valid=header_valid, allowed=rows["allowed"], active=rows["active"], env_state=None)
         after, action = agents.act(params, carry, inp, key)
         del after
-        top = self._top_logprobs(params, carry, inp, action, top_logprobs) if top_logprobs else None
+        # The alternatives are read from the distribution the reply was drawn from (the request's temperature and
+        # top_p; greedy: the model's own), the same one the written tokens' recorded log-probs come from.
+        dist = SamplingDist(temperature=sampling.temperature, top_p=sampling.top_p)
+        top = self._top_logprobs(params, carry, inp, action, top_logprobs, dist) if top_logprobs else None
         realised = None
         if self._device_realises:  # the world's check is pure JAX: realise the replies where they are
             out = jax.vmap(self.world.env.realise)(action.reply, action.reply_valid)
             realised = out[0] if isinstance(out, tuple) else out
         return action, top, realised
 
-    def _top_logprobs(self, params, carry: ModelAgentsState, inp: TurnInput, action, n: int):
+    def _top_logprobs(self, params, carry: ModelAgentsState, inp: TurnInput, action, n: int, dist: SamplingDist):
         """(written f32[B, Lr], log-probs f32[B, Lr, n], ids int32[B, Lr, n]): the written tokens' log-probs and
-        the CS's best `n` tokens at every reply slot, from one forward pass over the new turn as written (only a
-        request that asks for them pays for [B, Lr, V])."""
+        the CS's best `n` tokens at every reply slot under `dist`, from one forward pass over the new turn as written
+        (only a request that asks for them pays for [B, Lr, V])."""
         cs = nnx.merge(self.run.components.cs_gd, params["cs"])
         strategy_ids = jnp.asarray(self.vocab.strategy_ids, jnp.int32)
         decision = jnp.where(action.decision_valid, strategy_ids[jnp.clip(action.strategy, 0)], self.vocab.pad)
@@ -290,17 +313,21 @@ class Engine:
         predictors = jnp.concatenate([first[:, None], jnp.broadcast_to(decision_slot + jnp.arange(lr - 1),
                                                                        (first.shape[0], lr - 1))], axis=1)
         hidden = jnp.take_along_axis(h, predictors[:, :, None], axis=1)
-        logp = jax.nn.log_softmax(cs.logits(hidden).astype(jnp.float32), axis=-1)
+        logp = jax.nn.log_softmax(dist.logits(cs.logits(hidden).astype(jnp.float32)), axis=-1)
         # The written token's log-prob from the same pass, so that it equals its entry among the alternatives.
         written = jnp.take_along_axis(logp, action.reply[:, :, None], axis=-1)[:, :, 0]
         return (written, *jax.lax.top_k(logp, n))
 
     def _program(self, bucket: int, sampling: Sampling):
         filtered = not sampling.greedy and sampling.top_p < 1.0
-        key = (bucket, sampling.greedy, filtered, sampling.top_logprobs)
+        if not 1 <= sampling.n_candidates <= self.max_candidates:
+            raise RequestError(f"gopo_n_candidates={sampling.n_candidates}: this server draws 1..{self.max_candidates} "
+                               "candidate replies per turn", "gopo_n_candidates")
+        key = (bucket, sampling.greedy, filtered, sampling.top_logprobs, sampling.n_candidates)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(functools.partial(
-                self._turn, greedy=sampling.greedy, filtered=filtered, top_logprobs=sampling.top_logprobs))
+                self._turn, greedy=sampling.greedy, filtered=filtered, top_logprobs=sampling.top_logprobs,
+                n_candidates=sampling.n_candidates))
         return self._compiled[key]
 
     def bucket(self, rows: int) -> int:

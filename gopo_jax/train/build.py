@@ -24,7 +24,9 @@ from gopo_jax import parallel
 from gopo_jax.algorithms.gopo import GOPOHyper
 from gopo_jax.algorithms.sft import make_warm_start_loss
 from gopo_jax.dialogue.rollout import SamplingConfig
+from gopo_jax.envs import customers
 from gopo_jax.metrics.episode import EpisodeMetricSettings
+from gopo_jax.models.heads import SamplingDist
 from gopo_jax.models import hf_io, markers, qwen3
 from gopo_jax.train import schedule
 from gopo_jax.train.methods import Method, MethodContext, make_method
@@ -35,14 +37,22 @@ from gopo_jax.train.world import World, build_world, lora_agents, pretrained_sou
 _AGENTS = ("expert", "cs")  # the parameters the warm start trains
 
 
+def expert_temperature(config) -> float:
+    """sampling.expert_temperature; a run's config.json written before the key: 1."""
+    return float(config.sampling.get("expert_temperature", 1.0))
+
+
 def hyper_from_config(config) -> GOPOHyper:
-    g = config.gopo
+    """The losses' hyper-parameters; they include the rollout's sampling, whose distributions the losses score."""
+    g, s = config.gopo, config.sampling
     return GOPOHyper(group_size=config.train.group_size, expert_loss=g.expert_loss, beta_pref=g.beta_pref,
                      pref_margin=g.pref_margin, expert_reference=g.expert_reference, beta_expert=g.beta_expert,
                      clip_eps=g.clip_eps, lambda_b=g.lambda_b, lambda_s=g.lambda_s, alpha=g.alpha, beta_cs=g.beta_cs,
                      kl_clamp=g.kl_clamp, aggregation=g.aggregation, constraint=g.constraint, mu_lr=g.mu_lr,
                      delta=g.delta, use_esndcg=g.use_esndcg, esndcg_p=g.esndcg_p, sop_mask=g.sop_mask,
-                     use_expert=g.use_expert)
+                     use_expert=g.use_expert, cs_sampling=SamplingDist(temperature=s.temperature, top_k=s.top_k,
+                                                                       top_p=s.top_p),
+                     expert_temperature=expert_temperature(config))
 
 
 def demo_split(config) -> tuple[int, int]:
@@ -82,11 +92,19 @@ def validate_config(config) -> None:
          "gopo.aggregation: 'token-mean' or 'seq-mean-token-mean'"),
         (0.0 < config.gopo.esndcg_p <= 1.0, "gopo.esndcg_p must be in (0, 1]"),
         (config.eval.episodes >= 1, "eval.episodes must be >= 1"),
+        # .get: a run's config.json written before the key evaluated the test customers.
+        (config.eval.get("split", "test") in customers.EVAL_SPLITS,
+         "eval.split: 'validation' (tune methods on these held-out customers) or 'test' (report these)"),
+        (config.eval.seed >= 0, "eval.seed must be >= 0 (the first held-out customer of eval.split)"),
         *_range_checks(config),
     ]
     for ok, msg in checks:
         if not ok:
             raise ValueError(f"bad config: {msg}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _finite_at_least(value, low: float, *, open_low: bool = False) -> bool:
@@ -105,12 +123,18 @@ def _range_checks(config) -> list[tuple[bool, str]]:
         (_finite_at_least(s.temperature, 0.0), "sampling.temperature must be a finite number >= 0 (0: greedy)"),
         (s.top_k >= 0, "sampling.top_k must be >= 0 (0: no top-k filter)"),
         (0.0 < s.top_p <= 1.0, "sampling.top_p must be in (0, 1] (1: no nucleus filter)"),
+        (_finite_at_least(expert_temperature(config), 0.0, open_low=True),
+         "sampling.expert_temperature must be a finite number > 0"),
         (all(_finite_at_least(lr, 0.0) for lr in (t.lr_expert, t.lr_cs, config.sft.learning_rate)),
          "train.lr_expert, train.lr_cs and sft.learning_rate must be finite numbers >= 0"),
         (_finite_at_least(t.clip_norm, 0.0, open_low=True),
          "train.clip_norm must be a finite number > 0 (the global gradient norm an update is clipped to)"),
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (config.eval.get("judge_dialogues", 0) >= 0, "eval.judge_dialogues must be >= 0"),
+        (_is_int(n_candidates := config.eval.get("n_candidates", 1)) and n_candidates >= 1,
+         "eval.n_candidates must be an int >= 1 (1: no deployment-time filter)"),
+        (_finite_at_least(config.eval.get("candidate_temperature", 0.7), 0.0, open_low=True),
+         "eval.candidate_temperature must be a finite number > 0 (the draws of filter candidates 1..n-1)"),
         (all(n >= 1 for n in layout),
          "layout.context_len, layout.customer_len, layout.reply_len and layout.max_turns must be >= 1"),
         (all(n == -1 or n >= 1 for n in sizes),
@@ -126,6 +150,11 @@ def _range_checks(config) -> list[tuple[bool, str]]:
         (all(_finite_at_least(b, 0.0) for b in (g.beta_expert, g.beta_cs, g.mu_lr)),
          "gopo.beta_expert, gopo.beta_cs and gopo.mu_lr must be finite numbers >= 0 (0: off)"),
     ]
+
+
+def eval_sampling_filter(config) -> tuple[int, float]:
+    """(eval.n_candidates, eval.candidate_temperature); a run's config.json written before the keys: (1, 0.7)."""
+    return int(config.eval.get("n_candidates", 1)), float(config.eval.get("candidate_temperature", 0.7))
 
 
 def model_fingerprint(world: World) -> dict:
@@ -228,7 +257,8 @@ class Components:
         return params
 
     def eval_episodes(self):
-        return self.world.eval_episodes(self.config.eval.seed, self.config.eval.episodes)
+        return self.world.eval_episodes(self.config.eval.seed, self.config.eval.episodes,
+                                        self.config.eval.get("split", "test"))
 
     def sft_batch_size(self, n_train: int) -> int:
         """sft.batch_size, at most the demonstrations, rounded down to a multiple of the mesh (even shards)."""
@@ -243,16 +273,22 @@ def build(config, workdir: str | pathlib.Path | None) -> Components:
     """Validates `config` and builds the run's components; the tokenizer is kept in `workdir/tokenizer`."""
     validate_config(config)
     world = build_world(config, workdir)
+    if eval_sampling_filter(config)[0] > 1 and world.kind != "jax":
+        raise ValueError(f"bad config: eval.n_candidates > 1 (the deployment-time filter) needs a pure-JAX world "
+                         f"such as synthetic_shop; {world.spec.name} realises replies on the host: set it to 1")
     hyper = hyper_from_config(config)
     settings = EpisodeMetricSettings.from_config(config, spec_max_relevance=world.spec.max_relevance,
                                                  t_max=world.spec.max_turns)
     expert_gd, cs_gd = agent_graphdefs(world)
     method = make_method(config.method, MethodContext(config=config, world=world, expert_gd=expert_gd, cs_gd=cs_gd,
                                                       hyper=hyper, metric_settings=settings))
-    train_sampling = SamplingConfig(temperature=config.sampling.temperature, top_k=config.sampling.top_k,
-                                    top_p=config.sampling.top_p, sop_mask=hyper.sop_mask,
-                                    use_expert=method.use_expert)
-    eval_sampling = dataclasses.replace(train_sampling, temperature=0.0, expert_greedy=True)
+    # From the hyper-parameters: the losses score exactly the distributions the rollout samples from.
+    train_sampling = SamplingConfig(temperature=hyper.cs_sampling.temperature, top_k=hyper.cs_sampling.top_k,
+                                    top_p=hyper.cs_sampling.top_p, expert_temperature=hyper.expert_temperature,
+                                    sop_mask=hyper.sop_mask, use_expert=method.use_expert)
+    n_candidates, candidate_temperature = eval_sampling_filter(config)
+    eval_sampling = dataclasses.replace(train_sampling, temperature=0.0, expert_greedy=True,
+                                        n_candidates=n_candidates, candidate_temperature=candidate_temperature)
     lrs = dict(method.learning_rates)
     lora_groups = lora_agents(config)
     # The warm start trains the two agents only (a method's extra parameters keep their initial values), so it is

@@ -263,7 +263,8 @@ class Trainer:
 
     def _log_eval(self, loggers, step: int, ep: dict, reference: dict) -> None:
         for i, logger in enumerate(loggers):
-            logger.log(step, report.eval_record(_row(ep, i), _row(reference, i)), prefix="eval")
+            logger.log(step, report.eval_record(_row(ep, i), _row(reference, i),
+                                                use_expert=self.c.method.use_expert), prefix="eval")
 
     def run(self) -> list[dict]:
         """Each seed's summary; `{"stopped": True, "iteration": step}` for each seed when SIGTERM stopped it."""
@@ -364,7 +365,8 @@ class Trainer:
                 step += 1
                 for i, logger in enumerate(loggers):
                     metrics = {k: float(v[i].mean()) for k, v in stats.items()}
-                    metrics.update({f"rollout_{k}": float(v[i].mean()) for k, v in rollout.items()})
+                    metrics.update({f"rollout_{k}": float(v[i].mean())
+                                    for k, v in report.defined_metrics(rollout, use_expert=method.use_expert).items()})
                     logger.log(step, metrics, prefix="train")
                 # stats are [seeds, epochs, minibatches]: every update of this iteration is logged at `step`.
                 updates = stats["nonfinite"][0].size
@@ -385,10 +387,10 @@ class Trainer:
 
     def _finish(self, loggers, state, sft_eval, final, reference, sft_head, final_head, wall) -> list[dict]:
         c, ex, method = self.c, self.ex, self.c.method
-        curves = [*report.CURVES, *(report.TRAINING_CURVES if method.trains else ())]
+        curves = report.curve_names(use_expert=method.use_expert, trains=method.trains)
         summaries = []
         for i, (d, logger) in enumerate(zip(self.workdirs, loggers)):
-            summary = report.run_summary(env=c.world.spec.name, method=method.name,
+            summary = report.run_summary(env=c.world.spec.name, method=method.name, use_expert=method.use_expert,
                                          eval_episodes=c.config.eval.episodes, sft=_row(sft_eval, i),
                                          final=_row(final, i), reference=_row(reference, i), wall=wall,
                                          params=ex.seed_slice(state.params, i))

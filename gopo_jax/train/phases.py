@@ -140,7 +140,17 @@ class Phases:
     def evaluate(self, params, extras, seed) -> tuple[dict[str, jax.Array], Trajectory]:
         acting = self.c.method.acting_params(params, extras)
         traj = self._rollout(self.c.eval_rollout, acting, self.c.eval_episodes(), schedule.eval_key(seed))
-        return self.metrics(traj), self.head(traj)
+        return self.eval_metrics(traj), self.head(traj)
+
+    def eval_metrics(self, traj: Trajectory) -> dict[str, jax.Array]:
+        """The episode metrics, and with the n-candidate filter (`eval.n_candidates` > 1) each dialogue's
+        filter_rescue_rate: the share of its turns whose greedy reply failed the realisation check (aligned and
+        SOP-valid) and a later candidate passed it."""
+        metrics = self.metrics(traj)
+        if traj.filter_rescued is not None:
+            m = traj.turn_mask
+            metrics["filter_rescue_rate"] = jnp.sum(traj.filter_rescued * m, -1) / jnp.maximum(jnp.sum(m, -1), 1)
+        return metrics
 
     def reference_eval(self, seed) -> dict[str, jax.Array]:
         return self.metrics(self._rollout(self.c.reference_rollout, {}, self.c.eval_episodes(),
@@ -232,6 +242,7 @@ class Phases:
             return jax.lax.scan(step, state, group_minibatches(batch, perm, t.group_size, t.minibatches))
 
         state, stats = jax.lax.scan(epoch, state, jnp.arange(t.epochs))
+        state = state.replace(extras=self.c.method.end_iteration(state.extras, traj))
         return self._constrain_params(state), stats, self.metrics(self._constrain_batch(traj))  # (see sft_block)
 
     def iteration(self, state: TrainState, ref_params, seed, it):

@@ -13,8 +13,11 @@ import dataclasses
 
 import jax
 
-# Phase tags folded into the seed's key.
-SFT, METHOD, EVAL, DEMO = 1, 2, 3, 4
+from gopo_jax.envs import customers
+
+# Phase tags folded into the seed's key. EVAL_CUSTOMERS is the domain of the pure-JAX world's held-out customers:
+# a tag no training draw uses, so they are other keys than every training customer even when eval.seed == seed.
+SFT, METHOD, EVAL, DEMO, EVAL_CUSTOMERS = 1, 2, 3, 4, 5
 _STATE_RNG = 1_000_000  # index of a phase's train-state key (beyond any step index of the phase)
 _EXTRA_PARAMS_OFFSET = 7  # a method's extra models are initialised from seed + 7 (the agents use seed, seed + 1)
 SFT_HELDOUT_EVERY = 25  # SFT steps between held-out evaluations of the warm start
@@ -66,6 +69,13 @@ def eval_key(seed) -> jax.Array:
 
 def reference_eval_key(seed) -> jax.Array:
     return phase_key(seed, EVAL, 1)
+
+
+def eval_customers_key(eval_seed: int, split: str) -> jax.Array:
+    """The root of a pure-JAX world's held-out customers of `split` (each customer is a key split from it): one
+    stream per split, disjoint from each other and from the training customers (`iteration_keys`, `demo_keys`)."""
+    customers.check_split(split)
+    return phase_key(eval_seed, EVAL_CUSTOMERS, customers.EVAL_SPLITS.index(split))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,11 +22,12 @@ from gopo_jax.dialogue.host_rollout import (HostScriptedAgents, TextAgents, Text
                                            logged_trajectory, rollout_host)
 from gopo_jax.dialogue.layout import Layout
 from gopo_jax.dialogue.rollout import AgentVocab, ScriptedAgents, jax_env_layout, make_rollout
-from gopo_jax.envs import policies, registry
+from gopo_jax.envs import customers, policies, registry
 from gopo_jax.models import hf_io, markers, qwen3
 from gopo_jax.models.chat_format import ChatFormat
 from gopo_jax.models.tokenizer import (ROLE_TOKENS, load_tokenizer, save_tokenizer, stage_token, strategy_token,
                                        train_tokenizer)
+from gopo_jax.train import schedule
 
 
 @dataclasses.dataclass
@@ -92,8 +93,10 @@ class World(abc.ABC):
         """G rollouts per start state: each episode repeated G times (same customer, same world seed)."""
 
     @abc.abstractmethod
-    def eval_episodes(self, seed: int, n: int):
-        """The fixed evaluation episodes of `seed` (the same for every method and checkpoint)."""
+    def eval_episodes(self, seed: int, n: int, split: str = "test"):
+        """n held-out customers of evaluation split `split` ("validation": tune methods on them; "test": report
+        them), from `seed` (config keys eval.split, eval.seed, eval.episodes): the same for every method and
+        checkpoint, and disjoint from the other split's and from every training customer."""
 
     @abc.abstractmethod
     def make_rollout(self, agents):
@@ -137,8 +140,8 @@ class JaxWorld(World):
     def group_episodes(self, key: jax.Array, groups: int, group_size: int):
         return jnp.repeat(self.episodes(key, groups), group_size, axis=0)
 
-    def eval_episodes(self, seed: int, n: int):
-        return jax.random.split(jax.random.key(seed), n)
+    def eval_episodes(self, seed: int, n: int, split: str = "test"):
+        return jax.random.split(schedule.eval_customers_key(seed, split), n)
 
     def make_rollout(self, agents):
         return make_rollout(self.env, self.layout, self.vocab, agents)
@@ -179,13 +182,15 @@ class HostWorld(World):
         return world
 
     def episodes(self, key: jax.Array, n: int):
+        # Training customers' seeds: all below customers.HELD_OUT_SEED0, where the held-out ones start.
         return np.asarray(jax.random.randint(key, (n,), 0, 2**31 - 1))
 
     def group_episodes(self, key: jax.Array, groups: int, group_size: int):
         return np.repeat(self.episodes(key, groups), group_size)
 
-    def eval_episodes(self, seed: int, n: int):
-        return seed + np.arange(n)
+    def eval_episodes(self, seed: int, n: int, split: str = "test"):
+        # Customers seed .. seed + n - 1 of the split: its items from the seed-th on, cycling past its size.
+        return customers.held_out_seeds(split, seed, n)
 
     def make_rollout(self, agents):
         codec = self.codec()

@@ -44,24 +44,30 @@ class MethodContext:
         return self.config.baselines[name]
 
     def scores(self, traj: Trajectory) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(S = ESNDCG + λ_B R_B, ESNDCG, R_B), f32[B] each (pure)."""
+        """(S = ESNDCG + λ_B R_B, ESNDCG, R_B), f32[B] each (pure). The Expert is scored on what it chose (GOPO.md
+        §3): ESNDCG of the chosen strategies."""
         m = episode_metrics(traj, self.metric_settings)
-        s = trajectory_scores(m["esndcg"], m["gre"], lambda_b=self.hyper.lambda_b, use_esndcg=self.hyper.use_esndcg)
-        return s, m["esndcg"], m["gre"]
+        s = trajectory_scores(m["esndcg_chosen"], m["gre"], lambda_b=self.hyper.lambda_b,
+                              use_esndcg=self.hyper.use_esndcg)
+        return s, m["esndcg_chosen"], m["gre"]
 
     def business_rewards(self, traj: Trajectory) -> jax.Array:
         """R_B f32[B]: what the single-agent baselines optimise."""
         return episode_metrics(traj, self.metric_settings)["gre"]
 
     def reference_expert_log_probs(self, ref_params, traj: Trajectory) -> jax.Array:
-        """The frozen reference Expert's masked strategy log-probs f32[B, T, n_k] (pure)."""
+        """The frozen reference Expert's masked strategy log-probs f32[B, T, n_k] at the Expert's sampling
+        temperature, as the trained policy's (pure)."""
         model = nnx.merge(self.expert_gd, ref_params["expert"])
         return scoring.expert_strategy_log_probs(model, traj, self.world.layout, self.world.vocab.strategy_ids,
-                                                 sop_mask=self.hyper.sop_mask)
+                                                 sop_mask=self.hyper.sop_mask,
+                                                 temperature=self.hyper.expert_temperature)
 
     def reference_cs_log_probs(self, ref_params, traj: Trajectory) -> jax.Array:
-        """The frozen reference CS's token log-probs f32[B, L] (pure)."""
-        return scoring.cs_token_log_probs(nnx.merge(self.cs_gd, ref_params["cs"]), traj, self.world.layout)[0]
+        """The frozen reference CS's token log-probs f32[B, L] under the run's sampling transformation, as the
+        trained policy's (pure)."""
+        return scoring.cs_token_log_probs(nnx.merge(self.cs_gd, ref_params["cs"]), traj, self.world.layout,
+                                          self.hyper.cs_sampling)[0]
 
     def model_agents(self, sampling: SamplingConfig) -> ModelAgents:
         return ModelAgents(self.expert_gd, self.cs_gd, self.world.vocab, self.world.layout, sampling)
@@ -86,6 +92,11 @@ def _no_extras():
     return {}
 
 
+def _extras_unchanged(extras, traj):
+    del traj
+    return extras
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """A method of the run pipeline. Every field is data or a pure function.
@@ -101,6 +112,7 @@ class Method:
     init_extras() -> the train state's extras (arrays the loss updates without gradients).
     rollout_params(params, ref_params) -> what the rollout acts with (DPO: the frozen reference).
     acting_params(params, extras) -> the agents' parameters for rollouts and evaluation (Memento adds its bank).
+    end_iteration(extras, traj) -> the extras after an iteration's updates, from its rollout (GOPO's μ step).
     """
 
     name: str
@@ -113,6 +125,7 @@ class Method:
     init_extras: Callable[[], dict] = _no_extras
     rollout_params: Callable[[Any, Any], Any] = _own_params
     acting_params: Callable[[Any, dict], Any] = _params_alone
+    end_iteration: Callable[[dict, Trajectory], dict] = _extras_unchanged
 
     @property
     def trains(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from gopo_jax.algorithms.gopo import GOPOBatch, make_gopo_loss
+from gopo_jax.algorithms.gopo import GOPOBatch, make_dual_ascent, make_gopo_loss
 from gopo_jax.train.methods.base import Method, MethodContext
 
 
@@ -25,4 +25,5 @@ def make_gopo(ctx: MethodContext) -> Method:
         name="gopo", use_expert=hyper.use_expert, learning_rates={"expert": t.lr_expert, "cs": t.lr_cs},
         make_agents=ctx.model_agents,
         loss=make_gopo_loss(ctx.expert_gd, ctx.cs_gd, ctx.world.layout, ctx.world.vocab.strategy_ids, hyper),
-        prepare_batch=prepare_batch, init_extras=lambda: {"mu": jnp.float32(mu_init)})
+        prepare_batch=prepare_batch, init_extras=lambda: {"mu": jnp.float32(mu_init)},
+        end_iteration=make_dual_ascent(hyper))

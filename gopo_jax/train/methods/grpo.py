@@ -8,7 +8,7 @@ from gopo_jax.train.methods.base import Method, MethodContext
 def make_grpo(ctx: MethodContext) -> Method:
     s = ctx.settings("grpo")
     hyper = grpo.GRPOHyper(group_size=ctx.config.train.group_size, clip_eps=s.clip_eps, beta=s.beta,
-                           kl_clamp=s.kl_clamp, aggregation=s.aggregation)
+                           kl_clamp=s.kl_clamp, aggregation=s.aggregation, sampling=ctx.hyper.cs_sampling)
 
     def prepare_batch(traj, ref_params, params):
         del params

@@ -12,7 +12,7 @@ def make_ppo(ctx: MethodContext) -> Method:
     s = ctx.settings("ppo")
     hyper = ppo.PPOHyper(clip_eps=s.clip_eps, beta=s.beta, kl_clamp=s.kl_clamp, aggregation=s.aggregation,
                          gamma=s.gamma, lam=s.lam, shaping=s.shaping, vf_coef=s.vf_coef, value_clip=s.value_clip,
-                         normalize_advantages=s.normalize_advantages)
+                         normalize_advantages=s.normalize_advantages, sampling=ctx.hyper.cs_sampling)
     value_config = ctx.world.model_config.replace(num_layers=s.value_layers)
     # The graph definition does not depend on the initialisation key: take it from an abstract model.
     value_gd = nnx.split(nnx.eval_shape(lambda: ppo.ValueModel(value_config, rngs=nnx.Rngs(0))), nnx.Param)[0]
