@@ -78,10 +78,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import pathlib
 import re
-import zipfile
 from typing import Any, Iterable
 
 import numpy as np
@@ -211,21 +209,7 @@ class MultiWOZData:
 def _read_dialogues(path: pathlib.Path) -> dict:
     if not path.exists():
         raise SOURCE.missing(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith(".json")]
-            if not names:
-                raise MultiWOZEnvError(f"{path}: the archive holds no .json file; re-fetch it")
-            raw = archive.read(names[0])
-    except multiwoz_eval.ZIP_ERRORS as e:
-        raise MultiWOZEnvError(f"{path}: not a readable zip archive ({e}); re-fetch the file") from None
-    try:
-        data = json.loads(raw)
-    except multiwoz_eval.JSON_ERRORS as e:
-        raise MultiWOZEnvError(f"{path}: the dialogue JSON inside is malformed ({e}); re-fetch the file") from None
-    if not isinstance(data, dict) or not data:
-        raise MultiWOZEnvError(f"{path}: expected a non-empty object {{dialogue_id: {{goal, log}}}}")
-    return data
+    return multiwoz_eval.read_zipped_dialogues(path, MultiWOZEnvError)
 
 
 def _checked_log(record: dict, where: str) -> list:

@@ -448,6 +448,26 @@ def _read_json(path: pathlib.Path, missing_hint: str = _DATA_HINT) -> Any:
         raise MultiWOZDataError(f"{path}: not readable JSON ({err}); re-fetch the file") from None
 
 
+def read_zipped_dialogues(path: pathlib.Path, error: type[Exception]) -> dict:
+    """The {dialogue_id: {goal, log}} object in the first .json member of the existing zip archive `path` (ConvLab-3's
+    MultiWOZ 2.1 files); a broken archive, malformed JSON or an empty object raise the caller's `error` type."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(".json")]
+            if not names:
+                raise error(f"{path}: the archive holds no .json file; re-fetch it")
+            raw = archive.read(names[0])
+    except ZIP_ERRORS as err:
+        raise error(f"{path}: not a readable zip archive ({err}); re-fetch the file") from None
+    try:
+        dialogues = json.loads(raw)
+    except JSON_ERRORS as err:
+        raise error(f"{path}: the dialogue JSON inside is malformed ({err}); re-fetch the file") from None
+    if not isinstance(dialogues, dict) or not dialogues:
+        raise error(f"{path}: expected a non-empty object {{dialogue_id: {{goal, log}}}}; re-fetch it")
+    return dialogues
+
+
 @functools.lru_cache(maxsize=4)
 def _load_dialogues(data_dir: str, split: str) -> dict:
     if split not in _SPLIT_FILES:
@@ -457,20 +477,7 @@ def _load_dialogues(data_dir: str, split: str) -> dict:
     path = pathlib.Path(data_dir) / "mwz21_convlab3" / _SPLIT_FILES[split]
     if not path.exists():
         raise MultiWOZDataError(f"{path}: file not found; {_DATA_HINT}")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith(".json")]
-            if not names:
-                raise MultiWOZDataError(f"{path}: the archive holds no .json file; re-fetch it")
-            raw = archive.read(names[0])
-    except ZIP_ERRORS as err:
-        raise MultiWOZDataError(f"{path}: not a readable zip archive ({err}); re-fetch the file") from None
-    try:
-        dialogues = json.loads(raw)
-    except JSON_ERRORS as err:
-        raise MultiWOZDataError(f"{path}: the dialogue JSON inside is malformed ({err}); re-fetch the file") from None
-    if not isinstance(dialogues, dict) or not dialogues:
-        raise MultiWOZDataError(f"{path}: expected a non-empty object {{dialogue_id: {{goal, log}}}}; re-fetch it")
+    dialogues = read_zipped_dialogues(path, MultiWOZDataError)
     for key, dialogue in dialogues.items():
         _check_dialogue(dialogue, f"{path}: dialogue {key!r}")
     return {key.split(".")[0].lower(): value for key, value in dialogues.items()}
