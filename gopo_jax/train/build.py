@@ -241,6 +241,7 @@ class Components:
     warm_start_loss: LossFn
     rollout: Any
     eval_rollout: Any
+    eval_sampling: Any  # SamplingConfig of eval_rollout (greedy; the n-candidate filter as configured)
     demo_rollout: Any
     reference_rollout: Any
     lora_agents: tuple[str, ...] = ()  # agents that train LoRA adapters only (`world.lora_agents`)
@@ -303,7 +304,7 @@ def build(config, workdir: str | pathlib.Path | None) -> Components:
         warm_start_loss=make_warm_start_loss(expert_gd, cs_gd, world.layout, world.vocab.strategy_ids,
                                              use_expert=method.use_expert, sop_mask=hyper.sop_mask),
         rollout=world.make_rollout(method.make_agents(train_sampling)),
-        eval_rollout=world.make_rollout(method.make_agents(eval_sampling)),
+        eval_rollout=world.make_rollout(method.make_agents(eval_sampling)), eval_sampling=eval_sampling,
         demo_rollout=world.demo_rollout(config, emit_decision=method.use_expert),
         reference_rollout=world.make_rollout(world.reference_agents()),
         lora_agents=lora_groups,
