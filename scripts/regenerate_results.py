@@ -19,6 +19,7 @@ import platform
 import re
 import resource
 import shutil
+import sys
 import time
 
 from absl import flags
@@ -85,7 +86,9 @@ def regenerate_main(workdir: pathlib.Path) -> None:
     block = main_job_block(summary, wall_s=wall, peak_gb=peak_gb,
                            command="python -m experiments.mgshop --config configs/mgshop.py")
     readme.write_text(replace_block(readme.read_text(), block))
-    print(f"README.md main-job block rewritten from {workdir / 'summary.json'}")
+    for name, published in (("curves.png", "main_job_curves.png"), ("samples.md", "main_job_samples.md")):
+        shutil.copyfile(workdir / name, REPO / "docs" / "results" / published)
+    print(f"README.md main-job block rewritten from {workdir / 'summary.json'}; docs/results/main_job_* copied")
 
 
 def regenerate_compare(cfg, workdir: pathlib.Path, *, report_only: bool, shard: int, num_shards: int) -> None:
@@ -94,7 +97,8 @@ def regenerate_compare(cfg, workdir: pathlib.Path, *, report_only: bool, shard: 
     results = compare.compare(cfg, workdir, report_only=report_only, shard=shard, num_shards=num_shards)
     out = REPO / "docs" / "results"
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    header = (f"<!-- Produced by: python -m scripts.regenerate_results --what=compare (workdir {workdir}), "
+    flags_used = " ".join(a for a in sys.argv[1:] if not a.startswith("--report_only"))
+    header = (f"<!-- Produced by: python -m scripts.regenerate_results {flags_used} (workdir {workdir}), "
               f"{stamp}, {os.cpu_count()}-core {platform.machine()} CPU. Do not edit by hand: rerun the command. -->\n")
     (out / "compare.md").write_text(header + (workdir / "results.md").read_text())
     for name in ("figure1.png", "figure3.png"):

@@ -199,6 +199,11 @@ def tuning_markdown(tuning: Mapping[str, Any]) -> str:
     selection = tuning.get("selection", {})
     if not selection:
         return "\n".join(lines + ["No method was tuned.", ""])
+    if all(entry["tuning_seeds"] == 0 for by_label in selection.values() for entry in by_label.values()):
+        grids = "; ".join(f"{label}: {', '.join(entry['grid'])}" for label, entry in next(iter(selection.values()))
+                          .items())
+        return "\n".join(lines + ["Not tuned (`tuning_seeds = 0`): every method ran its grid's first setting, its "
+                                   f"defaults. The grids (configs/tuning.py): {grids}.", ""])
     for env, by_label in selection.items():
         for label, entry in by_label.items():
             lines += [f"### {env} · {label} (by validation {entry['metric']}, {entry['tuning_seeds']} seeds)", "",
