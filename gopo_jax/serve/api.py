@@ -41,6 +41,14 @@ MAX_N = 16
 MAX_SEED = (1 << 63) - 1  # jax.random.key takes an int64
 
 
+
+IMPOSSIBLE_LOGPROB = -9999.0  # what OpenAI's API reports for a token that cannot be drawn
+
+
+def _finite_logprob(value) -> float:
+    value = float(value)
+    return value if math.isfinite(value) else IMPOSSIBLE_LOGPROB
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["text"]
@@ -330,9 +338,10 @@ class ServedAPI:
     def _logprob(self, token_id: int, logprob: float, top) -> dict:
         text = self.engine.token_text(token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
-                # Tokens outside the sampled distribution's support (top_p) are no alternatives: -inf is left out.
-                "top_logprobs": [{"token": (s := self.engine.token_text(i)), "logprob": float(v),
-                                  "bytes": list(s.encode("utf-8"))} for i, v in top if math.isfinite(float(v))]}
+                # A token outside the sampled distribution's support (top_p) has log-prob -inf, which JSON cannot
+                # carry: it is written as -9999.0, OpenAI's value for an impossible token, so there are always top_n.
+                "top_logprobs": [{"token": (s := self.engine.token_text(i)), "logprob": _finite_logprob(v),
+                                  "bytes": list(s.encode("utf-8"))} for i, v in top]}
 
     def response(self, conversation: Conversation, replies: list[Reply], req: ChatRequest, max_tokens: int) -> dict:
         top_n = (req.top_logprobs or 0) if req.logprobs else 0
