@@ -13,41 +13,22 @@ import ml_collections
 
 from configs import overrides
 
+def _two_by_two(step_name: str, step: dict, knob_name: str, knob: dict) -> dict:
+    """The method's defaults, each of two alternative settings alone, and both: {name: flattened overrides}."""
+    return {"default": {}, step_name: step, knob_name: knob, f"{step_name}_{knob_name}": step | knob}
+
+
 GRIDS = {
     # GOPO: the CS step size × β_pref, the preference temperature of the Expert's loss.
-    "gopo": {
-        "default": {},
-        "lr_cs_half": {"train.lr_cs": 2.5e-4},
-        "beta_pref_1": {"gopo.beta_pref": 1.0},
-        "lr_cs_half_beta_pref_1": {"train.lr_cs": 2.5e-4, "gopo.beta_pref": 1.0},
-    },
+    "gopo": _two_by_two("lr_cs_half", {"train.lr_cs": 2.5e-4}, "beta_pref_1", {"gopo.beta_pref": 1.0}),
     # PPO and GRPO: the CS step size × β, the KL coefficient to the SFT reference.
-    "ppo": {
-        "default": {},
-        "lr_cs_half": {"train.lr_cs": 2.5e-4},
-        "beta_0p05": {"baselines.ppo.beta": 0.05},
-        "lr_cs_half_beta_0p05": {"train.lr_cs": 2.5e-4, "baselines.ppo.beta": 0.05},
-    },
-    "grpo": {
-        "default": {},
-        "lr_cs_half": {"train.lr_cs": 2.5e-4},
-        "beta_0p05": {"baselines.grpo.beta": 0.05},
-        "lr_cs_half_beta_0p05": {"train.lr_cs": 2.5e-4, "baselines.grpo.beta": 0.05},
-    },
+    "ppo": _two_by_two("lr_cs_half", {"train.lr_cs": 2.5e-4}, "beta_0p05", {"baselines.ppo.beta": 0.05}),
+    "grpo": _two_by_two("lr_cs_half", {"train.lr_cs": 2.5e-4}, "beta_0p05", {"baselines.grpo.beta": 0.05}),
     # DPO: its own step size × β (Rafailov et al. use β in 0.1-0.5).
-    "dpo": {
-        "default": {},
-        "lr_double": {"baselines.dpo.lr": 1e-4},
-        "beta_0p5": {"baselines.dpo.beta": 0.5},
-        "lr_double_beta_0p5": {"baselines.dpo.lr": 1e-4, "baselines.dpo.beta": 0.5},
-    },
+    "dpo": _two_by_two("lr_double", {"baselines.dpo.lr": 1e-4}, "beta_0p5", {"baselines.dpo.beta": 0.5}),
     # Memento: the soft-Q step size × α, the temperature of its case-based policy over the SFT prior.
-    "memento": {
-        "default": {},
-        "lr_q_triple": {"baselines.memento.lr_q": 3e-2},
-        "alpha_1": {"baselines.memento.alpha": 1.0},
-        "lr_q_triple_alpha_1": {"baselines.memento.lr_q": 3e-2, "baselines.memento.alpha": 1.0},
-    },
+    "memento": _two_by_two("lr_q_triple", {"baselines.memento.lr_q": 3e-2}, "alpha_1",
+                           {"baselines.memento.alpha": 1.0}),
 }
 
 
