@@ -223,19 +223,21 @@ def compare(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, trai
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
-    def execute_all(runs: list[dict]) -> list[dict]:
+    def execute_all(runs: list[dict], *, train: bool) -> list[dict]:
         if cfg.share_warm_starts:
             for run in runs:
                 run["config"].sft.cache_dir = str((workdir / "warm_starts").resolve())
         return runs_lib.run_all(runs, lambda run: run_dir(workdir, run), train_fn=train_fn,
                                 train_group_fn=train_group_fn, vmap_seeds=cfg.vmap_seeds, shard=shard,
-                                num_shards=num_shards, report_only=report_only)
+                                num_shards=num_shards, report_only=not train)
 
     tune_runs = tuning_plan(cfg)
-    tune_records = execute_all(tune_runs)
+    tune_records = execute_all(tune_runs, train=not report_only)
     selection = select(cfg, tune_runs, tune_records, workdir)
     runs = plan(cfg, selection)
-    records = execute_all(runs)
+    # A SIGTERM that stopped the tuning stops the comparison too: the report is written, nothing more is trained.
+    stopped = any(record["status"] == "stopped" for record in tune_records)
+    records = execute_all(runs, train=not (report_only or stopped))
     results = collect(cfg, workdir, runs, records)
     results["tuning"] = {"runs": tune_records, "selection": selection,
                          "wall_seconds": sum(r.get("wall_seconds", 0.0) for r in tune_records)}

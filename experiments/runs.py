@@ -2,7 +2,8 @@
 vmapped in one process, resumable, sharded between processes, never stopped by one failing run.
 
 A run is a dict {env, label, seed, kind, config} (its resolved run config); a driver gives each its directory. A run
-whose directory holds summary.json is read, not retrained; a half-finished run resumes from its own checkpoints (a
+whose directory holds summary.json is read, not retrained (a run trained here is stamped with the code that trained
+it, `experiments.records`); a half-finished run resumes from its own checkpoints (a
 seed group from `<setting dir>/seeds<...>/checkpoints`); a run that raises is recorded as failed with its message
 (every seed of a failing group) and the driver goes on. A directory written with a different resolved config is an
 error: its numbers would be mislabelled.
@@ -19,6 +20,7 @@ from typing import Callable
 
 import ml_collections
 
+from experiments import records as records_lib
 from experiments.common import ConfigError, flattened
 
 _log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ def execute(run: dict, directory: pathlib.Path, train_fn: Callable) -> dict:
         return record | {"status": "stopped", "iteration": summary.get("iteration"),
                          "wall_seconds": time.time() - start}
     (directory / "error.txt").unlink(missing_ok=True)
+    records_lib.stamp(directory)
     return record | {"status": "done", "wall_seconds": time.time() - start}
 
 
@@ -107,12 +110,13 @@ def execute_group(runs: list[dict], directories: list[pathlib.Path], train_group
         _log.error("seed group %s (seeds %s) failed: %s (traceback in each seed's error.txt)", runs[0]["label"],
                    [runs[j]["seed"] for j in todo], _first_line(e))
         return records
-    wall = time.time() - start
+    wall, digest = time.time() - start, records_lib.code_digest()
     for j, summary in zip(todo, summaries):
         if summary.get("stopped"):
             records[j] |= {"status": "stopped", "iteration": summary.get("iteration"), "wall_seconds": wall}
         else:
             (directories[j] / "error.txt").unlink(missing_ok=True)
+            records_lib.stamp(directories[j], digest)
             records[j] |= {"status": "done", "wall_seconds": wall, "seed_parallel": True}
     return records
 
@@ -143,6 +147,7 @@ def run_all(runs: list[dict], run_dir: Callable[[dict], pathlib.Path], *, train_
     "done" when their summary exists, else "not run"."""
     if not 0 <= shard < num_shards:
         raise ConfigError(f"--shard={shard} must be in 0..{num_shards - 1} (--num_shards={num_shards})")
+    records_lib.code_digest()  # the code this process trains with, before any run (stamped on each it finishes)
     units: list[list[int]] = []
     for i, run in enumerate(runs):
         if vmap_seeds and units and _same_setting(runs[units[-1][0]], run):

@@ -7,7 +7,10 @@
     python -m scripts.regenerate_results --what=compare --report_only   # publish what has finished so far
 
 `--config` is the comparison config (configs/compare.py) with its `--config.KEY=VALUE` overrides; runs live under
-`--workdir` (default runs/results: `main/` and `compare/`). The README block sits between the markers
+`--workdir` (default runs/results: `main/` and `compare/`). The comparison's finished runs are also kept in the
+repository (`--records`, default docs/results/compare_runs; experiments/records.py): a call first restores those
+trained by the code installed now, so a comparison longer than one sitting goes on where the last one stopped, and
+records of other code are retrained, never reported. The README block sits between the markers
 `<!-- main-job: begin -->` and `<!-- main-job: end -->`, which this script owns.
 """
 from __future__ import annotations
@@ -91,15 +94,27 @@ def regenerate_main(workdir: pathlib.Path) -> None:
     print(f"README.md main-job block rewritten from {workdir / 'summary.json'}; docs/results/main_job_* copied")
 
 
-def regenerate_compare(cfg, workdir: pathlib.Path, *, report_only: bool, shard: int, num_shards: int) -> None:
+def regenerate_compare(cfg, workdir: pathlib.Path, *, report_only: bool, shard: int, num_shards: int,
+                       records: pathlib.Path | None) -> None:
     from experiments import compare  # noqa: PLC0415
+    from experiments import records as records_lib  # noqa: PLC0415
 
+    if records is not None:
+        restored = records_lib.restore(records, workdir)
+        print(f"{records}: {restored['restored']} finished runs restored into {workdir} ({restored['stale']} stale "
+              f"records of other code left out, {restored['present']} already there)")
     results = compare.compare(cfg, workdir, report_only=report_only, shard=shard, num_shards=num_shards)
+    if records is not None:
+        saved = records_lib.save(workdir, records)
+        print(f"{records}: {saved['saved']} finished runs kept, {saved['dropped_stale']} stale records dropped"
+              + (f", {saved['unstamped']} unstamped runs (trained before code.json) not kept" if saved["unstamped"]
+                 else ""))
     out = REPO / "docs" / "results"
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     flags_used = " ".join(a for a in sys.argv[1:] if not a.startswith("--report_only"))
     header = (f"<!-- Produced by: python -m scripts.regenerate_results {flags_used} (workdir {workdir}), "
-              f"{stamp}, {os.cpu_count()}-core {platform.machine()} CPU. Do not edit by hand: rerun the command. -->\n")
+              f"{stamp}, {os.cpu_count()}-core {platform.machine()} CPU, gopo_jax {records_lib.code_digest()[:12]}. "
+              "Do not edit by hand: rerun the command. -->\n")
     (out / "compare.md").write_text(header + (workdir / "results.md").read_text())
     for name in ("figure1.png", "figure3.png"):
         if (workdir / name).exists():
@@ -117,6 +132,9 @@ def define_flags() -> None:
     flags.DEFINE_bool("report_only", False, "compare: train nothing, publish the runs that have finished")
     flags.DEFINE_integer("shard", 0, "compare: this process's share of the units (i % num_shards == shard)")
     flags.DEFINE_integer("num_shards", 1, "compare: processes splitting the comparison")
+    flags.DEFINE_string("records", "docs/results/compare_runs", "compare: finished runs kept in the repository "
+                        "(experiments/records.py), restored before and saved after; relative to the repository root; "
+                        "empty: none")
 
 
 def main(argv) -> None:
@@ -137,7 +155,7 @@ def main(argv) -> None:
             command_line.fail(str(e))
     if "compare" in FLAGS.what:
         regenerate_compare(FLAGS.config, workdir / "compare", report_only=FLAGS.report_only, shard=FLAGS.shard,
-                           num_shards=FLAGS.num_shards)
+                           num_shards=FLAGS.num_shards, records=REPO / FLAGS.records if FLAGS.records else None)
 
 
 def cli() -> None:

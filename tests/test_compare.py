@@ -184,3 +184,21 @@ def test_tiny_comparison_end_to_end_and_resume(tmp_path):
     again = compare_lib.compare(c, tmp_path, train_fn=must_not_train)
     assert all(r["status"] == "done" and "skipped" in r["resumed"] for r in again["runs"])
     assert again["table"] == json.loads(json.dumps(results["table"]))
+
+
+def test_a_sigterm_during_tuning_trains_nothing_more(tmp_path):
+    """A run stopped by SIGTERM in the tuning stage ends the comparison there: the report is written and no run
+    of the comparison proper (not even an untuned label such as SFT) starts."""
+    c = compare_config.get_config()
+    c.quick, c.seeds, c.tuning_seeds, c.convergence_seeds = True, 1, 1, 0
+    c.environments, c.methods, c.vmap_seeds = "synthetic_shop", "gopo,sft", False
+    started = []
+
+    def train(config, directory):
+        started.append((config.method, config.eval.split))
+        return {"stopped": True, "iteration": 1}
+
+    results = compare_lib.compare(c, tmp_path, train_fn=train)
+    assert started == [("gopo", "validation")]  # the first tuning run; the rest of its stage stops with it
+    assert {r["status"] for r in results["runs"]} == {"not run"}
+    assert (tmp_path / "results.md").exists()

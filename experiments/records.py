@@ -1,0 +1,111 @@
+"""Finished runs kept in the repository, so that a comparison longer than one sitting accumulates across sittings.
+
+A run's numbers are a function of its resolved config (its config.json, which `runs.check_same_config` compares with
+the config a driver asks for) and of the code that trained it. `runs.py` stamps every run it finishes with the
+digest of the installed `gopo_jax` package (`code.json`). `save` copies each finished run's config.json,
+summary.json, code.json and the evaluation lines of its metrics.jsonl (what the tables and figures read) into a
+records folder; `restore` copies back only the records whose digest equals the digest of the code installed now. A
+record trained by other code is stale: it is left out, and its run is trained again. Deleting the records folder
+retrains everything.
+
+Checkpoints, TensorBoard files and samples are not kept (megabytes per run). A restored run therefore cannot be
+resumed or judged by G-Eval; `experiments.compare.judge_run` says so and names the directory to delete.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import pathlib
+import shutil
+
+import gopo_jax
+
+CODE = "code.json"
+KEPT = ("config.json", "summary.json", CODE)
+METRICS = "metrics.jsonl"
+_EVAL_PREFIX = "eval/"
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 over every file of the installed gopo_jax package (relative path and bytes, in path order), taken
+    once per process: the code a driver imported, not what an edit during its runs leaves on disk."""
+    root = pathlib.Path(gopo_jax.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def stamp(directory: pathlib.Path, digest: str | None = None) -> None:
+    """Writes `<directory>/code.json`: the code that produced the run's summary.json."""
+    (directory / CODE).write_text(json.dumps({"gopo_jax": digest or code_digest()}) + "\n")
+
+
+def _digest_of(directory: pathlib.Path) -> str | None:
+    try:
+        return json.loads((directory / CODE).read_text()).get("gopo_jax")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _finished(root: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p.parent for p in root.rglob("summary.json")) if root.is_dir() else []
+
+
+def _eval_lines(path: pathlib.Path) -> str:
+    """The lines of a metrics.jsonl that carry an `eval/` metric (a torn or foreign line is dropped)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and any(str(k).startswith(_EVAL_PREFIX) for k in record):
+            kept.append(json.dumps(record))
+    return "".join(f"{line}\n" for line in kept)
+
+
+def save(workdir: pathlib.Path, records: pathlib.Path) -> dict[str, int]:
+    """Copies every finished, stamped run of `workdir` into `records` (same relative path) and drops the records
+    of other code. {"saved", "unstamped" (finished runs without code.json, not kept), "dropped_stale"}."""
+    digest = code_digest()
+    counts = {"saved": 0, "unstamped": 0, "dropped_stale": 0}
+    for directory in _finished(workdir):
+        if _digest_of(directory) is None:
+            counts["unstamped"] += 1
+            continue
+        target = records / directory.relative_to(workdir)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in KEPT:
+            shutil.copyfile(directory / name, target / name)
+        if (directory / METRICS).exists():
+            (target / METRICS).write_text(_eval_lines(directory / METRICS))
+        counts["saved"] += 1
+    for record in _finished(records):
+        if _digest_of(record) != digest:
+            shutil.rmtree(record)
+            counts["dropped_stale"] += 1
+    return counts
+
+
+def restore(records: pathlib.Path, workdir: pathlib.Path) -> dict[str, int]:
+    """Copies into `workdir` every record of the installed code whose run directory has no summary.json yet.
+    {"restored", "stale" (records of other code, left out), "present" (already finished in workdir)}."""
+    digest = code_digest()
+    counts = {"restored": 0, "stale": 0, "present": 0}
+    for record in _finished(records):
+        if any(not (record / name).is_file() for name in KEPT) or _digest_of(record) != digest:
+            counts["stale"] += 1
+            continue
+        target = workdir / record.relative_to(records)
+        if (target / "summary.json").exists():
+            counts["present"] += 1
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (*KEPT, METRICS):
+            if (record / name).exists():
+                shutil.copyfile(record / name, target / name)
+        counts["restored"] += 1
+    return counts

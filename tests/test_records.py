@@ -1,0 +1,91 @@
+"""experiments/records.py: a comparison's finished runs kept in the repository come back into a fresh workdir only
+when the code that trained them is the code installed now; the restored runs are reported, not retrained, and a
+record of other code is retrained."""
+import json
+
+import pytest
+
+from configs import compare as compare_config
+from experiments import compare as compare_lib
+from experiments import records
+from test_compare_geval import fake_train as fake_summary
+
+
+def fake_train(config, directory):
+    """A finished run's files as the real training writes them (its resolved config too), without training."""
+    summary = fake_summary(config, directory)
+    (directory / "config.json").write_text(config.to_json_best_effort())
+    return summary
+
+
+def _config():
+    c = compare_config.get_config()
+    c.quick, c.seeds, c.methods, c.convergence_seeds, c.environments = True, 2, "gopo,sft", 0, "synthetic_shop"
+    c.tuning_seeds, c.vmap_seeds = 0, False
+    return c
+
+
+def _no_training(config, directory):
+    raise AssertionError(f"{directory} was retrained")
+
+
+def test_saved_runs_restore_into_a_fresh_workdir_and_are_not_retrained(tmp_path):
+    first, kept, fresh = tmp_path / "first", tmp_path / "records", tmp_path / "fresh"
+    results = compare_lib.compare(_config(), first, train_fn=fake_train)
+    run = first / "runs" / "synthetic_shop" / "gopo" / "seed0"
+    # runs.py stamps every run it finishes with the code that trained it.
+    assert json.loads((run / records.CODE).read_text()) == {"gopo_jax": records.code_digest()}
+    with (run / records.METRICS).open("a") as f:
+        f.write(json.dumps({"step": 3, "train/loss": 1.0}) + "\n{torn")
+    assert records.save(first, kept) == {"saved": 4, "unstamped": 0, "dropped_stale": 0}
+    record = kept / "runs" / "synthetic_shop" / "gopo" / "seed0"
+    assert sorted(p.name for p in record.iterdir()) == ["code.json", "config.json", "metrics.jsonl", "summary.json"]
+    # Only the evaluation lines of the metrics are kept (what the tables and figures read).
+    assert [json.loads(line) for line in (record / records.METRICS).read_text().splitlines()] == [
+        {"step": 2, "eval/tse": 0.3}]
+
+    assert records.restore(kept, fresh) == {"restored": 4, "stale": 0, "present": 0}
+    again = compare_lib.compare(_config(), fresh, train_fn=_no_training)
+    assert {r["status"] for r in again["runs"]} == {"done"}
+    for label in ("gopo", "sft"):
+        a, b = again["table"]["synthetic_shop"][label]["tse"], results["table"]["synthetic_shop"][label]["tse"]
+        assert (a["mean"], a["n"]) == (b["mean"], b["n"]) == (pytest.approx(0.35), 2)
+    assert records.restore(kept, fresh) == {"restored": 0, "stale": 0, "present": 4}
+
+
+def test_a_record_of_other_code_is_retrained_and_dropped(tmp_path):
+    first, kept, fresh = tmp_path / "first", tmp_path / "records", tmp_path / "fresh"
+    compare_lib.compare(_config(), first, train_fn=fake_train)
+    records.save(first, kept)
+    stale = kept / "runs" / "synthetic_shop" / "sft" / "seed1"
+    records.stamp(stale, "0" * 64)
+    (kept / "runs" / "synthetic_shop" / "gopo" / "seed1" / "config.json").unlink()  # an incomplete record
+    assert records.restore(kept, fresh) == {"restored": 2, "stale": 2, "present": 0}
+    retrained = []
+
+    def train(config, directory):
+        retrained.append((config.method, config.seed))
+        return fake_train(config, directory)
+
+    compare_lib.compare(_config(), fresh, train_fn=train)
+    assert sorted(retrained) == [("gopo", 1), ("sft", 1)]
+    assert records.save(fresh, kept)["saved"] == 4
+    assert json.loads((stale / records.CODE).read_text())["gopo_jax"] == records.code_digest()
+    # A finished run without a stamp (trained before code.json existed) is not kept; a stale record is dropped.
+    (fresh / "runs" / "synthetic_shop" / "sft" / "seed0" / records.CODE).unlink()
+    records.stamp(kept / "runs" / "synthetic_shop" / "sft" / "seed0", "f" * 64)
+    assert records.save(fresh, kept) == {"saved": 3, "unstamped": 1, "dropped_stale": 1}
+    assert not (kept / "runs" / "synthetic_shop" / "sft" / "seed0").exists()
+
+
+def test_the_digest_is_of_the_installed_package():
+    digest = records.code_digest()
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    assert records.code_digest() is digest  # taken once per process
+
+
+@pytest.mark.parametrize("text", ["", "{", "[]", '{"gopo_jax": 3}'])
+def test_a_damaged_stamp_reads_as_other_code(tmp_path, text):
+    (tmp_path / records.CODE).write_text(text)
+    assert records._digest_of(tmp_path) in (None, 3)
+    assert records._digest_of(tmp_path) != records.code_digest()
