@@ -2,7 +2,7 @@
 
 A run's numbers are a function of its resolved config (its config.json, which `runs.check_same_config` compares with
 the config a driver asks for) and of the code that trained it. `runs.py` stamps every run it finishes with the
-digest of the installed `gopo_jax` package (`code.json`). `save` copies each finished run's config.json,
+digest of the installed `gopo_jax` package's run code (`code.json`; `code_digest`). `save` copies each finished run's config.json,
 summary.json, code.json and the evaluation lines of its metrics.jsonl (what the tables and figures read) into a
 records folder; `restore` copies back only the records whose digest equals the digest of the code installed now. A
 record trained by other code is stale: it is left out, and its run is trained again. Deleting the records folder
@@ -27,13 +27,20 @@ METRICS = "metrics.jsonl"
 _EVAL_PREFIX = "eval/"
 
 
+# The parts of gopo_jax that only consume finished runs (layer 4 and the memory planner in tests/test_layering.py):
+# nothing that trains or evaluates a run imports them (tested), so editing a table or the server keeps the records.
+NOT_IN_RUNS = ("report", "serve", "export.py", "chat.py", "inspect_run.py", "plan.py")
+
+
 @functools.cache
 def code_digest() -> str:
-    """sha256 over every file of the installed gopo_jax package (relative path and bytes, in path order), taken
-    once per process: the code a driver imported, not what an edit during its runs leaves on disk."""
+    """sha256 over every file of the installed gopo_jax package that a run can execute (all but NOT_IN_RUNS;
+    relative path and bytes, in path order), taken once per process: the code a driver imported, not what an edit
+    during its runs leaves on disk."""
     root = pathlib.Path(gopo_jax.__file__).parent
     h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                       and p.relative_to(root).parts[0] not in NOT_IN_RUNS):
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 

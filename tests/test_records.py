@@ -89,3 +89,23 @@ def test_a_damaged_stamp_reads_as_other_code(tmp_path, text):
     (tmp_path / records.CODE).write_text(text)
     assert records._digest_of(tmp_path) in (None, 3)
     assert records._digest_of(tmp_path) != records.code_digest()
+
+
+def test_no_run_code_imports_what_the_digest_leaves_out():
+    """The digest may leave out NOT_IN_RUNS only because no module a run executes imports them: everything
+    reachable from `gopo_jax.launch` (the entry point from a config to a run, registry strings included)."""
+    from test_layering import REPO_ROOT, graph_of, import_edges, module_files
+
+    modules = module_files(REPO_ROOT)
+    graph = graph_of(import_edges(REPO_ROOT), modules)
+    reached, todo = set(), ["gopo_jax.launch", "gopo_jax.train.driver"]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(graph[module])
+    parts = {p.removesuffix(".py") for p in records.NOT_IN_RUNS}
+    left_out = {m for m in modules if m.split(".")[1:2] and m.split(".")[1] in parts}
+    assert left_out and "gopo_jax.report.tables" in left_out and "gopo_jax.serve.api" in left_out
+    assert "gopo_jax.envs.synthetic_shop" in reached and "gopo_jax.algorithms.gopo" in reached
+    assert not reached & left_out, sorted(reached & left_out)
