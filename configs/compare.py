@@ -45,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Equal tuning (configs/tuning.py): each grid's settings on seeds 0 .. tuning_seeds-1, scored on the validation
     # customers by `selection_metric` (higher is better); 0 runs every method at its grid's first setting.
     c.tuning_seeds = 2
+    # The environments that tune ("" = every one); the others run the setting selected on the first of these (the
+    # host worlds' Python turn loops make their runs many times dearer than the pure-JAX shop's).
+    c.tuning_environments = ""
     c.selection_metric = "tse"
     c.grids = tuning.grids()
     # The seeds of one setting train together, vmapped in one process (gopo_jax.train.driver.train_seeds), where the

@@ -118,13 +118,27 @@ def _tuned_labels(cfg) -> list[str]:
     return list(dict.fromkeys(g for g in needed if g is not None))
 
 
+def tuned_environments(cfg) -> list[str]:
+    """The environments whose grids are tuned: `tuning_environments`, or every environment when it is empty."""
+    envs = _names(cfg.environments, "environments")
+    if not cfg.tuning_environments.strip():
+        return envs
+    tuned = _names(cfg.tuning_environments, "tuning_environments")
+    unknown = [e for e in tuned if e not in envs]
+    if unknown:
+        raise ComparisonError(f"compare config: tuning_environments names {unknown}, which `environments` "
+                              f"({cfg.environments}) does not run; tune environments of the comparison, or leave it "
+                              "empty to tune every one")
+    return tuned
+
+
 def tuning_plan(cfg: ml_collections.ConfigDict) -> list[dict]:
     """The tuning runs: every setting of every grid the comparison needs, `tuning_seeds` seeds each, evaluated on
-    the validation customers. Dicts {env, label, setting, seed, kind="tune", config}."""
+    the validation customers of each tuned environment. Dicts {env, label, setting, seed, kind="tune", config}."""
     _check_counts(cfg)
     resolved = _Resolver(cfg)
     runs = []
-    for env in _names(cfg.environments, "environments"):
+    for env in tuned_environments(cfg):
         for label in _tuned_labels(cfg):
             for setting, setting_overrides in cfg.grids[label].items():
                 for seed in range(cfg.tuning_seeds):
@@ -138,9 +152,13 @@ def select(cfg, tune_runs: list[dict], records: list[dict], workdir: pathlib.Pat
     """{env: {label: {"setting", "complete", "metric", "scores": {setting: ci}, "grid": {setting: overrides}}}}:
     per grid, the setting with the best mean validation `selection_metric` over its tuning seeds (the first listed
     wins ties). Without tuning (tuning_seeds 0) the first setting is taken, complete. A grid with an unfinished run
-    is incomplete: the runs it tunes wait for it."""
+    is incomplete: the runs it tunes wait for it. An environment outside `tuning_environments` takes the selection
+    of the first tuned one (its entry says `tuned_on`)."""
     selection: dict = {}
+    tuned = tuned_environments(cfg)
     for env in _names(cfg.environments, "environments"):
+        if env not in tuned:
+            continue
         for label in _tuned_labels(cfg):
             grid = cfg.grids[label]
             entry = {"metric": cfg.selection_metric, "grid": {k: flattened(v) for k, v in grid.items()},
@@ -159,6 +177,10 @@ def select(cfg, tune_runs: list[dict], records: list[dict], workdir: pathlib.Pat
             best = (max(entry["scores"], key=lambda k: (entry["scores"][k]["mean"], -list(grid).index(k)))
                     if complete else None)
             selection.setdefault(env, {})[label] = entry | {"setting": best, "complete": complete}
+    for env in _names(cfg.environments, "environments"):
+        if env not in tuned:
+            selection[env] = {label: entry | {"tuned_on": tuned[0]}
+                              for label, entry in selection.get(tuned[0], {}).items()}
     return selection
 
 

@@ -202,3 +202,31 @@ def test_a_sigterm_during_tuning_trains_nothing_more(tmp_path):
     assert started == [("gopo", "validation")]  # the first tuning run; the rest of its stage stops with it
     assert {r["status"] for r in results["runs"]} == {"not run"}
     assert (tmp_path / "results.md").exists()
+
+
+def test_host_worlds_can_run_the_setting_tuned_on_the_shop(tmp_path):
+    """`tuning_environments`: only the named environments tune; the others run the setting their first one
+    selected, and the tuning table says where it was selected."""
+    c = compare_config.get_config()
+    c.quick, c.seeds, c.tuning_seeds, c.convergence_seeds = True, 1, 1, 0
+    c.environments, c.methods, c.tuning_environments = "synthetic_shop,mg_shopdial", "gopo,sft", "synthetic_shop"
+    tune = compare_lib.tuning_plan(c)
+    assert {r["env"] for r in tune} == {"synthetic_shop"} and len(tune) == 4
+    records = []
+    for run in tune:
+        d = compare_lib.run_dir(tmp_path, run)
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps(summary("gopo", 0.5 if run["setting"] == "beta_pref_1" else 0.2,
+                                                           0.0)))
+        records.append({"status": "done"})
+    selection = compare_lib.select(c, tune, records, tmp_path)
+    assert selection["mg_shopdial"]["gopo"]["setting"] == "beta_pref_1"
+    assert selection["mg_shopdial"]["gopo"]["tuned_on"] == "synthetic_shop"
+    host = [r for r in compare_lib.plan(c, selection) if r["env"] == "mg_shopdial" and r["label"] == "gopo"]
+    assert [r["setting"] for r in host] == ["beta_pref_1"] * 3 and host[0]["config"].gopo.beta_pref == 1.0  # env_seeds
+    assert host[0]["config"].env.name == "mg_shopdial"
+    md = tables.tuning_markdown({"selection": selection})
+    assert "### mg_shopdial · gopo: the setting selected on synthetic_shop (beta_pref_1; not tuned here)" in md
+    c.tuning_environments = "multiwoz"
+    with pytest.raises(compare_lib.ComparisonError, match=r"tuning_environments names \['multiwoz'\]"):
+        compare_lib.tuning_plan(c)

@@ -206,6 +206,10 @@ def tuning_markdown(tuning: Mapping[str, Any]) -> str:
                                    f"defaults. The grids (configs/tuning.py): {grids}.", ""])
     for env, by_label in selection.items():
         for label, entry in by_label.items():
+            if entry.get("tuned_on", env) != env:
+                lines += [f"### {env} · {label}: the setting selected on {entry['tuned_on']} "
+                          f"({entry.get('setting') or 'not selected yet'}; not tuned here)", ""]
+                continue
             lines += [f"### {env} · {label} (by validation {entry['metric']}, {entry['tuning_seeds']} seeds)", "",
                       "| setting | overrides | validation score | selected |", "|---|---|---|---|"]
             for setting, overrides in entry["grid"].items():
