@@ -119,16 +119,16 @@ def _tuned_labels(cfg) -> list[str]:
 
 
 def tuned_environments(cfg) -> list[str]:
-    """The environments whose grids are tuned: `tuning_environments`, or every environment when it is empty."""
-    envs = _names(cfg.environments, "environments")
+    """The environments whose grids are tuned: `tuning_environments` (compared or not), or every compared
+    environment when it is empty."""
     if not cfg.tuning_environments.strip():
-        return envs
+        return _names(cfg.environments, "environments")
     tuned = _names(cfg.tuning_environments, "tuning_environments")
-    unknown = [e for e in tuned if e not in envs]
+    unknown = [e for e in tuned if e not in cfg.env_configs]
     if unknown:
-        raise ComparisonError(f"compare config: tuning_environments names {unknown}, which `environments` "
-                              f"({cfg.environments}) does not run; tune environments of the comparison, or leave it "
-                              "empty to tune every one")
+        raise ComparisonError(f"compare config: tuning_environments names {unknown}, which have no entry in "
+                              "env_configs; name configured environments, or leave it empty to tune every compared "
+                              "one")
     return tuned
 
 
@@ -156,9 +156,7 @@ def select(cfg, tune_runs: list[dict], records: list[dict], workdir: pathlib.Pat
     of the first tuned one (its entry says `tuned_on`)."""
     selection: dict = {}
     tuned = tuned_environments(cfg)
-    for env in _names(cfg.environments, "environments"):
-        if env not in tuned:
-            continue
+    for env in tuned:
         for label in _tuned_labels(cfg):
             grid = cfg.grids[label]
             entry = {"metric": cfg.selection_metric, "grid": {k: flattened(v) for k, v in grid.items()},

@@ -227,6 +227,10 @@ def test_host_worlds_can_run_the_setting_tuned_on_the_shop(tmp_path):
     assert host[0]["config"].env.name == "mg_shopdial"
     md = tables.tuning_markdown({"selection": selection})
     assert "### mg_shopdial · gopo: the setting selected on synthetic_shop (beta_pref_1; not tuned here)" in md
-    c.tuning_environments = "multiwoz"
-    with pytest.raises(compare_lib.ComparisonError, match=r"tuning_environments names \['multiwoz'\]"):
+    # The tuned world need not be compared: its tuning runs still train, and the compared worlds use its choice.
+    c.environments = "mg_shopdial"
+    assert {r["env"] for r in compare_lib.tuning_plan(c)} == {"synthetic_shop"}
+    assert compare_lib.select(c, tune, records, tmp_path)["mg_shopdial"]["gopo"]["setting"] == "beta_pref_1"
+    c.tuning_environments = "atlantis"
+    with pytest.raises(compare_lib.ComparisonError, match=r"tuning_environments names \['atlantis'\]"):
         compare_lib.tuning_plan(c)
