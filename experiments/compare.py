@@ -230,11 +230,12 @@ def run_dir(workdir: pathlib.Path, run: dict) -> pathlib.Path:
 
 def compare(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, train_fn: Callable | None = None,
             train_group_fn: Callable | None = None, report_only: bool = False, shard: int = 0,
-            num_shards: int = 1) -> dict:
+            num_shards: int = 1, claim: bool = False) -> dict:
     """Runs (or resumes) the tuning and the comparison and writes the results files; returns the results dict.
     `report_only`: train nothing, report the runs that have finished (others are listed as "not run").
     `shard`/`num_shards`: this process trains unit i of each stage when i % num_shards == shard (a unit is a run,
-    or with `vmap_seeds` a setting's seeds); any process, or a last `report_only` call, writes the report."""
+    or with `vmap_seeds` a setting's seeds); `claim`: this process takes each unfinished unit no other live process
+    has claimed (`runs.run_all`); any process, or a last `report_only` call, writes the report."""
     if train_fn is None and not report_only:
         from gopo_jax.launch import train as train_fn  # noqa: PLC0415  (heavy: JAX, models)
     if train_group_fn is None and cfg.vmap_seeds and not report_only:
@@ -249,7 +250,7 @@ def compare(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, trai
                 run["config"].sft.cache_dir = str((workdir / "warm_starts").resolve())
         return runs_lib.run_all(runs, lambda run: run_dir(workdir, run), train_fn=train_fn,
                                 train_group_fn=train_group_fn, vmap_seeds=cfg.vmap_seeds, shard=shard,
-                                num_shards=num_shards, report_only=not train)
+                                num_shards=num_shards, claim=claim, report_only=not train)
 
     tune_runs = tuning_plan(cfg)
     tune_records = execute_all(tune_runs, train=not report_only)
@@ -357,6 +358,8 @@ def define_flags() -> None:
                       "(e.g. while other processes still train parts of the comparison in the same workdir)")
     flags.DEFINE_integer("shard", 0, "this process's share of each stage's units: unit i when i % num_shards == shard")
     flags.DEFINE_integer("num_shards", 1, "processes splitting the comparison (each with its own --shard)")
+    flags.DEFINE_bool("claim", False, "share the units with the other processes of this machine that run the same "
+                      "command with --claim: each takes the next unfinished unit nobody has claimed")
 
 
 def main(argv) -> None:
@@ -370,7 +373,7 @@ def main(argv) -> None:
         jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(FLAGS.workdir).resolve() / "jax_cache"))
     try:
         results = compare(FLAGS.config, FLAGS.workdir, report_only=FLAGS.report_only, shard=FLAGS.shard,
-                          num_shards=FLAGS.num_shards)
+                          num_shards=FLAGS.num_shards, claim=FLAGS.claim)
     except ConfigError as e:
         command_line.fail(str(e))
     counts = dict(collections.Counter(r["status"] for r in results["runs"]))

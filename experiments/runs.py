@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pathlib
+import socket
 import time
 import traceback
 from typing import Callable
@@ -138,15 +140,49 @@ def _same_setting(a: dict, b: dict) -> bool:
     return (a["env"], a["label"], a["kind"], a.get("setting")) == (b["env"], b["label"], b["kind"], b.get("setting"))
 
 
+def _claim_file(run_dir: Callable[[dict], pathlib.Path], unit: list[dict]) -> pathlib.Path:
+    seeds = "-".join(str(run["seed"]) for run in unit)
+    return run_dir(unit[0]).parent / f".claim-seed{seeds}"
+
+
+def _take(claim: pathlib.Path) -> bool:
+    """Claims a unit for this process: creates `claim` exclusively with this host and pid. A claim left by a
+    process of this host that is gone is taken over; a live one (or one of another host) is not."""
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                host, pid = claim.read_text().split()
+                if host != socket.gethostname():
+                    return False
+                os.kill(int(pid), 0)
+                return False  # its process is alive
+            except ProcessLookupError:
+                claim.unlink(missing_ok=True)  # its process died: the unit resumes from its checkpoints here
+            except (OSError, ValueError):
+                return False  # being written this instant, or unreadable: leave it
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return True
+    return False
+
+
 def run_all(runs: list[dict], run_dir: Callable[[dict], pathlib.Path], *, train_fn: Callable | None,
             train_group_fn: Callable | None = None, vmap_seeds: bool = False, shard: int = 0, num_shards: int = 1,
-            report_only: bool = False) -> list[dict]:
+            claim: bool = False, report_only: bool = False) -> list[dict]:
     """One record per run, in order. Units of work are one run each, or with `vmap_seeds` the consecutive runs of
-    one setting (all its seeds, trained together where the world is pure JAX); unit i is this process's when
-    i % num_shards == shard. Runs of other shards, of a report-only call, or after a SIGTERM stop are recorded
-    "done" when their summary exists, else "not run"."""
+    one setting (all its seeds, trained together where the world is pure JAX). Unit i is this process's when
+    i % num_shards == shard, or with `claim` when it is unfinished and this process claims it first (a claim file
+    beside its runs, `_take`): any number of processes of one machine then share the units as each becomes free,
+    however unequal their costs. Runs of others, of a report-only call, or after a SIGTERM stop are recorded "done"
+    when their summary exists, else "not run"."""
     if not 0 <= shard < num_shards:
         raise ConfigError(f"--shard={shard} must be in 0..{num_shards - 1} (--num_shards={num_shards})")
+    if claim and num_shards != 1:
+        raise ConfigError("--claim shares the units between processes by itself: leave --num_shards at 1")
     records_lib.code_digest()  # the code this process trains with, before any run (stamped on each it finishes)
     units: list[list[int]] = []
     for i, run in enumerate(runs):
@@ -159,21 +195,18 @@ def run_all(runs: list[dict], run_dir: Callable[[dict], pathlib.Path], *, train_
     for u, unit in enumerate(units):
         if stopped or report_only or u % num_shards != shard:
             continue
-        first = runs[unit[0]]
-        if len(unit) > 1 and _vmappable(first):
-            _log.info("[%d-%d/%d] %s · %s · seeds %s", unit[0] + 1, unit[-1] + 1, len(runs), first["env"],
-                      first["label"], [runs[i]["seed"] for i in unit])
-            for i, record in zip(unit, execute_group([runs[i] for i in unit], [run_dir(runs[i]) for i in unit],
-                                                     train_group_fn)):
-                records[i] = record
-        else:
-            for i in unit:
-                _log.info("[%d/%d] %s · %s · seed %d", i + 1, len(runs), runs[i]["env"], runs[i]["label"],
-                          runs[i]["seed"])
-                records[i] = execute(runs[i], run_dir(runs[i]), train_fn)
-                if records[i]["status"] == "stopped":
-                    break
-        stopped = any(records[i] is not None and records[i]["status"] == "stopped" for i in unit)
+        claimed = None
+        if claim:
+            if all((run_dir(runs[i]) / "summary.json").exists() for i in unit):
+                continue
+            claimed = _claim_file(run_dir, [runs[i] for i in unit])
+            if not _take(claimed):
+                continue
+        try:
+            stopped = _train_unit(runs, unit, records, run_dir, train_fn=train_fn, train_group_fn=train_group_fn)
+        finally:
+            if claimed is not None:
+                claimed.unlink(missing_ok=True)
         if stopped:
             _log.warning("stopped by SIGTERM; rerun the same command to resume")
     for i, run in enumerate(runs):
@@ -184,6 +217,26 @@ def run_all(runs: list[dict], run_dir: Callable[[dict], pathlib.Path], *, train_
                 check_same_config(directory, run["config"])
             records[i] = _record(run, directory) | {"status": "done" if done else "not run"}
     return records
+
+
+def _train_unit(runs: list[dict], unit: list[int], records: list, run_dir: Callable[[dict], pathlib.Path], *,
+                train_fn: Callable | None, train_group_fn: Callable | None) -> bool:
+    """Trains one unit into `records`; whether a SIGTERM stopped it."""
+    first = runs[unit[0]]
+    if len(unit) > 1 and _vmappable(first):
+        _log.info("[%d-%d/%d] %s · %s · seeds %s", unit[0] + 1, unit[-1] + 1, len(runs), first["env"],
+                  first["label"], [runs[i]["seed"] for i in unit])
+        for i, record in zip(unit, execute_group([runs[i] for i in unit], [run_dir(runs[i]) for i in unit],
+                                                 train_group_fn)):
+            records[i] = record
+    else:
+        for i in unit:
+            _log.info("[%d/%d] %s · %s · seed %d", i + 1, len(runs), runs[i]["env"], runs[i]["label"],
+                      runs[i]["seed"])
+            records[i] = execute(runs[i], run_dir(runs[i]), train_fn)
+            if records[i]["status"] == "stopped":
+                break
+    return any(records[i] is not None and records[i]["status"] == "stopped" for i in unit)
 
 
 def jsonable(x):

@@ -4,6 +4,7 @@
     python -m scripts.regenerate_results --what=main                # README main-job table (minutes on 2 cores)
     python -m scripts.regenerate_results --what=compare             # the whole comparison (hours: see its config)
     python -m scripts.regenerate_results --what=compare --config.environments=synthetic_shop --num_shards=2 --shard=0
+    python -m scripts.regenerate_results --what=compare --claim   # in each of N processes: they share the units
     python -m scripts.regenerate_results --what=compare --report_only   # publish what has finished so far
 
 `--config` is the comparison config (configs/compare.py) with its `--config.KEY=VALUE` overrides; runs live under
@@ -94,7 +95,7 @@ def regenerate_main(workdir: pathlib.Path) -> None:
     print(f"README.md main-job block rewritten from {workdir / 'summary.json'}; docs/results/main_job_* copied")
 
 
-def regenerate_compare(cfg, workdir: pathlib.Path, *, report_only: bool, shard: int, num_shards: int,
+def regenerate_compare(cfg, workdir: pathlib.Path, *, report_only: bool, shard: int, num_shards: int, claim: bool,
                        records: pathlib.Path | None) -> None:
     from experiments import compare  # noqa: PLC0415
     from experiments import records as records_lib  # noqa: PLC0415
@@ -103,7 +104,8 @@ def regenerate_compare(cfg, workdir: pathlib.Path, *, report_only: bool, shard: 
         restored = records_lib.restore(records, workdir)
         print(f"{records}: {restored['restored']} finished runs restored into {workdir} ({restored['stale']} stale "
               f"records of other code left out, {restored['present']} already there)")
-    results = compare.compare(cfg, workdir, report_only=report_only, shard=shard, num_shards=num_shards)
+    results = compare.compare(cfg, workdir, report_only=report_only, shard=shard, num_shards=num_shards,
+                              claim=claim)
     if records is not None:
         saved = records_lib.save(workdir, records)
         print(f"{records}: {saved['saved']} finished runs kept, {saved['dropped_stale']} stale records dropped"
@@ -111,7 +113,9 @@ def regenerate_compare(cfg, workdir: pathlib.Path, *, report_only: bool, shard: 
                  else ""))
     out = REPO / "docs" / "results"
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    flags_used = " ".join(a for a in sys.argv[1:] if not a.startswith("--report_only"))
+    # How the work was split between processes changes no number: only the flags that do are recorded.
+    flags_used = " ".join(a for a in sys.argv[1:] if not a.startswith(("--report_only", "--claim", "--noclaim",
+                                                                       "--shard=", "--num_shards=")))
     header = (f"<!-- Produced by: python -m scripts.regenerate_results {flags_used} (workdir {workdir}), "
               f"{stamp}, {os.cpu_count()}-core {platform.machine()} CPU, gopo_jax {records_lib.code_digest()[:12]}. "
               "Do not edit by hand: rerun the command. -->\n")
@@ -132,6 +136,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("report_only", False, "compare: train nothing, publish the runs that have finished")
     flags.DEFINE_integer("shard", 0, "compare: this process's share of the units (i % num_shards == shard)")
     flags.DEFINE_integer("num_shards", 1, "compare: processes splitting the comparison")
+    flags.DEFINE_bool("claim", False, "compare: share the units with the other --claim processes of this machine")
     flags.DEFINE_string("records", "docs/results/compare_runs", "compare: finished runs kept in the repository "
                         "(experiments/records.py), restored before and saved after; relative to the repository root; "
                         "empty: none")
@@ -155,7 +160,8 @@ def main(argv) -> None:
             command_line.fail(str(e))
     if "compare" in FLAGS.what:
         regenerate_compare(FLAGS.config, workdir / "compare", report_only=FLAGS.report_only, shard=FLAGS.shard,
-                           num_shards=FLAGS.num_shards, records=REPO / FLAGS.records if FLAGS.records else None)
+                           num_shards=FLAGS.num_shards, claim=FLAGS.claim,
+                           records=REPO / FLAGS.records if FLAGS.records else None)
 
 
 def cli() -> None:
