@@ -32,17 +32,20 @@ _EVAL_PREFIX = "eval/"
 NOT_IN_RUNS = ("report", "serve", "export.py", "chat.py", "inspect_run.py", "plan.py")
 
 
-@functools.cache
-def code_digest() -> str:
-    """sha256 over every file of the installed gopo_jax package that a run can execute (all but NOT_IN_RUNS;
-    relative path and bytes, in path order), taken once per process: the code a driver imported, not what an edit
-    during its runs leaves on disk."""
-    root = pathlib.Path(gopo_jax.__file__).parent
+def tree_digest(root: pathlib.Path) -> str:
+    """sha256 over every file under `root` but NOT_IN_RUNS and caches (relative path and bytes, in path order)."""
     h = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
                        and p.relative_to(root).parts[0] not in NOT_IN_RUNS):
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+@functools.cache
+def code_digest() -> str:
+    """`tree_digest` of the installed gopo_jax package: the code a run can execute, taken once per process (the
+    code a driver imported, not what an edit during its runs leaves on disk)."""
+    return tree_digest(pathlib.Path(gopo_jax.__file__).parent)
 
 
 def stamp(directory: pathlib.Path, digest: str | None = None) -> None:
@@ -75,13 +78,14 @@ def _eval_lines(path: pathlib.Path) -> str:
 
 
 def save(workdir: pathlib.Path, records: pathlib.Path) -> dict[str, int]:
-    """Copies every finished, stamped run of `workdir` into `records` (same relative path) and drops the records
-    of other code. {"saved", "unstamped" (finished runs without code.json, not kept), "dropped_stale"}."""
+    """Copies every finished run of `workdir` trained by the installed code into `records` (same relative path) and
+    drops the records of other code. {"saved", "not_kept" (finished runs of other code, or without code.json),
+    "dropped_stale"}."""
     digest = code_digest()
-    counts = {"saved": 0, "unstamped": 0, "dropped_stale": 0}
+    counts = {"saved": 0, "not_kept": 0, "dropped_stale": 0}
     for directory in _finished(workdir):
-        if _digest_of(directory) is None:
-            counts["unstamped"] += 1
+        if _digest_of(directory) != digest:
+            counts["not_kept"] += 1
             continue
         target = records / directory.relative_to(workdir)
         target.mkdir(parents=True, exist_ok=True)

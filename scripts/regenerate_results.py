@@ -109,8 +109,7 @@ def regenerate_compare(cfg, workdir: pathlib.Path, *, report_only: bool, shard: 
     if records is not None:
         saved = records_lib.save(workdir, records)
         print(f"{records}: {saved['saved']} finished runs kept, {saved['dropped_stale']} stale records dropped"
-              + (f", {saved['unstamped']} unstamped runs (trained before code.json) not kept" if saved["unstamped"]
-                 else ""))
+              + (f", {saved['not_kept']} runs of other code or unstamped not kept" if saved["not_kept"] else ""))
     out = REPO / "docs" / "results"
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     # How the work was split between processes changes no number: only the flags that do are recorded.

@@ -37,7 +37,7 @@ def test_saved_runs_restore_into_a_fresh_workdir_and_are_not_retrained(tmp_path)
     assert json.loads((run / records.CODE).read_text()) == {"gopo_jax": records.code_digest()}
     with (run / records.METRICS).open("a") as f:
         f.write(json.dumps({"step": 3, "train/loss": 1.0}) + "\n{torn")
-    assert records.save(first, kept) == {"saved": 4, "unstamped": 0, "dropped_stale": 0}
+    assert records.save(first, kept) == {"saved": 4, "not_kept": 0, "dropped_stale": 0}
     record = kept / "runs" / "synthetic_shop" / "gopo" / "seed0"
     assert sorted(p.name for p in record.iterdir()) == ["code.json", "config.json", "metrics.jsonl", "summary.json"]
     # Only the evaluation lines of the metrics are kept (what the tables and figures read).
@@ -71,17 +71,35 @@ def test_a_record_of_other_code_is_retrained_and_dropped(tmp_path):
     assert sorted(retrained) == [("gopo", 1), ("sft", 1)]
     assert records.save(fresh, kept)["saved"] == 4
     assert json.loads((stale / records.CODE).read_text())["gopo_jax"] == records.code_digest()
-    # A finished run without a stamp (trained before code.json existed) is not kept; a stale record is dropped.
+    # A finished run without a stamp, or of other code, is not kept (never copied); a stale record is dropped.
     (fresh / "runs" / "synthetic_shop" / "sft" / "seed0" / records.CODE).unlink()
+    records.stamp(fresh / "runs" / "synthetic_shop" / "gopo" / "seed0", "e" * 64)
     records.stamp(kept / "runs" / "synthetic_shop" / "sft" / "seed0", "f" * 64)
-    assert records.save(fresh, kept) == {"saved": 3, "unstamped": 1, "dropped_stale": 1}
+    records.stamp(kept / "runs" / "synthetic_shop" / "gopo" / "seed0", "f" * 64)
+    assert records.save(fresh, kept) == {"saved": 2, "not_kept": 2, "dropped_stale": 2}
     assert not (kept / "runs" / "synthetic_shop" / "sft" / "seed0").exists()
+    assert not (kept / "runs" / "synthetic_shop" / "gopo" / "seed0").exists()
 
 
-def test_the_digest_is_of_the_installed_package():
-    digest = records.code_digest()
-    assert len(digest) == 64 and int(digest, 16) >= 0
-    assert records.code_digest() is digest  # taken once per process
+def test_the_digest_changes_with_run_code_only(tmp_path):
+    """Any byte or name of the run code changes the digest; the consumers in NOT_IN_RUNS and caches do not."""
+    root = tmp_path / "pkg"
+    (root / "train").mkdir(parents=True)
+    (root / "report").mkdir()
+    (root / "train" / "step.py").write_text("x = 1\n")
+    (root / "report" / "tables.py").write_text("t = 1\n")
+    before = records.tree_digest(root)
+    (root / "report" / "tables.py").write_text("t = 2\n")
+    (root / "plan.py").write_text("p = 1\n")
+    (root / "train" / "__pycache__").mkdir()
+    (root / "train" / "__pycache__" / "step.pyc").write_bytes(b"\0")
+    assert records.tree_digest(root) == before
+    (root / "train" / "step.py").write_text("x = 2\n")
+    changed = records.tree_digest(root)
+    assert changed != before
+    (root / "train" / "step.py").rename(root / "train" / "other.py")
+    assert records.tree_digest(root) not in (before, changed)
+    assert records.code_digest() is records.code_digest()  # taken once per process
 
 
 @pytest.mark.parametrize("text", ["", "{", "[]", '{"gopo_jax": 3}'])
