@@ -393,6 +393,19 @@ def test_huge_numbers_get_a_400(serving, field, value):
     assert response.json()["error"]["param"] == field
 
 
+@pytest.mark.parametrize("temperature", [5e-324, 1e-40, 1e-7])
+def test_a_vanishing_temperature_is_answered_greedily(serving, temperature):
+    """The hypothesis run's find: a positive temperature that is 0.0 (or overflows the logits) in float32 made every
+    log-prob NaN and the response unencodable (500). It is served as greedy: the greedy reply, finite log-probs."""
+    request = {**VALID, "logprobs": True, "top_logprobs": 2}
+    tiny = httpx.post(serving.url + ROUTE, json={**request, "temperature": temperature}, timeout=PROMPT_S)
+    greedy = httpx.post(serving.url + ROUTE, json=request, timeout=PROMPT_S)
+    assert tiny.status_code == 200, tiny.text
+    assert_completion(tiny.json(), request)
+    assert tiny.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
+    assert tiny.json()["choices"][0]["logprobs"] == greedy.json()["choices"][0]["logprobs"]
+
+
 def answered_meanwhile(server, seconds: float) -> int:
     """Valid requests answered, each promptly, over `seconds`."""
     answered, end = 0, time.monotonic() + seconds

@@ -39,6 +39,9 @@ MAX_BODY_BYTES = 1 << 20
 BODY_TIMEOUT_S = 30.0  # the whole body must arrive within this long after the request head: >= 35 kB/s at 1 MiB
 MAX_N = 16
 MAX_SEED = (1 << 63) - 1  # jax.random.key takes an int64
+# A temperature below this is served greedily: it samples the most likely token anyway, and logits divided by it
+# overflow float32 (5e-324 is 0.0 on the device), which made every log-prob NaN and the response unencodable.
+MIN_SAMPLING_TEMPERATURE = 1e-6
 
 
 
@@ -290,7 +293,8 @@ class ServedAPI:
         # The engine compiles a program per (greedy, nucleus filter or not, alternatives or not): tens of seconds in
         # which no request is answered. top_p's value is an argument of the program; greedy decoding ignores it; a
         # request for alternatives gets the most of them (its choices keep the first top_logprobs).
-        return Sampling(temperature=req.temperature, top_p=1.0 if req.temperature == 0.0 else req.top_p,
+        temperature = 0.0 if req.temperature < MIN_SAMPLING_TEMPERATURE else req.temperature
+        return Sampling(temperature=temperature, top_p=1.0 if temperature == 0.0 else req.top_p,
                         top_logprobs=MAX_TOP_LOGPROBS if wants_alternatives else 0, seed=req.seed,
                         n_candidates=n_candidates), max_tokens
 
