@@ -21,7 +21,12 @@ from tests.helpers import tiny_run_config, world_and_agents  # noqa: E402
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
-jax.config.update("jax_compilation_cache_dir", str(REPO_ROOT / ".jax_cache"))
+# One cache directory per xdist worker (and per worker's subprocesses, which read JAX_COMPILATION_CACHE_DIR): two
+# workers writing and reading the same entries at once crashed a worker inside JAX's cache I/O twice on CI (an abort
+# in put_executable_and_time, a segfault in get_executable_and_time), each time in a test that passes alone.
+COMPILATION_CACHE = REPO_ROOT / ".jax_cache" / os.environ.get("PYTEST_XDIST_WORKER", "main")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(COMPILATION_CACHE)
+jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

@@ -130,7 +130,7 @@ def test_single_agent_run_chats_without_an_expert(tmp_path):
 @pytest.mark.slow
 def test_command_line_reads_piped_lines(workdir):
     env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "JAX_COMPILATION_CACHE_DIR": str(REPO / ".jax_cache")}
+           "JAX_COMPILATION_CACHE_DIR": os.environ["JAX_COMPILATION_CACHE_DIR"]}
     result = subprocess.run([sys.executable, "-m", "gopo_jax.chat", "--workdir", str(workdir), "--seed", "1"],
                             input="\n".join(LINES[:2]) + "\n", cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=600, check=False)

@@ -116,7 +116,7 @@ def test_sop_json_reloads_with_the_project_loader(exported):
 
 def _env():
     return {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-            "JAX_COMPILATION_CACHE_DIR": str(REPO / ".jax_cache")}
+            "JAX_COMPILATION_CACHE_DIR": os.environ["JAX_COMPILATION_CACHE_DIR"]}
 
 
 @pytest.mark.slow

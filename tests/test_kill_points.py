@@ -1,5 +1,7 @@
 """Kill points (scripts/kill_points.py): a tiny run SIGKILLed during SFT, during a GOPO iteration and in the middle of
 a checkpoint write, then rerun on its workdir, ends with bitwise the parameters of an uninterrupted run."""
+import os
+
 import pytest
 
 from scripts import kill_points
@@ -9,8 +11,8 @@ TIMEOUT_S = 1800
 
 @pytest.mark.slow
 def test_kill9_during_sft_gopo_and_checkpoint_write_resumes_exactly(tmp_path):
-    # The test suite's compilation cache: the four runs compile their programs once between them.
-    env = kill_points.environment(str(kill_points.REPO / ".jax_cache"))
+    # This worker's compilation cache (conftest): the four runs compile their programs once between them.
+    env = kill_points.environment(os.environ["JAX_COMPILATION_CACHE_DIR"])
     reference = kill_points.reference_run(tmp_path / "reference", env, TIMEOUT_S)
     # Halfway into the last SFT block and the last iteration; a checkpoint write as soon as its temporary directory
     # shows (a write of the tiny state is a fraction of a second).
