@@ -98,6 +98,19 @@ class _Resolver:
         return run_cfg
 
 
+def env_labels(cfg, env: str) -> list[str]:
+    """The labels compared on `env`: those of `methods` that its `env_methods` entry lists (so narrowing `methods`
+    narrows every environment), else all of `methods`."""
+    labels = _names(cfg.methods, "methods")
+    if env not in cfg.env_methods:
+        return labels
+    mine = _names(cfg.env_methods[env], f"env_methods.{env}")
+    if not (kept := [label for label in labels if label in mine]):
+        raise ComparisonError(f"compare config: env_methods.{env} ({mine}) shares no label with `methods` "
+                              f"({labels}), so {env} would compare nothing; list some of `methods` there")
+    return kept
+
+
 def _check_counts(cfg) -> None:
     if cfg.seeds < 1 or any(n < 1 for n in cfg.env_seeds.values()):
         raise ComparisonError("compare config: seeds and every env_seeds entry must be >= 1")
@@ -204,7 +217,7 @@ def plan(cfg: ml_collections.ConfigDict, selection: dict | None = None) -> list[
 
     runs = []
     for env in envs:
-        for label in _names(cfg.methods, "methods"):
+        for label in env_labels(cfg, env):
             chosen = setting_of(env, label)
             if chosen is None:
                 continue

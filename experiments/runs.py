@@ -33,6 +33,14 @@ _NOT_RESULTS = frozenset({"sft.cache_dir", "eval.judge_dialogues"})
 # Where metrics are sent (TensorBoard, W&B) and how long a multi-process run waits for a silent peer change nothing
 # a run computes: switching W&B on for a resumed comparison, or a workdir from before these sections, is the same run.
 _NOT_RESULTS_PREFIXES = ("log.", "distributed.")
+# A data-backed world's folder is resolved to an absolute path from the checkout (`experiments.compare`), so where a
+# checkout lives must not make its kept runs (`experiments.records`) "a different config": the dataset is the
+# folder's name under the shared data root, and that is what is compared.
+_BY_FOLDER_NAME = frozenset({"env.data_dir"})
+
+
+def _comparable(key: str, value):
+    return pathlib.PurePath(value).name if key in _BY_FOLDER_NAME and isinstance(value, str) and value else value
 
 
 def check_same_config(directory: pathlib.Path, config: ml_collections.ConfigDict) -> None:
@@ -43,7 +51,8 @@ def check_same_config(directory: pathlib.Path, config: ml_collections.ConfigDict
     wanted = json.loads(config.to_json_best_effort())
 
     a, b = flattened(stored), flattened(wanted)
-    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in _NOT_RESULTS
+    diff = sorted(k for k in a.keys() | b.keys() if _comparable(k, a.get(k)) != _comparable(k, b.get(k))
+                  and k not in _NOT_RESULTS
                   and not k.startswith(_NOT_RESULTS_PREFIXES))
     if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6])
@@ -174,10 +183,10 @@ def run_all(runs: list[dict], run_dir: Callable[[dict], pathlib.Path], *, train_
             train_group_fn: Callable | None = None, vmap_seeds: bool = False, shard: int = 0, num_shards: int = 1,
             claim: bool = False, report_only: bool = False) -> list[dict]:
     """One record per run, in order. Units of work are one run each, or with `vmap_seeds` the consecutive runs of
-    one setting (all its seeds, trained together where the world is pure JAX). Unit i is this process's when
-    i % num_shards == shard, or with `claim` when it is unfinished and this process claims it first (a claim file
-    beside its runs, `_take`): any number of processes of one machine then share the units as each becomes free,
-    however unequal their costs. Runs of others, of a report-only call, or after a SIGTERM stop are recorded "done"
+    one setting (all its seeds, trained together where the world is pure JAX; one unit per seed where it is not).
+    Unit i is this process's when i % num_shards == shard, or with `claim` when it is unfinished and this process
+    claims it first (a claim file beside its runs, `_take`): any number of processes of one machine then share the
+    units as each becomes free, however unequal their costs. Runs of others, of a report-only call, or after a SIGTERM stop are recorded "done"
     when their summary exists, else "not run"."""
     if not 0 <= shard < num_shards:
         raise ConfigError(f"--shard={shard} must be in 0..{num_shards - 1} (--num_shards={num_shards})")
@@ -190,6 +199,11 @@ def run_all(runs: list[dict], run_dir: Callable[[dict], pathlib.Path], *, train_
             units[-1].append(i)
         else:
             units.append([i])
+    if not report_only:
+        # Seeds that cannot train vmapped (host worlds) are a unit each: processes then share them seed by seed,
+        # and a sitting that ends keeps every seed it finished.
+        units = [piece for unit in units
+                 for piece in ([unit] if len(unit) == 1 or _vmappable(runs[unit[0]]) else [[i] for i in unit])]
     records: list[dict | None] = [None] * len(runs)
     stopped = False
     for u, unit in enumerate(units):
@@ -223,7 +237,7 @@ def _train_unit(runs: list[dict], unit: list[int], records: list, run_dir: Calla
                 train_fn: Callable | None, train_group_fn: Callable | None) -> bool:
     """Trains one unit into `records`; whether a SIGTERM stopped it."""
     first = runs[unit[0]]
-    if len(unit) > 1 and _vmappable(first):
+    if len(unit) > 1:  # a unit of several runs is a vmappable setting's seeds (`run_all`)
         _log.info("[%d-%d/%d] %s · %s · seeds %s", unit[0] + 1, unit[-1] + 1, len(runs), first["env"],
                   first["label"], [runs[i]["seed"] for i in unit])
         for i, record in zip(unit, execute_group([runs[i] for i in unit], [run_dir(runs[i]) for i in unit],

@@ -46,6 +46,20 @@ def test_plan_host_worlds_use_their_own_run_config():
     assert by_env["mg_shopdial"].env.name == "mg_shopdial" and by_env["mg_shopdial"].tokenizer.vocab_size == 1024
 
 
+def test_env_methods_narrow_an_environment_to_some_labels():
+    c = compare_config.get_config()
+    c.seeds, c.convergence_seeds, c.methods = 1, 0, "gopo,sft,dpo,gopo_no_ea"
+    labels = {}
+    for run in compare_lib.plan(c):
+        if run["seed"] == 0:
+            labels.setdefault(run["env"], []).append(run["label"])
+    assert labels["synthetic_shop"] == ["gopo", "sft", "dpo", "gopo_no_ea"]
+    assert labels["mg_shopdial"] == labels["multiwoz"] == labels["tmallbrand"] == ["gopo", "sft", "dpo"]
+    c.env_methods.multiwoz = "gopo_no_sop_mask"
+    with pytest.raises(compare_lib.ComparisonError, match="env_methods.multiwoz .* shares no label with `methods`"):
+        compare_lib.plan(c)
+
+
 def test_plan_errors_name_the_key():
     c = compare_config.get_config()
     c.env_overrides.synthetic_shop = overrides({"train.stepz": 3})

@@ -65,3 +65,29 @@ def test_a_failing_unit_releases_its_claim(tmp_path):
 def test_claim_and_static_shards_do_not_mix(tmp_path):
     with pytest.raises(ConfigError, match="leave --num_shards at 1"):
         runs_lib.run_all(_runs(2), lambda run: tmp_path, train_fn=None, claim=True, num_shards=2)
+
+
+def test_seeds_that_cannot_train_vmapped_are_claimed_one_by_one(tmp_path, monkeypatch):
+    """A host world's seeds train one after another: each is its own unit, so two processes share a setting's
+    seeds, and a process that stops keeps every seed it finished."""
+    runs, trained = _runs(3), []
+    run_dir = lambda run: tmp_path / f"seed{run['seed']}" / "run"  # noqa: E731
+    monkeypatch.setattr(runs_lib, "_vmappable", lambda run: False)
+    host = socket.gethostname()
+    taken = runs_lib._claim_file(run_dir, [runs[1]])
+    taken.parent.mkdir(parents=True)
+    taken.write_text(f"{host} {os.getppid()}\n")  # a live process of this machine trains seed 1
+    records = runs_lib.run_all(runs, run_dir, train_fn=_train(trained), vmap_seeds=True, claim=True)
+    assert trained == [0, 2] and [r["status"] for r in records] == ["done", "not run", "done"]
+
+
+def test_a_moved_data_folder_is_the_same_config(tmp_path):
+    """A kept run of a data-backed world names its dataset by an absolute path of the checkout that trained it;
+    another checkout (CI, a colleague's) must read it as the same run, and another dataset must not."""
+    config = ml_collections.ConfigDict({"env": {"data_dir": "/work/shared/data/multiwoz"}, "seed": 0})
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    moved = ml_collections.ConfigDict({"env": {"data_dir": "/tmp/ci/../shared/data/multiwoz"}, "seed": 0})
+    runs_lib.check_same_config(tmp_path, moved)
+    other = ml_collections.ConfigDict({"env": {"data_dir": "/work/shared/data/abcd"}, "seed": 0})
+    with pytest.raises(ConfigError, match="env.data_dir: '/work/shared/data/multiwoz' -> '/work/shared/data/abcd'"):
+        runs_lib.check_same_config(tmp_path, other)
