@@ -275,9 +275,29 @@ def compare(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, trai
     results = collect(cfg, workdir, runs, records)
     results["tuning"] = {"runs": tune_records, "selection": selection,
                          "wall_seconds": sum(r.get("wall_seconds", 0.0) for r in tune_records)}
+    results["training_seconds"] = {"comparison": training_seconds(workdir, runs, records),
+                                   "tuning": training_seconds(workdir, tune_runs, tune_records)}
     results["wall_seconds"] = time.time() - start
     write_results(workdir, results, cfg)
     return results
+
+
+def training_seconds(workdir: pathlib.Path, runs: list[dict], records: list[dict]) -> dict[str, float]:
+    """{env: seconds}: the wall time the finished runs took to train, from their summaries (so kept runs of earlier
+    sittings count), the seeds of one vmapped group once: the time a comparison costs, whoever trained it."""
+    groups: dict[tuple, float] = {}
+    for run, record in zip(runs, records):
+        if record["status"] != "done":
+            continue
+        summary = json.loads((run_dir(workdir, run) / "summary.json").read_text())
+        wall = float(summary.get("wall_seconds", 0.0))
+        group = (run["env"], run["label"], run.get("setting"), run["kind"],
+                 "group" if summary.get("seed_parallel") else run["seed"])
+        groups[group] = max(groups.get(group, 0.0), wall)
+    out: dict[str, float] = {}
+    for (env, *_), wall in groups.items():
+        out[env] = out.get(env, 0.0) + wall
+    return out
 
 
 def collect(cfg, workdir: pathlib.Path, runs: list[dict], records: list[dict]) -> dict:

@@ -147,6 +147,22 @@ def summary(method, tse, gre, ref_tse=0.5):
     return {"env": "shop", "method": method, "reference": block(ref_tse, 1.0), method: block(tse, gre)}
 
 
+def test_training_time_counts_kept_runs_and_a_vmapped_group_once(tmp_path):
+    """The comparison's cost comes from the finished runs' summaries, whoever trained them: a vmapped group's seeds
+    each carry the group's wall time, so it counts once; seeds trained one by one add up."""
+    runs = [dict(env=env, label="gopo", setting="default", seed=s, kind="compare") for env in ("shop", "host")
+            for s in (0, 1, 2)]
+    records = [{"status": "not run" if (run["env"], run["seed"]) == ("host", 2) else "done"} for run in runs]
+    for run, record in zip(runs, records):
+        if record["status"] == "done":
+            d = compare_lib.run_dir(tmp_path, run)
+            d.mkdir(parents=True)
+            parallel = run["env"] == "shop"
+            (d / "summary.json").write_text(json.dumps({"wall_seconds": 600.0 if parallel else 100.0 + run["seed"],
+                                                        "seed_parallel": parallel}))
+    assert compare_lib.training_seconds(tmp_path, runs, records) == {"shop": 600.0, "host": 201.0}
+
+
 def test_tables_hand_computed():
     records = [("shop", "gopo", 0, summary("gopo", 0.3, 1.0)), ("shop", "gopo", 1, summary("gopo", 0.5, 2.0)),
                ("shop", "ppo", 0, summary("ppo", 0.2, 1.0)), ("shop", "ppo", 1, summary("ppo", 0.4, 1.0))]

@@ -49,7 +49,8 @@ def test_markdown_cells_and_notes():
         "runs": [{"env": "shop", "label": "dpo", "seed": 0, "status": "failed", "error": "a|b\nc"},
                  {"env": "shop", "label": "dpo", "seed": 1, "status": "not run"},
                  {"env": "shop", "label": "dpo", "seed": 2, "status": "not run"}],
-        "geval": {"available": False, "reason": "no API key"}, "wall_seconds": 61.6},
+        "geval": {"available": False, "reason": "no API key"}, "wall_seconds": 61.6,
+        "training_seconds": {"comparison": {"shop": 5400.0, "mg_shopdial": 900.0}, "tuning": {}}},
         metrics=("tse", "gre"))
     lines = md.splitlines()
     assert "| method | seeds | tse | gre |" in lines
@@ -60,4 +61,7 @@ def test_markdown_cells_and_notes():
     assert "| shop | dpo | 0 | a\\|b c |" in lines  # the error cannot break the table
     assert "Not trained (yet): 2 runs, rerun the comparison to train them: shop/dpo seeds [1, 2]." in lines
     assert "G-Eval: not reported (no API key)." in lines
+    assert lines[-3] == ("Training time of the finished runs (their summed wall time, the seeds of a vmapped group "
+                         "once; processes sharing cores stretch each run): comparison shop 1.50 h, mg_shopdial "
+                         "0.25 h.")
     assert lines[-1] == "Wall time of this invocation: 62 s."

@@ -187,6 +187,11 @@ def markdown(results: Mapping[str, Any], *, gopo_label: str = "gopo", metrics: S
     elif geval is not None:
         lines += ["", f"G-Eval (`geval` column): judge {geval['judge']}; per run, the mean over the criteria "
                       f"{geval['criteria']} of the judge's probability-weighted 1-5 scores of its held-out turns."]
+    if results.get("training_seconds"):
+        lines += ["", "Training time of the finished runs (their summed wall time, the seeds of a vmapped group "
+                      "once; processes sharing cores stretch each run): " + "; ".join(
+                          f"{stage} " + ", ".join(f"{env} {s / 3600:.2f} h" for env, s in by_env.items())
+                          for stage, by_env in results["training_seconds"].items() if by_env) + "."]
     if "wall_seconds" in results:
         lines += ["", f"Wall time of this invocation: {results['wall_seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
