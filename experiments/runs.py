@@ -186,8 +186,8 @@ def run_all(runs: list[dict], run_dir: Callable[[dict], pathlib.Path], *, train_
     one setting (all its seeds, trained together where the world is pure JAX; one unit per seed where it is not).
     Unit i is this process's when i % num_shards == shard, or with `claim` when it is unfinished and this process
     claims it first (a claim file beside its runs, `_take`): any number of processes of one machine then share the
-    units as each becomes free, however unequal their costs. Runs of others, of a report-only call, or after a SIGTERM stop are recorded "done"
-    when their summary exists, else "not run"."""
+    units as each becomes free, however unequal their costs. Runs of others, of a report-only call, or after a
+    SIGTERM stop are recorded "done" when their summary exists, else "not run"."""
     if not 0 <= shard < num_shards:
         raise ConfigError(f"--shard={shard} must be in 0..{num_shards - 1} (--num_shards={num_shards})")
     if claim and num_shards != 1:

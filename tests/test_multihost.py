@@ -28,7 +28,8 @@ def _launch_two_processes(out_path: pathlib.Path, log_dir: pathlib.Path) -> None
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                # Same persistent compilation cache as conftest.py: reruns skip most of the workers' compiles.
-               JAX_COMPILATION_CACHE_DIR=os.environ["JAX_COMPILATION_CACHE_DIR"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+               JAX_COMPILATION_CACHE_DIR=os.environ["JAX_COMPILATION_CACHE_DIR"],
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     port = _free_port()
     procs, logs = [], []
     for pid in range(2):

@@ -180,7 +180,8 @@ def _tail(path: pathlib.Path) -> str:
 def test_the_survivor_of_a_lost_peer_exits_with_a_clear_message(tmp_path, victim, how):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               JAX_COMPILATION_CACHE_DIR=os.environ["JAX_COMPILATION_CACHE_DIR"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+               JAX_COMPILATION_CACHE_DIR=os.environ["JAX_COMPILATION_CACHE_DIR"],
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     port = _free_port()
     logs = [tmp_path / f"worker{pid}.log" for pid in range(2)]
     procs = []
