@@ -22,6 +22,12 @@ def pretrained_config(shared_data, checkpoint, **overrides):
     c.model.init_from = str(checkpoint)  # "" leaves it to the per-agent keys
     # Qwen's chat pieces take ids of their own: "<|im_start|>system\n" ... "<|im_end|>", the think block.
     c.layout.context_len, c.layout.customer_len, c.layout.reply_len, c.layout.max_turns = 48, 40, 32, 4
+    # Rows of [rows, 151,936] fp32 logits at a time (~156 MB), as configs/qwen3: the toy worlds' 4096 rows would
+    # hold every position of these batches at once, several GB per vocabulary-wide buffer.
+    c.model.logits_chunk = 256
+    # The tests' batches have 4 rows: on the 8 fake devices, data=8 cannot split them and every device would hold
+    # and compute all of them (and a full copy of the parameters); data=4 x fsdp=2 splits both.
+    c.mesh.data, c.mesh.fsdp = 4, 2
     for k, v in overrides.items():
         section, key = k.split("__")
         c[section][key] = v
