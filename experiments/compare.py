@@ -273,8 +273,7 @@ def compare(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, trai
     stopped = any(record["status"] == "stopped" for record in tune_records)
     records = execute_all(runs, train=not (report_only or stopped))
     results = collect(cfg, workdir, runs, records)
-    results["tuning"] = {"runs": tune_records, "selection": selection,
-                         "wall_seconds": sum(r.get("wall_seconds", 0.0) for r in tune_records)}
+    results["tuning"] = {"runs": tune_records, "selection": selection}
     results["training_seconds"] = {"comparison": training_seconds(workdir, runs, records),
                                    "tuning": training_seconds(workdir, tune_runs, tune_records)}
     results["wall_seconds"] = time.time() - start

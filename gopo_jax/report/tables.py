@@ -227,7 +227,4 @@ def tuning_markdown(tuning: Mapping[str, Any]) -> str:
                 lines.append("")
                 lines.append("Tuning not finished: the runs this grid tunes wait for it.")
             lines.append("")
-    wall = tuning.get("wall_seconds")
-    if wall:
-        lines.append(f"Tuning runs trained in this invocation took {wall:.0f} s in all.")
     return "\n".join(lines) + "\n"
