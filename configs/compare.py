@@ -32,11 +32,11 @@ SHORT = {"train.steps": 20, "train.eval_every": 5, "train.checkpoint_every": 5, 
 HOST_SHORT = {"layout.max_turns": 6, "eval.episodes": 32, "train.steps": 12, "train.eval_every": 6,
               "train.checkpoint_every": 3}
 # MultiWOZ and TmallBrand sample their training dialogues at temperature 0.7 (every method alike; evaluation stays
-# greedy). At 1.0 their warm-started CS completes almost no task in training: on the training customers the sampled
-# dialogues' TSE was 0.01-0.04 against 0.14 greedy on the held-out ones (MG-ShopDial: 0.12 sampled, 0.14 greedy), so
-# nearly every group's rewards were failures, and in 12 iterations every RL method ended below its SFT start there
-# (2026-12-03 records; PPO's greedy policy collapsed onto repeating one strategy). At 0.7 the sampled dialogues
-# reached TSE 0.06-0.17 (MultiWOZ) and 0.06-0.12 (TmallBrand) from the first iteration.
+# greedy). At 1.0 their warm-started CS completed almost no task in training: the sampled dialogues of the first 3
+# iterations had TSE 0.040-0.053 (MultiWOZ) and 0.012-0.028 (TmallBrand), method means over 3 seeds, against greedy
+# SFT starts of 0.10-0.18 and 0.11-0.14 (MG-ShopDial: 0.11 sampled, 0.12-0.17 greedy). Nearly every group's
+# rewards were failures, and GOPO, GRPO and PPO ended significantly below their SFT starts on both worlds (PPO's
+# greedy MultiWOZ policy repeated one strategy). At 0.7 the same measure is 0.110-0.127 and 0.058-0.090 (2026-12-03 comparison runs).
 HOST_EXPLORATION = {"sampling.temperature": 0.7}
 
 # The test-sized variant: seconds of training, enough to exercise every file the driver writes.
