@@ -56,8 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
     # customers by `selection_metric` (higher is better); 0 runs every method at its grid's first setting.
     c.tuning_seeds = 2
     # The environments that tune, compared or not ("" = every compared one); the others run the setting selected on
-    # the first of these. The host worlds' Python turn loops make a host run cost many shop runs (a 12-iteration
-    # MG-ShopDial run: ~15 min on one core), so their grids (5 × 4 × 2 runs per world) are not affordable here.
+    # the first of these. The host worlds' Python turn loops make a host run cost many shop runs: a 12-iteration
+    # MG-ShopDial run takes 8-22 min on a core, so its grid (5 × 4 × 2 runs) was not affordable here; MultiWOZ and
+    # TmallBrand runs take 1-3 min, so theirs (about 1 h each on 2 cores) are, but have not been run yet.
     c.tuning_environments = "synthetic_shop"
     c.selection_metric = "tse"
     c.grids = tuning.grids()
