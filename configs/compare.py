@@ -36,7 +36,8 @@ HOST_SHORT = {"layout.max_turns": 6, "eval.episodes": 32, "train.steps": 12, "tr
 # iterations had TSE 0.040-0.053 (MultiWOZ) and 0.012-0.028 (TmallBrand), method means over 3 seeds, against greedy
 # SFT starts of 0.10-0.18 and 0.11-0.14 (MG-ShopDial: 0.11 sampled, 0.12-0.17 greedy). Nearly every group's
 # rewards were failures, and GOPO, GRPO and PPO ended significantly below their SFT starts on both worlds (PPO's
-# greedy MultiWOZ policy repeated one strategy). At 0.7 the same measure is 0.110-0.127 and 0.058-0.090 (2026-12-03 comparison runs).
+# greedy MultiWOZ policy repeated one strategy). At 0.7 the same measure is 0.110-0.127 and 0.058-0.090
+# (2026-12-03 comparison runs).
 HOST_EXPLORATION = {"sampling.temperature": 0.7}
 
 # The test-sized variant: seconds of training, enough to exercise every file the driver writes.
