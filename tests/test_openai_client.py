@@ -76,18 +76,23 @@ class StubOpenAI:
                         stub._crowded.wait(5.0)
                     if stub.delay:
                         stub._closing.wait(stub.delay)
-                    if failure is not None:
-                        return self._send(failure, {"error": {"message": f"stub failure {failure}"}},
-                                          {"retry-after-ms": "1"})
-                    if self.path != "/v1/chat/completions":
-                        return self._send(404, {"error": {"message": f"no route {self.path}"}})
-                    if body.get("model") not in stub.models:
-                        return self._send(404, {"error": {"message": f"model {body.get('model')!r} is not served "
-                                                                     "here", "type": "not_found"}})
-                    self._send(200, stub._completion(body))
+                    status, payload, headers = self._answer(failure, body)
                 finally:
+                    # Leaves the count before the answer is written: once the client reads it, its next request may
+                    # arrive before this thread runs again, and would otherwise be counted beside this finished one.
                     with stub._lock:
                         stub.in_flight -= 1
+                self._send(status, payload, headers)
+
+            def _answer(self, failure, body):
+                if failure is not None:
+                    return failure, {"error": {"message": f"stub failure {failure}"}}, {"retry-after-ms": "1"}
+                if self.path != "/v1/chat/completions":
+                    return 404, {"error": {"message": f"no route {self.path}"}}, None
+                if body.get("model") not in stub.models:
+                    return 404, {"error": {"message": f"model {body.get('model')!r} is not served here",
+                                           "type": "not_found"}}, None
+                return 200, stub._completion(body), None
 
             def _send(self, status, payload, headers=None):
                 data = json.dumps(payload).encode()
