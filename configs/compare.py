@@ -56,11 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Equal tuning (configs/tuning.py): each grid's settings on seeds 0 .. tuning_seeds-1, scored on the validation
     # customers by `selection_metric` (higher is better); 0 runs every method at its grid's first setting.
     c.tuning_seeds = 2
-    # The environments that tune, compared or not ("" = every compared one); the others run the setting selected on
-    # the first of these. The host worlds' Python turn loops make a host run cost many shop runs: a 12-iteration
-    # MG-ShopDial run takes 8-22 min on a core, so its grid (5 × 4 × 2 runs) was not affordable here; MultiWOZ and
-    # TmallBrand runs take 1-3 min, so theirs (about 1 h each on 2 cores) are, but have not been run yet.
-    c.tuning_environments = "synthetic_shop"
+    # The environments that tune when compared ("" = every compared one); a compared environment outside them runs
+    # the setting selected on the first of these, which then tunes even when it is not compared. The host worlds' Python turn loops make a host run cost many shop runs: a 12-iteration
+    # MG-ShopDial run takes 8-22 min on a core, so its grid (5 × 4 × 2 runs) was not affordable here and it runs the
+    # shop's selection; MultiWOZ and TmallBrand runs take 1-3 min, so they tune their own grids.
+    c.tuning_environments = "synthetic_shop,multiwoz,tmallbrand"
     c.selection_metric = "tse"
     c.grids = tuning.grids()
     # The seeds of one setting train together, vmapped in one process (gopo_jax.train.driver.train_seeds), where the

@@ -132,17 +132,20 @@ def _tuned_labels(cfg) -> list[str]:
 
 
 def tuned_environments(cfg) -> list[str]:
-    """The environments whose grids are tuned: `tuning_environments` (compared or not), or every compared
-    environment when it is empty."""
+    """The environments whose grids are tuned: those of `tuning_environments` that are compared, led by its first
+    one, compared or not, when a compared environment outside it needs a selection to borrow (`select`); every
+    compared environment when it is empty."""
+    compared = _names(cfg.environments, "environments")
     if not cfg.tuning_environments.strip():
-        return _names(cfg.environments, "environments")
+        return compared
     tuned = _names(cfg.tuning_environments, "tuning_environments")
     unknown = [e for e in tuned if e not in cfg.env_configs]
     if unknown:
         raise ComparisonError(f"compare config: tuning_environments names {unknown}, which have no entry in "
                               "env_configs; name configured environments, or leave it empty to tune every compared "
                               "one")
-    return tuned
+    lender = [tuned[0]] if any(e not in tuned for e in compared) else []
+    return list(dict.fromkeys(lender + [e for e in tuned if e in compared]))
 
 
 def tuning_plan(cfg: ml_collections.ConfigDict) -> list[dict]:

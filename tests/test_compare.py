@@ -261,6 +261,11 @@ def test_host_worlds_can_run_the_setting_tuned_on_the_shop(tmp_path):
     c.environments = "mg_shopdial"
     assert {r["env"] for r in compare_lib.tuning_plan(c)} == {"synthetic_shop"}
     assert compare_lib.select(c, tune, records, tmp_path)["mg_shopdial"]["gopo"]["setting"] == "beta_pref_1"
+    # A tuning world that is not compared, and lends nothing, does not tune.
+    c.environments, c.tuning_environments = "synthetic_shop", "synthetic_shop,multiwoz"
+    assert {r["env"] for r in compare_lib.tuning_plan(c)} == {"synthetic_shop"}
+    c.environments = "multiwoz,mg_shopdial"
+    assert [r["env"] for r in compare_lib.tuning_plan(c)][::4] == ["synthetic_shop", "multiwoz"]
     c.tuning_environments = "atlantis"
     with pytest.raises(compare_lib.ComparisonError, match=r"tuning_environments names \['atlantis'\]"):
         compare_lib.tuning_plan(c)
