@@ -158,9 +158,13 @@ def main(argv) -> None:
         except ValueError as e:
             command_line.fail(str(e))
     if "compare" in FLAGS.what:
-        regenerate_compare(FLAGS.config, workdir / "compare", report_only=FLAGS.report_only, shard=FLAGS.shard,
-                           num_shards=FLAGS.num_shards, claim=FLAGS.claim,
-                           records=REPO / FLAGS.records if FLAGS.records else None)
+        from experiments.common import ConfigError  # noqa: PLC0415
+        try:
+            regenerate_compare(FLAGS.config, workdir / "compare", report_only=FLAGS.report_only, shard=FLAGS.shard,
+                               num_shards=FLAGS.num_shards, claim=FLAGS.claim,
+                               records=REPO / FLAGS.records if FLAGS.records else None)
+        except ConfigError as e:  # a bad flag, or a kept run of another config: a message, as experiments.compare
+            command_line.fail(str(e))
 
 
 def cli() -> None:

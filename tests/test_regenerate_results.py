@@ -1,5 +1,8 @@
 """scripts/regenerate_results.py: the README's main-job block is rebuilt from a run's summary.json between its
 markers, and only there."""
+import subprocess
+import sys
+
 import pytest
 
 from scripts import regenerate_results as regen
@@ -24,3 +27,13 @@ def test_main_job_block_is_rebuilt_between_the_markers():
     assert regen.replace_block(readme, block) == f"intro\n{block}\nafter\n"
     with pytest.raises(ValueError, match="has no <!-- main-job: begin -->"):
         regen.replace_block("no markers", block)
+
+
+def test_a_bad_comparison_config_is_a_message_not_a_traceback(tmp_path):
+    """A config error of the comparison (a bad flag, a kept run of another config) ends the command with its message
+    and exit status 2, as `experiments.compare` does."""
+    done = subprocess.run([sys.executable, "-m", "scripts.regenerate_results", "--what=compare", "--report_only",
+                           f"--workdir={tmp_path}", "--records=", "--config.environments=atlantis"],
+                          cwd=regen.REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "environment 'atlantis' needs an entry in env_configs" in done.stderr
