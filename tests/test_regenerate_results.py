@@ -1,5 +1,5 @@
 """scripts/regenerate_results.py: the README's main-job block is rebuilt from a run's summary.json between its
-markers, and only there."""
+markers, and only there; a comparison config error is a message."""
 import subprocess
 import sys
 
