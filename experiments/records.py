@@ -2,7 +2,9 @@
 
 A run's numbers are a function of its resolved config (its config.json, which `runs.check_same_config` compares with
 the config a driver asks for) and of the code that trained it. `runs.py` stamps every run it finishes with the
-digest of the installed `gopo_jax` package's run code (`code.json`; `code_digest`). `save` copies each finished run's config.json,
+digest of the installed `gopo_jax` package's run code that a run of its world can execute (`code.json`;
+`code_digest`): another world's own files (WORLD_FILES) are left out, so that re-splitting one world's data retrains
+that world's runs only. `save` copies each finished run's config.json,
 summary.json, code.json and the evaluation lines of its metrics.jsonl (what the tables and figures read) into a
 records folder; `restore` copies back only the records whose digest equals the digest of the code installed now. A
 record trained by other code is stale: it is left out, and its run is trained again. Deleting the records folder
@@ -30,27 +32,64 @@ _EVAL_PREFIX = "eval/"
 # The parts of gopo_jax that only consume finished runs (layer 4 and the memory planner in tests/test_layering.py):
 # nothing that trains or evaluates a run imports them (tested), so editing a table or the server keeps the records.
 NOT_IN_RUNS = ("report", "serve", "export.py", "chat.py", "inspect_run.py", "plan.py")
+# The files of gopo_jax (relative to the package) that only one world's runs execute: the registry imports a world's
+# module inside that world's builder only, nothing else imports it, and no other module names its SOP file (all three
+# tested), so a run of another world never executes or reads them. Every world of the registry has an entry (tested).
+WORLD_FILES = {
+    "synthetic_shop": ("envs/synthetic_shop.py", "envs/sops/shop.json"),
+    "mg_shopdial": ("envs/mgshop.py", "envs/mgshop_data.py", "envs/mgshop_stats.py", "envs/sops/mgshop.json"),
+    "multiwoz": ("envs/multiwoz.py", "envs/sops/multiwoz.json"),
+    "tmallbrand": ("envs/tmallbrand.py",),
+}
 
 
-def tree_digest(root: pathlib.Path) -> str:
-    """sha256 over every file under `root` but NOT_IN_RUNS and caches (relative path and bytes, in path order)."""
+def tree_digest(root: pathlib.Path, leave_out: frozenset[str] = frozenset()) -> str:
+    """sha256 over every file under `root` but NOT_IN_RUNS, caches and the paths in `leave_out` (relative to root):
+    relative path and bytes, in path order."""
     h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-                       and p.relative_to(root).parts[0] not in NOT_IN_RUNS):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        relative = path.relative_to(root)
+        if relative.parts[0] not in NOT_IN_RUNS and relative.as_posix() not in leave_out:
+            h.update(relative.as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 
 
+def world_digests(root: pathlib.Path) -> dict[str | None, str]:
+    """world -> `tree_digest` of root without the other worlds' WORLD_FILES; None -> the whole run code."""
+    def others(world):
+        return frozenset(f for w, files in WORLD_FILES.items() if w != world for f in files)
+    return {None: tree_digest(root)} | {world: tree_digest(root, others(world)) for world in WORLD_FILES}
+
+
 @functools.cache
-def code_digest() -> str:
-    """`tree_digest` of the installed gopo_jax package: the code a run can execute, taken once per process (the
+def _installed_digests() -> dict[str | None, str]:
+    return world_digests(pathlib.Path(gopo_jax.__file__).parent)
+
+
+def code_digest(world: str | None = None) -> str:
+    """The digest of the installed gopo_jax code a run of `world` (its env.name) can execute; None, or a world
+    WORLD_FILES does not name, gives the whole run code. Taken for every world at the first call of the process (the
     code a driver imported, not what an edit during its runs leaves on disk)."""
-    return tree_digest(pathlib.Path(gopo_jax.__file__).parent)
+    digests = _installed_digests()
+    return digests.get(world, digests[None])
+
+
+def _world_of(directory: pathlib.Path) -> str | None:
+    """The env.name in a run directory's config.json (None when it cannot be read)."""
+    try:
+        return json.loads((directory / "config.json").read_text())["env"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_digest(directory: pathlib.Path) -> str:
+    """The digest of the installed code that a run written to `directory` (its config.json) executes."""
+    return code_digest(_world_of(directory))
 
 
 def stamp(directory: pathlib.Path, digest: str | None = None) -> None:
-    """Writes `<directory>/code.json`: the code that produced the run's summary.json."""
-    (directory / CODE).write_text(json.dumps({"gopo_jax": digest or code_digest()}) + "\n")
+    """Writes `<directory>/code.json`: the code that produced the run's summary.json (default: `run_digest`)."""
+    (directory / CODE).write_text(json.dumps({"gopo_jax": digest or run_digest(directory)}) + "\n")
 
 
 def _digest_of(directory: pathlib.Path) -> str | None:
@@ -81,10 +120,9 @@ def save(workdir: pathlib.Path, records: pathlib.Path) -> dict[str, int]:
     """Copies every finished run of `workdir` trained by the installed code into `records` (same relative path) and
     drops the records of other code. {"saved", "not_kept" (finished runs of other code, or without code.json),
     "dropped_stale"}."""
-    digest = code_digest()
     counts = {"saved": 0, "not_kept": 0, "dropped_stale": 0}
     for directory in _finished(workdir):
-        if _digest_of(directory) != digest:
+        if _digest_of(directory) != run_digest(directory):
             counts["not_kept"] += 1
             continue
         target = records / directory.relative_to(workdir)
@@ -95,7 +133,7 @@ def save(workdir: pathlib.Path, records: pathlib.Path) -> dict[str, int]:
             (target / METRICS).write_text(_eval_lines(directory / METRICS))
         counts["saved"] += 1
     for record in _finished(records):
-        if _digest_of(record) != digest:
+        if _digest_of(record) != run_digest(record):
             shutil.rmtree(record)
             counts["dropped_stale"] += 1
     return counts
@@ -104,10 +142,9 @@ def save(workdir: pathlib.Path, records: pathlib.Path) -> dict[str, int]:
 def restore(records: pathlib.Path, workdir: pathlib.Path) -> dict[str, int]:
     """Copies into `workdir` every record of the installed code whose run directory has no summary.json yet.
     {"restored", "stale" (records of other code, left out), "present" (already finished in workdir)}."""
-    digest = code_digest()
     counts = {"restored": 0, "stale": 0, "present": 0}
     for record in _finished(records):
-        if any(not (record / name).is_file() for name in KEPT) or _digest_of(record) != digest:
+        if any(not (record / name).is_file() for name in KEPT) or _digest_of(record) != run_digest(record):
             counts["stale"] += 1
             continue
         target = workdir / record.relative_to(records)

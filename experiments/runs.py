@@ -121,13 +121,13 @@ def execute_group(runs: list[dict], directories: list[pathlib.Path], train_group
         _log.error("seed group %s (seeds %s) failed: %s (traceback in each seed's error.txt)", runs[0]["label"],
                    [runs[j]["seed"] for j in todo], _first_line(e))
         return records
-    wall, digest = time.time() - start, records_lib.code_digest()
+    wall = time.time() - start
     for j, summary in zip(todo, summaries):
         if summary.get("stopped"):
             records[j] |= {"status": "stopped", "iteration": summary.get("iteration"), "wall_seconds": wall}
         else:
             (directories[j] / "error.txt").unlink(missing_ok=True)
-            records_lib.stamp(directories[j], digest)
+            records_lib.stamp(directories[j])
             records[j] |= {"status": "done", "wall_seconds": wall, "seed_parallel": True}
     return records
 

@@ -2,6 +2,8 @@
 when the code that trained them is the code installed now; the restored runs are reported, not retrained, and a
 record of other code is retrained."""
 import json
+import pathlib
+import re
 
 import pytest
 
@@ -34,7 +36,7 @@ def test_saved_runs_restore_into_a_fresh_workdir_and_are_not_retrained(tmp_path)
     results = compare_lib.compare(_config(), first, train_fn=fake_train)
     run = first / "runs" / "synthetic_shop" / "gopo" / "seed0"
     # runs.py stamps every run it finishes with the code that trained it.
-    assert json.loads((run / records.CODE).read_text()) == {"gopo_jax": records.code_digest()}
+    assert json.loads((run / records.CODE).read_text()) == {"gopo_jax": records.code_digest("synthetic_shop")}
     with (run / records.METRICS).open("a") as f:
         f.write(json.dumps({"step": 3, "train/loss": 1.0}) + "\n{torn")
     assert records.save(first, kept) == {"saved": 4, "not_kept": 0, "dropped_stale": 0}
@@ -70,7 +72,7 @@ def test_a_record_of_other_code_is_retrained_and_dropped(tmp_path):
     compare_lib.compare(_config(), fresh, train_fn=train)
     assert sorted(retrained) == [("gopo", 1), ("sft", 1)]
     assert records.save(fresh, kept)["saved"] == 4
-    assert json.loads((stale / records.CODE).read_text())["gopo_jax"] == records.code_digest()
+    assert json.loads((stale / records.CODE).read_text())["gopo_jax"] == records.code_digest("synthetic_shop")
     # A finished run without a stamp, or of other code, is not kept (never copied); a stale record is dropped.
     (fresh / "runs" / "synthetic_shop" / "sft" / "seed0" / records.CODE).unlink()
     records.stamp(fresh / "runs" / "synthetic_shop" / "gopo" / "seed0", "e" * 64)
@@ -100,6 +102,63 @@ def test_the_digest_changes_with_run_code_only(tmp_path):
     (root / "train" / "step.py").rename(root / "train" / "other.py")
     assert records.tree_digest(root) not in (before, changed)
     assert records.code_digest() is records.code_digest()  # taken once per process
+
+
+def test_a_world_digest_leaves_out_only_the_other_worlds_own_files(tmp_path):
+    """Editing one world's own file changes that world's digest and the whole code's, and no other world's; a shared
+    file changes every digest."""
+    root = tmp_path / "pkg"
+    for files in records.WORLD_FILES.values():
+        for name in files:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(f"{name}\n")
+    (root / "envs" / "customers.py").write_text("shared = 1\n")
+    before = records.world_digests(root)
+    assert len(set(before.values())) == len(records.WORLD_FILES) + 1
+    (root / "envs" / "mgshop_data.py").write_text("_SPLIT_EVERY = 2\n")
+    after = records.world_digests(root)
+    assert {w for w in before if before[w] != after[w]} == {None, "mg_shopdial"}
+    (root / "envs" / "customers.py").write_text("shared = 2\n")
+    assert not set(records.world_digests(root).values()) & set(after.values())
+
+
+def test_a_run_is_stamped_and_checked_with_its_worlds_digest(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"env": {"name": "multiwoz"}}))
+    records.stamp(run)
+    assert records._digest_of(run) == records.code_digest("multiwoz") != records.code_digest("tmallbrand")
+    # Unreadable, or a world the table does not name: the whole run code.
+    for text in ("{", json.dumps({"env": {"name": "a_new_world"}})):
+        (run / "config.json").write_text(text)
+        assert records.run_digest(run) == records.code_digest(None)
+
+
+def test_a_worlds_own_files_are_executed_by_its_runs_only():
+    """What makes WORLD_FILES safe to leave out of another world's digest: every module that imports a world's own
+    module is one of that world's files, or the registry inside that world's builder; no other file names its SOP
+    file; and every world of the registry has an entry."""
+    import inspect
+
+    from gopo_jax.envs import registry
+    from test_layering import REPO_ROOT, import_edges
+
+    assert set(records.WORLD_FILES) == set(registry.names())
+    package = REPO_ROOT / "gopo_jax"
+    for world, files in records.WORLD_FILES.items():
+        own = {"gopo_jax." + f.removesuffix(".py").replace("/", ".") for f in files if f.endswith(".py")}
+        assert all((package / f).is_file() for f in files), world
+        lines, first = inspect.getsourcelines(registry.WORLDS[world].build)
+        builder = range(first, first + len(lines))
+        for edge in import_edges(REPO_ROOT):
+            if edge.target in own and edge.source not in own:
+                assert edge.source == "gopo_jax.envs.registry" and edge.line in builder, edge
+        sop_names = [pathlib.PurePath(f).name for f in files if f.endswith(".json")]
+        for path in package.rglob("*.py"):
+            relative = path.relative_to(package).as_posix()
+            if relative not in files and relative.split("/")[0] not in records.NOT_IN_RUNS:
+                assert not any(re.search(rf"(?<!\w){re.escape(name)}", path.read_text()) for name in sop_names), (
+                    relative, sop_names)
 
 
 @pytest.mark.parametrize("text", ["", "{", "[]", '{"gopo_jax": 3}'])
