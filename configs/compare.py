@@ -102,7 +102,10 @@ def get_config() -> ml_collections.ConfigDict:
     # env.data_dir is taken from the directory that holds the configs package, the repository root of a checkout).
     c.env_overrides = ml_collections.ConfigDict()
     c.env_overrides.synthetic_shop = overrides(SHORT)
-    c.env_overrides.mg_shopdial = overrides(HOST_SHORT | {"env.data_dir": "../shared/data/mgshopdial"})
+    # MG-ShopDial's 14 test customers are 14 fixed conversations and evaluation is greedy, so 14 episodes measure
+    # each once (32 would weight them unequally and repeat identical dialogues).
+    c.env_overrides.mg_shopdial = overrides(HOST_SHORT | {"eval.episodes": 14,
+                                                          "env.data_dir": "../shared/data/mgshopdial"})
     c.env_overrides.multiwoz = overrides(HOST_SHORT | HOST_EXPLORATION | {"env.max_turns": 6,
                                                                           "env.data_dir": "../shared/data/multiwoz"})
     c.env_overrides.tmallbrand = overrides(HOST_SHORT | HOST_EXPLORATION | {"env.data_dir": "../shared/data/abcd"})

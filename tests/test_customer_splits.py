@@ -103,7 +103,7 @@ def test_mgshop_customers_are_disjoint_conversations(shared_data):
     env = mgshop.make_env(shared_data / "mgshopdial")
     convs = env._w.conversations
     items = {split: [convs[i].id for i in idx] for split, idx in env._w.customers.items()}
-    assert {k: len(v) for k, v in items.items()} == {"train": 50, "validation": 8, "test": 6}
+    assert {k: len(v) for k, v in items.items()} == {"train": 33, "validation": 17, "test": 14}
     _check_host_world(env, items, lambda e: e.conversation.id)
     train_replies = {tuple(t.text for t in convs[i].turns) for i in env._w.customers["train"]}
     assert all(tuple(t.reply for t in d.turns) in train_replies for d in env.demonstrations(60, seed=1))

@@ -67,7 +67,7 @@ def test_real_data_loads(convs):
 def test_split_is_by_conversation_and_stratified(convs):
     train, test = D.split_indices(convs, "train"), D.split_indices(convs, "test")
     assert not set(train) & set(test) and sorted(train + test) == list(range(64))
-    assert len(test) == 14
+    assert len(test) == 31
     assert {convs[i].category for i in test} == {c.category for c in convs}
     with pytest.raises(ValueError, match="split"):
         D.split_indices(convs, "dev")
@@ -236,7 +236,7 @@ def test_logged_demonstrations_are_the_logged_wizard_turns(env):
     rep = env.logged_report()
     assert (rep["dialogues"], rep["turns"], rep["annotated"]) == (64, 1047, 1017)
     assert (rep["labelled_by_realisation"], rep["left_out"]) == (30, 0)
-    assert rep["realisation_agreement"] == pytest.approx(0.575, abs=0.01)
+    assert rep["realisation_agreement"] == pytest.approx(0.561, abs=0.01)
     assert rep["sop_valid"] == pytest.approx(0.972, abs=0.005)
 
 
@@ -251,7 +251,7 @@ def test_demonstrations_and_corpus(env, tmp_path):
 
 def test_classifier_beats_the_majority_baseline_on_held_out_conversations(env):
     r = env.classifier_report()
-    assert r["test_conversations"] == 14 and r["n_test"] > 200
+    assert r["test_conversations"] == 31 and r["n_test"] > 400
     assert r["accuracy"] > r["majority_accuracy"] + 0.05
     assert r["balanced_accuracy"] > 1 / len(D.STRATEGIES) + 0.15  # the majority baseline's is 1/8
     assert min(r["per_class_recall"].values()) > 0  # every strategy can be realised
