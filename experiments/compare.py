@@ -32,6 +32,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import configs
+from experiments import records as records_lib
 from experiments import runs as runs_lib
 from experiments.common import ConfigError, apply_overrides, flattened, load_config_file
 from experiments.runs import jsonable
@@ -263,7 +264,10 @@ def compare(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, trai
     def execute_all(runs: list[dict], *, train: bool) -> list[dict]:
         if cfg.share_warm_starts:
             for run in runs:
-                run["config"].sft.cache_dir = str((workdir / "warm_starts").resolve())
+                # One folder per code: a warm start is named by its config alone (warm_start_key), so a change of
+                # the code that keeps the config (a world's re-split data) must not find the old code's warm start.
+                code = records_lib.code_digest(run["config"].env.name)[:16]
+                run["config"].sft.cache_dir = str((workdir / "warm_starts" / code).resolve())
         return runs_lib.run_all(runs, lambda run: run_dir(workdir, run), train_fn=train_fn,
                                 train_group_fn=train_group_fn, vmap_seeds=cfg.vmap_seeds, shard=shard,
                                 num_shards=num_shards, claim=claim, report_only=not train)

@@ -9,6 +9,7 @@ import configs
 from configs import compare as compare_config
 from configs import overrides
 from experiments import compare as compare_lib
+from experiments import records
 from experiments.common import ConfigError
 from gopo_jax.report import tables
 
@@ -204,8 +205,9 @@ def test_tiny_comparison_end_to_end_and_resume(tmp_path):
     assert stored["table"]["synthetic_shop"]["gopo"]["tse"]["n"] == 2
     assert set(stored["relative"]["synthetic_shop"]) == {"sft"}
     assert [len(c["iterations"]) for c in stored["convergence"]["default"]] == [3, 3]  # SFT point + 2 iterations
-    # GOPO and SFT of one seed shared their warm start: one per seed.
-    assert len(list((tmp_path / "warm_starts").iterdir())) == 2
+    # GOPO and SFT of one seed shared their warm start: one per seed, in the folder of the code that trained them.
+    assert [p.name for p in (tmp_path / "warm_starts").iterdir()] == [records.code_digest("synthetic_shop")[:16]]
+    assert len(list((tmp_path / "warm_starts" / records.code_digest("synthetic_shop")[:16]).iterdir())) == 2
 
     def must_not_train(cfg, workdir):
         raise AssertionError(f"finished run retrained: {workdir}")
