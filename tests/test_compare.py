@@ -267,7 +267,7 @@ def test_host_worlds_can_run_the_setting_tuned_on_the_shop(tmp_path):
     c.environments, c.tuning_environments = "synthetic_shop", "synthetic_shop,multiwoz"
     assert {r["env"] for r in compare_lib.tuning_plan(c)} == {"synthetic_shop"}
     c.environments = "multiwoz,mg_shopdial"
-    assert [r["env"] for r in compare_lib.tuning_plan(c)][::4] == ["synthetic_shop", "multiwoz"]
+    assert list(dict.fromkeys(r["env"] for r in compare_lib.tuning_plan(c))) == ["synthetic_shop", "multiwoz"]
     c.tuning_environments = "atlantis"
     with pytest.raises(compare_lib.ComparisonError, match=r"tuning_environments names \['atlantis'\]"):
         compare_lib.tuning_plan(c)
