@@ -27,8 +27,9 @@ SHORT = {"train.steps": 20, "train.eval_every": 5, "train.checkpoint_every": 5, 
 # steps, groups of 4 × 4 dialogues) with dialogues cut at 6 turns (the buffer length drives the cost of every forward
 # pass), 12 iterations instead of 4, and 32 held-out customers. 4 iterations moved no method from its warm start; 8
 # moved GOPO on MG-ShopDial measurably (alignment 0.28 -> 0.79, GRE 0.231 [0.215, 0.250] -> 0.292 [0.278, 0.305],
-# TSE 0.142 -> 0.147; 608 s on 2 shared cores, 2026-12-02). Smaller agents (1 layer, 32 wide) were tried: their warm
-# start completed no MultiWOZ task at all, so every method sat at TSE 0 and the table compared nothing.
+# TSE 0.142 -> 0.147; 608 s on 2 shared cores, 2026-12-02, on the earlier 50/8/6 split). Smaller agents (1 layer,
+# 32 wide) were tried: their warm start completed no MultiWOZ task at all, so every method sat at TSE 0 and the table
+# compared nothing.
 HOST_SHORT = {"layout.max_turns": 6, "eval.episodes": 32, "train.steps": 12, "train.eval_every": 6,
               "train.checkpoint_every": 3}
 # MultiWOZ and TmallBrand sample their training dialogues at temperature 0.7 (every method alike; evaluation stays
@@ -58,9 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.tuning_seeds = 2
     # The environments that tune when compared ("" = every compared one); a compared environment outside them runs
     # the setting selected on the first of these, which then tunes even when it is not compared. The host worlds'
-    # Python turn loops make a host run cost many shop runs: a 12-iteration MG-ShopDial run takes 8-22 min on a core,
-    # so its grid (5 × 4 × 2 runs) was not affordable here and it runs the shop's selection; MultiWOZ and TmallBrand
-    # runs take about 1 min, so they tune their own grids (0.56 h and 0.51 h of summed training, 2026-12-03).
+    # Python turn loops make a host run cost many shop runs: a 12-iteration MG-ShopDial RL run takes 4-16 min on a core
+    # (2.48 h summed for its 18 comparison runs, 2026-12-03), so its grid (5 × 4 × 2 runs) was not affordable here and
+    # it runs the shop's selection; MultiWOZ and TmallBrand runs take about 1 min, so they tune their own grids (0.56 h
+    # and 0.51 h of summed training, 2026-12-03).
     c.tuning_environments = "synthetic_shop,multiwoz,tmallbrand"
     c.selection_metric = "tse"
     c.grids = tuning.grids()

@@ -125,9 +125,11 @@ def _rel_cell(d: Mapping[str, Any]) -> str:
     rel, lo, hi = _finite(d.get("rel_pct")), _finite(d.get("rel_lo")), _finite(d.get("rel_hi"))
     if rel is None:
         return "n/a (zero baseline)"
-    mark = " *" if d.get("significant") else ""
     if lo is None or hi is None:
         return f"{rel:+.1f}% (n={d.get('n')})"
+    # The mark belongs to the interval shown: the ratio's BCa interval can include 0 where the difference's (the main
+    # table's mark) does not, and a star beside an interval that includes 0 reads as a contradiction.
+    mark = " *" if lo > 0 or hi < 0 else ""
     return f"{rel:+.1f}% [{lo:+.1f}, {hi:+.1f}]{mark}"
 
 
@@ -137,9 +139,9 @@ def markdown(results: Mapping[str, Any], *, gopo_label: str = "gopo", metrics: S
     lines.append("Each cell: mean over seeds of the per-seed evaluation means, with a 95% BCa bootstrap "
                  "interval over seeds in brackets (few seeds make these intervals optimistic; `n` = seeds).")
     lines.append("Relative difference: 100·mean(GOPO − M)/mean(M), paired by seed, with its 95% interval; `*` "
-                 "marks a difference whose interval excludes 0. In the main table, `*` after a method's cell marks a "
-                 "paired difference from GOPO on that metric whose 95% BCa interval excludes 0; `—`: the method has "
-                 "no such metric (alignment without an Expert).")
+                 "marks a relative difference whose interval excludes 0. In the main table, `*` after a method's cell "
+                 "marks a paired difference from GOPO on that metric whose 95% BCa interval excludes 0 (with few seeds "
+                 "the two intervals can disagree); `—`: the method has no such metric (alignment without an Expert).")
     for env, labels in results.get("table", {}).items():
         lines += ["", f"## {env}", "", "| method | seeds | " + " | ".join(metrics) + " |",
                   "|---|---|" + "---|" * len(metrics)]
