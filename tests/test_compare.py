@@ -206,8 +206,9 @@ def test_tiny_comparison_end_to_end_and_resume(tmp_path):
     assert set(stored["relative"]["synthetic_shop"]) == {"sft"}
     assert [len(c["iterations"]) for c in stored["convergence"]["default"]] == [3, 3]  # SFT point + 2 iterations
     # GOPO and SFT of one seed shared their warm start: one per seed, in the folder of the code that trained them.
-    assert [p.name for p in (tmp_path / "warm_starts").iterdir()] == [records.code_digest("synthetic_shop")[:16]]
-    assert len(list((tmp_path / "warm_starts" / records.code_digest("synthetic_shop")[:16]).iterdir())) == 2
+    code = records.code_digest("synthetic_shop")[:16]
+    assert [p.name for p in (tmp_path / "warm_starts").iterdir()] == [code]
+    assert len(list((tmp_path / "warm_starts" / code).iterdir())) == 2
 
     def must_not_train(cfg, workdir):
         raise AssertionError(f"finished run retrained: {workdir}")

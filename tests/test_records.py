@@ -145,19 +145,20 @@ def test_a_worlds_own_files_are_executed_by_its_runs_only():
 
     assert set(records.WORLD_FILES) == set(registry.names())
     package = REPO_ROOT / "gopo_jax"
+    edges = import_edges(REPO_ROOT)
+    sources = {p.relative_to(package).as_posix(): p.read_text() for p in package.rglob("*.py")}
     for world, files in records.WORLD_FILES.items():
         own = {"gopo_jax." + f.removesuffix(".py").replace("/", ".") for f in files if f.endswith(".py")}
         assert all((package / f).is_file() for f in files), world
         lines, first = inspect.getsourcelines(registry.WORLDS[world].build)
         builder = range(first, first + len(lines))
-        for edge in import_edges(REPO_ROOT):
+        for edge in edges:
             if edge.target in own and edge.source not in own:
                 assert edge.source == "gopo_jax.envs.registry" and edge.line in builder, edge
         sop_names = [pathlib.PurePath(f).name for f in files if f.endswith(".json")]
-        for path in package.rglob("*.py"):
-            relative = path.relative_to(package).as_posix()
+        for relative, text in sources.items():
             if relative not in files and relative.split("/")[0] not in records.NOT_IN_RUNS:
-                assert not any(re.search(rf"(?<!\w){re.escape(name)}", path.read_text()) for name in sop_names), (
+                assert not any(re.search(rf"(?<!\w){re.escape(name)}", text) for name in sop_names), (
                     relative, sop_names)
 
 

@@ -70,8 +70,6 @@ def test_markdown_cells_and_notes():
 def test_a_relative_cells_mark_is_its_own_intervals():
     """The star beside a relative difference says its shown interval excludes 0, even where the absolute difference's
     interval (the main table's mark) disagrees, as BCa on 3 seeds can."""
-    from gopo_jax.report import tables
-
     base = {"rel_pct": 11.7, "n": 3}
     assert tables._rel_cell(base | {"rel_lo": -1.0, "rel_hi": 27.5, "significant": True}) == "+11.7% [-1.0, +27.5]"
     assert tables._rel_cell(base | {"rel_lo": 2.0, "rel_hi": 27.5, "significant": False}) == "+11.7% [+2.0, +27.5] *"
