@@ -71,11 +71,39 @@ def test_opening_turn_is_sop_masked_and_greedy_logprobs_are_the_top(server, clie
         for e in entries:  # greedy: the emitted token is the most likely one, with the same log-prob
             assert len(e.top_logprobs) == 3
             assert e.token == e.top_logprobs[0].token
-            assert e.logprob == pytest.approx(e.top_logprobs[0].logprob, abs=1e-6)
+            assert e.logprob == pytest.approx(e.top_logprobs[0].logprob, abs=1e-5)  # two passes, two roundings
             tops = [t.logprob for t in e.top_logprobs]
             assert tops == sorted(tops, reverse=True) and tops[0] <= 0.0
     # Greedy decoding is deterministic: both choices agree.
     assert body.choices[0].message.content == body.choices[1].message.content
+
+
+def test_alternatives_are_read_at_the_slot_each_token_was_drawn_at(server):
+    """Every written token's log-prob is the one it was drawn with (finite, <= 0), and its alternatives are those of
+    its own slot: in a nucleus of one token (top_p 1e-6) the single alternative is the written token at log-prob 0;
+    without a filter, a written token among its alternatives has its own log-prob there. (The alternatives were once
+    read one slot early, each token's from the previous token's distribution: a written token's log-prob was off by
+    up to 0.6 nats, and at top_p 1e-6 -inf, a 500, for a reply whose tokens were not all the same. This untrained
+    model repeats one token under a nucleus of one, so here the unfiltered half is the one that catches it.)"""
+    engine = server.served.engine
+    texts = ["hi i need some help", "where is my order", "i want a discount on shoes", "refund please", "ok thanks",
+             "do you ship to france", "the price is too high", "yes"]
+    conversations = [engine.encode([OPENING[0], {"role": "user", "content": t}]) for t in texts]
+    nucleus = engine.answer(conversations, Sampling(temperature=1.0, top_p=1e-6, top_logprobs=3), jax.random.key(1))
+    sampled = engine.answer(conversations, Sampling(temperature=1.0, top_logprobs=20), jax.random.key(2))
+    for reply in nucleus:
+        for token, logprob, alternatives in zip(reply.token_ids, reply.token_logprobs, reply.top_logprobs):
+            assert alternatives[0][0] == token and logprob == pytest.approx(0.0, abs=1e-6)
+            assert alternatives[0][1] == pytest.approx(0.0, abs=1e-6) and alternatives[1][1] == -np.inf
+    found = 0
+    for reply in sampled:
+        for token, logprob, alternatives in zip(reply.token_ids, reply.token_logprobs, reply.top_logprobs):
+            assert np.isfinite(logprob) and logprob <= 0.0
+            listed = dict(alternatives)
+            if token in listed:
+                found += 1
+                assert listed[token] == pytest.approx(logprob, abs=1e-5)
+    assert found >= 5
 
 
 def test_stage_is_tracked_through_realised_assistant_turns(client, server):

@@ -284,7 +284,7 @@ class Engine:
         after, action = agents.act(params, carry, inp, key)
         del after
         # The alternatives are read from the distribution the reply was drawn from (the request's temperature and
-        # top_p; greedy: the model's own), the same one the written tokens' recorded log-probs come from.
+        # top_p; greedy: the model's own). The written tokens' log-probs are the decode's own (action.reply_logp).
         dist = SamplingDist(temperature=sampling.temperature, top_p=sampling.top_p)
         top = self._top_logprobs(params, carry, inp, action, top_logprobs, dist) if top_logprobs else None
         realised = None
@@ -294,9 +294,10 @@ class Engine:
         return action, top, realised
 
     def _top_logprobs(self, params, carry: ModelAgentsState, inp: TurnInput, action, n: int, dist: SamplingDist):
-        """(written f32[B, Lr], log-probs f32[B, Lr, n], ids int32[B, Lr, n]): the written tokens' log-probs and
-        the CS's best `n` tokens at every reply slot under `dist`, from one forward pass over the new turn as written
-        (only a request that asks for them pays for [B, Lr, V])."""
+        """(log-probs f32[B, Lr, n], ids int32[B, Lr, n]): the CS's best `n` tokens at every reply slot under
+        `dist`, from one forward pass over the new turn as written (only a request that asks for them pays for
+        [B, Lr, V]). A written token's own log-prob is not taken from this pass: the pass rounds differently from
+        the decode, so at a top_p boundary it can leave out the very token the decode drew (log-prob -inf, a 500)."""
         cs = nnx.merge(self.run.components.cs_gd, params["cs"])
         strategy_ids = jnp.asarray(self.vocab.strategy_ids, jnp.int32)
         decision = jnp.where(action.decision_valid, strategy_ids[jnp.clip(action.strategy, 0)], self.vocab.pad)
@@ -305,18 +306,16 @@ class Engine:
                                  action.reply_valid], axis=1)
         positions = carry.num_valid[:, None] + qwen3.positions_from_valid(valid)
         h, _ = cs.hidden(chunk, positions, valid, carry.cs_cache)
-        # Reply token j is predicted from the slot before it; the first from the decision slot, or without an
-        # Expert from the header's last slot.
+        # Reply token j is predicted from the slot before it, the slot of token j - 1 (decision_slot + j); the
+        # first from the decision slot, or without an Expert from the header's last slot.
         decision_slot = inp.customer.shape[1] + inp.header.shape[1]
         first = jnp.where(action.decision_valid, decision_slot, decision_slot - 1)
         lr = action.reply.shape[1]
-        predictors = jnp.concatenate([first[:, None], jnp.broadcast_to(decision_slot + jnp.arange(lr - 1),
+        predictors = jnp.concatenate([first[:, None], jnp.broadcast_to(decision_slot + jnp.arange(1, lr),
                                                                        (first.shape[0], lr - 1))], axis=1)
         hidden = jnp.take_along_axis(h, predictors[:, :, None], axis=1)
         logp = jax.nn.log_softmax(dist.logits(cs.logits(hidden).astype(jnp.float32)), axis=-1)
-        # The written token's log-prob from the same pass, so that it equals its entry among the alternatives.
-        written = jnp.take_along_axis(logp, action.reply[:, :, None], axis=-1)[:, :, 0]
-        return (written, *jax.lax.top_k(logp, n))
+        return jax.lax.top_k(logp, n)
 
     def _program(self, bucket: int, sampling: Sampling):
         filtered = not sampling.greedy and sampling.top_p < 1.0
@@ -361,9 +360,9 @@ class Engine:
                 strategy=int(action.strategy[b]) if self.use_expert else None,
                 strategy_logprob=float(action.strategy_logp[b]) if self.use_expert else None,
                 token_ids=tuple(ids[:kept]),
-                token_logprobs=tuple(float(x) for x in (action.reply_logp if top is None else top[0])[b, :kept]),
+                token_logprobs=tuple(float(x) for x in action.reply_logp[b, :kept]),
                 top_logprobs=None if top is None else tuple(
-                    tuple(zip(top[2][b, j].tolist(), top[1][b, j].tolist())) for j in range(kept)),
+                    tuple(zip(top[1][b, j].tolist(), top[0][b, j].tolist())) for j in range(kept)),
                 stopped=stopped, realised=None if realised is None else int(realised[b])))
         return replies
 
