@@ -29,9 +29,11 @@ METRICS = "metrics.jsonl"
 _EVAL_PREFIX = "eval/"
 
 
-# The parts of gopo_jax that only consume finished runs (layer 4 and the memory planner in tests/test_layering.py):
-# nothing that trains or evaluates a run imports them (tested), so editing a table or the server keeps the records.
-NOT_IN_RUNS = ("report", "serve", "export.py", "chat.py", "inspect_run.py", "plan.py")
+# The parts of gopo_jax that only consume finished runs (layer 4 and the memory planner in tests/test_layering.py),
+# and a driver's joining of a multi-process job (distributed.py and its peer watch): nothing that trains or evaluates
+# a run imports them (tested), so editing a table, the server or the multi-host start-up keeps the records.
+NOT_IN_RUNS = ("report", "serve", "export.py", "chat.py", "inspect_run.py", "plan.py", "distributed.py",
+               "peer_watch.py")
 # The files of gopo_jax (relative to the package) that only one world's runs execute: the registry imports a world's
 # module inside that world's builder only, nothing else imports it, and no other module names its SOP file (all three
 # tested), so a run of another world never executes or reads them. Every world of the registry has an entry (tested).

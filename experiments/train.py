@@ -35,7 +35,7 @@ def define_flags(default_config: str = "mgshop.py") -> None:
 def main(argv) -> None:
     del argv
     from gopo_jax.dialogue.sop import SOPError  # noqa: PLC0415  (JAX: after the flags, so --help stays quick)
-    from gopo_jax import parallel  # noqa: PLC0415
+    from gopo_jax import distributed  # noqa: PLC0415
     from gopo_jax.launch import train  # noqa: PLC0415
     from gopo_jax.train.checkpoint import CheckpointError  # noqa: PLC0415
 
@@ -45,7 +45,7 @@ def main(argv) -> None:
     try:
         # A multi-process job (JAX_COORDINATOR_ADDRESS/..., SLURM, MPI, TPU pods) joins here, before any JAX use;
         # a peer that stops answering for distributed.peer_timeout_s then ends this process with one line.
-        parallel.maybe_initialize_distributed(peer_timeout_s=FLAGS.config.distributed.peer_timeout_s)
+        distributed.maybe_initialize_distributed(peer_timeout_s=FLAGS.config.distributed.peer_timeout_s)
         summary = train(FLAGS.config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, SOPError, CheckpointError) as e:
         command_line.fail(str(e))

@@ -1,4 +1,4 @@
-"""Device mesh, parameter/batch placement and multi-host start-up.
+"""Device mesh and parameter/batch placement.
 
 One mesh with three named axes serves every run, from 1 CPU to a multi-host GPU/TPU slice:
 
@@ -12,31 +12,23 @@ dropped where it does not divide the dimension (e.g. 2 KV heads on a 4-way tenso
 models run on any mesh. All axes are `AxisType.Auto`: the code is written for GSPMD propagation, not explicit
 sharding types.
 
-Multi-host: call `maybe_initialize_distributed(peer_timeout_s=config.distributed.peer_timeout_s)` first thing in
-`main`, then build the mesh from all `jax.devices()` and feed each process's share of the batch with `shard_batch`
-(every process passes its own rows; the global batch is their concatenation in process order). A process whose
-peer stops answering for `peer_timeout_s` exits with one line saying so (`gopo_jax.peer_watch`).
+Multi-host: a driver joins the job first (`gopo_jax.distributed.maybe_initialize_distributed`), then builds the mesh
+from all `jax.devices()` and feeds each process's share of the batch with `shard_batch` (every process passes its
+own rows; the global batch is their concatenation in process order).
 """
 from __future__ import annotations
 
-import logging
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from jax._src import distributed as jax_distributed  # the key-value client's only handle (orbax reads it here too)
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
-from gopo_jax import peer_watch
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-
-_log = logging.getLogger(__name__)
 
 
 def _axis_sizes(cfg: Mapping[str, Any], num_devices: int) -> tuple[int, int, int]:
@@ -197,55 +189,3 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree_util.tree_map_with_path(one, batch)
-
-
-def maybe_initialize_distributed(initialization_timeout: int = 300, peer_timeout_s: float = 300) -> bool:
-    """Starts `jax.distributed` when the environment describes a multi-process job; returns whether it did.
-
-    Recognised environments (checked in this order; call before any other JAX use):
-      * explicit: JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES, JAX_PROCESS_ID and
-        optionally JAX_LOCAL_DEVICE_IDS (comma list) - works anywhere, including several processes on one CPU
-        machine;
-      * SLURM under `srun` (SLURM_JOB_ID, SLURM_NTASKS > 1, SLURM_PROCID, ...), Open MPI under `mpirun`
-        (OMPI_MCA_orte_hnp_uri), Cloud TPU VMs / GKE (TPU_WORKER_HOSTNAMES with several hosts): JAX's own
-        cluster auto-detection fills in everything.
-    CPU cross-process collectives use gloo (JAX's default CPU backend has none); this setting only affects
-    the CPU backend, so it is harmless on GPU/TPU hosts. A peer that never shows up makes `initialize` fail
-    after `initialization_timeout` seconds instead of hanging; a peer that stops answering later (killed, its
-    machine gone) makes this process exit after `peer_timeout_s` seconds with one line naming it and the step
-    (`gopo_jax.peer_watch`), even from inside a collective that never returns.
-    """
-    if not peer_timeout_s > 0:  # checked on one process too, so that a bad config fails before it reaches a cluster
-        raise ValueError(f"bad config: distributed.peer_timeout_s must be a positive number of seconds, got "
-                         f"{peer_timeout_s}")
-    if jax.distributed.is_initialized():
-        return True
-    env = os.environ
-    kwargs: dict[str, Any] = {}
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not env.get(k)]
-        if missing:
-            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {missing} is not; set all three "
-                             "(JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=N, JAX_PROCESS_ID=i)")
-        kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                      num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
-        if kwargs["num_processes"] == 1:
-            return False
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        pass
-    elif "OMPI_MCA_orte_hnp_uri" in env:
-        pass
-    elif len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
-        pass
-    else:
-        return False
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # JAX's own heartbeat check stays as the backstop (for a process whose Python threads cannot run), twice as
-    # patient so that the watch, whose message says what happened, speaks first.
-    jax.distributed.initialize(initialization_timeout=initialization_timeout,
-                               heartbeat_timeout_seconds=math.ceil(2 * peer_timeout_s), **kwargs)
-    state = jax_distributed.global_state
-    peer_watch.PeerWatch(lambda: state.client, state.process_id, state.num_processes, peer_timeout_s).start()
-    _log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-              jax.process_count(), jax.local_device_count(), jax.device_count())
-    return True

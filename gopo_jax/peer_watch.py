@@ -7,8 +7,9 @@ on the coordination service's key-value store from a daemon thread, and a second
 ends the process with `os._exit` (nothing else gets a thread out of a blocked collective) once a peer's beat has not
 moved for the timeout, or the coordination service (hosted by process 0) has not answered for that long.
 
-`gopo_jax.parallel.maybe_initialize_distributed` starts the watch; the training loop names what it is doing with
-`doing(...)` so that the message says where the run stopped.
+`gopo_jax.distributed.maybe_initialize_distributed` starts the watch. A caller may name what the process is doing
+with `doing(...)` so that the message says where the run stopped (tests/peer_death_worker.py names its SFT steps);
+the trainer does not, so a training run's message says "during the run".
 """
 from __future__ import annotations
 
@@ -38,6 +39,20 @@ def lost_message(peer: int, silent_s: float) -> str:
             f"{_activity}; this process stops too; rerun the command to resume from the last checkpoint")
 
 
+def beat_interval_s(timeout_s: float) -> float:
+    """How often a watch beats and reads its peers: several times per timeout, so that one slow round trip does not
+    make a live peer look silent."""
+    return min(5.0, timeout_s / 5)
+
+
+def latest_exit_s(timeout_s: float) -> float:
+    """The longest a watch takes to end its process after a peer's last beat: the survivor first reads that beat up
+    to one beat interval later, judges the silence only up to its own last exchange (one more interval) and checks
+    at most once a second."""
+    beat = beat_interval_s(timeout_s)
+    return timeout_s + 2 * beat + min(1.0, beat)
+
+
 def _stop_process(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
     os._exit(PEER_LOST_EXIT_CODE)
@@ -57,8 +72,7 @@ class PeerWatch:
         self._process_id = process_id
         self._peers = [p for p in range(num_processes) if p != process_id]
         self.timeout_s = float(timeout_s)
-        # Several beats per timeout, so one slow round trip does not make a live peer look silent.
-        self.beat_every_s = min(5.0, self.timeout_s / 5)
+        self.beat_every_s = beat_interval_s(self.timeout_s)
         self._on_lost = on_lost
         self._clock = clock
         self._stopped = threading.Event()

@@ -3,7 +3,7 @@
     python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
 
 The parent sets XLA_FLAGS (fake CPU devices per process) and JAX_PLATFORMS=cpu in the environment. The process
-joins the job through `gopo_jax.parallel.maybe_initialize_distributed` (the JAX_* variables, gloo collectives),
+joins the job through `gopo_jax.distributed.maybe_initialize_distributed` (the JAX_* variables, gloo collectives),
 feeds only its own rows of each batch, and process 0 writes the losses and the gathered final parameters.
 """
 from __future__ import annotations
@@ -64,9 +64,9 @@ def main(process_id: int, num_processes: int, port: int, out_path: str) -> None:
                       JAX_PROCESS_ID=str(process_id))
     import jax
 
-    from gopo_jax import parallel
+    from gopo_jax import distributed
 
-    assert parallel.maybe_initialize_distributed(initialization_timeout=60)
+    assert distributed.maybe_initialize_distributed(initialization_timeout=60)
     assert jax.process_count() == num_processes, jax.process_count()
     rows = BATCH // num_processes
     local = [{k: v[process_id * rows:(process_id + 1) * rows] for k, v in b.items()} for b in make_batches()]

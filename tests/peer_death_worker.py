@@ -31,9 +31,9 @@ def main(process_id: int, num_processes: int, port: int, peer_timeout_s: float) 
                       JAX_PROCESS_ID=str(process_id))
     import jax
 
-    from gopo_jax import parallel
+    from gopo_jax import distributed
 
-    assert parallel.maybe_initialize_distributed(initialization_timeout=60, peer_timeout_s=peer_timeout_s)
+    assert distributed.maybe_initialize_distributed(initialization_timeout=60, peer_timeout_s=peer_timeout_s)
     # run_sft fetches each step's loss before it asks for the next batch, so "step N" follows step N-1's end.
     multihost_worker.run_sft(jax.devices(), endless_batches(process_id, num_processes))
 

@@ -25,6 +25,7 @@ LAYERS = {
     # metrics, which are pure functions of arrays and host records (a reward must not depend on who computes it).
     "models": 0,
     "parallel": 0,
+    "distributed": 0,  # a driver joins a multi-process job (jax.distributed) and starts the peer watch
     "sampling": 0,
     "metrics": 0,
     "endpoint": 0,  # the openai-SDK client of chat endpoints: the G-Eval judge and the prompted baseline share it

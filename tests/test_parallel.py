@@ -1,5 +1,5 @@
-"""Tests for gopo_jax.parallel: mesh from config, shardings from nnx annotations, batch placement, and the
-environment check of multi-host start-up (the real 2-process run is tests/test_multihost.py)."""
+"""Tests for gopo_jax.parallel (mesh from config, shardings from nnx annotations, batch placement) and the
+environment check of gopo_jax.distributed's multi-host start-up (the real 2-process run is tests/test_multihost.py)."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from gopo_jax import parallel
+from gopo_jax import distributed, parallel
 from gopo_jax.models import qwen3
 
 
@@ -130,14 +130,14 @@ _DIST_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", 
 def test_maybe_initialize_distributed_is_a_no_op_for_single_process(monkeypatch):
     for var in _DIST_VARS:
         monkeypatch.delenv(var, raising=False)
-    assert parallel.maybe_initialize_distributed() is False
+    assert distributed.maybe_initialize_distributed() is False
     monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task SLURM job is single-process too
     monkeypatch.setenv("SLURM_PROCID", "0")
-    assert parallel.maybe_initialize_distributed() is False
+    assert distributed.maybe_initialize_distributed() is False
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "1")
     monkeypatch.setenv("JAX_PROCESS_ID", "0")
-    assert parallel.maybe_initialize_distributed() is False
+    assert distributed.maybe_initialize_distributed() is False
     assert not jax.distributed.is_initialized()
 
 
@@ -146,4 +146,4 @@ def test_maybe_initialize_distributed_reports_incomplete_env(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
-        parallel.maybe_initialize_distributed()
+        distributed.maybe_initialize_distributed()

@@ -1,5 +1,5 @@
 """A `jax.distributed` peer killed mid-step: the survivor exits non-zero within the configured timeout, with one clear
-line, and does not hang (gopo_jax/peer_watch.py, started by gopo_jax.parallel.maybe_initialize_distributed).
+line, and does not hang (gopo_jax/peer_watch.py, started by gopo_jax.distributed.maybe_initialize_distributed).
 
 The watch's rules are checked on a fake key-value store and clock (fast); the slow tests run the SFT step as two
 processes (tests/peer_death_worker.py) and kill one: SIGKILL of process 1 (its sockets close, so the survivor's
@@ -16,9 +16,10 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
-from gopo_jax import parallel, peer_watch
+from gopo_jax import distributed, peer_watch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PEER_TIMEOUT_S = 10
@@ -159,9 +160,44 @@ def test_the_threads_end_the_watch_with_the_message_and_stop_with_jax_distribute
     assert len(messages) == 1 and messages[0].startswith("error: peer process 1 stopped answering"), messages
 
 
+@pytest.mark.parametrize("timeout_s", [0.5, 10.0, 300.0])
+def test_the_watch_ends_the_survivor_by_its_latest_exit_and_before_jax_could(timeout_s):
+    """Beats of both processes and the survivor's checks at the real intervals, with random phases and a random
+    moment of death: the survivor names its peer between `timeout_s` and `peer_watch.latest_exit_s` after the
+    peer's last beat, and JAX's own heartbeat check, which cannot declare the peer dead before half its timeout
+    after the kill (its client beats once per half timeout), comes later still."""
+    rng = np.random.default_rng(int(timeout_s * 10))
+    beat = peer_watch.beat_interval_s(timeout_s)
+    judge = min(1.0, beat)
+    tick = beat / 40
+    for _ in range(20):
+        store, clock = FakeStore(), Clock()
+        w0, w1 = _watches(store, clock, timeout_s=timeout_s)
+        next_beat = [rng.uniform(0, beat), rng.uniform(0, beat)]
+        next_judge = rng.uniform(0, judge)
+        death = rng.uniform(3 * beat, 6 * beat)
+        last_beat = None
+        for step in range(int((death + 3 * timeout_s) / tick)):
+            clock.now = step * tick
+            if clock.now >= next_beat[1] and clock.now < death:
+                w1.exchange()
+                last_beat, next_beat[1] = clock.now, next_beat[1] + beat
+            if clock.now >= next_beat[0]:
+                w0.exchange()
+                next_beat[0] += beat
+            if clock.now >= next_judge:
+                next_judge += judge
+                if w0.lost():
+                    break
+        else:
+            pytest.fail("the survivor never named its silent peer")
+        assert timeout_s <= clock.now - last_beat <= peer_watch.latest_exit_s(timeout_s) + tick
+        assert distributed.jax_heartbeat_timeout_s(timeout_s) / 2 >= 1.2 * (clock.now - death)
+
+
 def test_a_bad_peer_timeout_is_a_config_error():
     with pytest.raises(ValueError, match=r"distributed.peer_timeout_s must be a positive number of seconds, got 0"):
-        parallel.maybe_initialize_distributed(peer_timeout_s=0)
+        distributed.maybe_initialize_distributed(peer_timeout_s=0)
 
 
 def _free_port() -> int:
