@@ -460,9 +460,10 @@ def test_many_connections_dropped_mid_request(serving):
 
 def test_clients_that_leave_while_their_request_is_queued_or_decoded(serving):
     """Costly requests (n = 16, sampled) whose clients close or reset their connection once they have sent them, or
-    leave a stream after its first bytes: the batcher answers the rest, and the next request, as usual."""
+    leave a stream after its first bytes: the batcher answers the rest, and the next request, as usual; requests
+    whose clients left while they waited behind the others are withdrawn, never computed."""
     batcher = serving.served.batcher
-    rows_before = batcher.rows_served
+    rows_before, abandoned_before = batcher.rows_served, batcher.rows_abandoned
     costly = encode({**VALID, "n": MAX_N, "temperature": 1.0, "seed": 3})
     for i in range(12):
         sock = connect(serving)
@@ -480,3 +481,4 @@ def test_clients_that_leave_while_their_request_is_queued_or_decoded(serving):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         assert all(pool.map(lambda _: answered_meanwhile(serving, 0.1), range(4), timeout=2 * PROMPT_S))
     assert batcher.rows_served > rows_before
+    assert batcher.rows_abandoned > abandoned_before and batcher.pending_rows == 0

@@ -32,7 +32,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def build_api(workdir, *, step: int | None = None, model_name: str | None = None, api_key: str | None = None,
               batch_buckets=None, max_wait_s: float = 0.005, warmup: bool = True, n_candidates: int = 1,
-              max_candidates: int | None = None, candidate_temperature: float = 0.7):
+              max_candidates: int | None = None, candidate_temperature: float = 0.7,
+              max_pending_rows: int | None = None):
     """The ServedAPI of the run in `workdir`, its programs compiled when `warmup` (the default)."""
     from gopo_jax.export import load_run  # noqa: PLC0415  (JAX and the run's world: only when serving)
     from gopo_jax.serve.api import ServedAPI  # noqa: PLC0415
@@ -47,7 +48,7 @@ def build_api(workdir, *, step: int | None = None, model_name: str | None = None
                                  Sampling(temperature=float(s.temperature), top_p=float(s.top_p))])
         _log.info("compiled %d device programs in %.1f s", len(engine.buckets) * 2, seconds)
     return ServedAPI(engine, model_name=model_name or run.workdir.resolve().name, api_key=api_key,
-                     max_wait_s=max_wait_s)
+                     max_wait_s=max_wait_s, max_pending_rows=max_pending_rows)
 
 
 @dataclasses.dataclass
@@ -97,6 +98,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_candidates", None, "the most candidates a request may ask for (default: n_candidates)")
     flags.DEFINE_float("candidate_temperature", 0.7, "the temperature of candidates 1.. for a greedy request")
     flags.DEFINE_float("max_wait_ms", 5.0, "how long the first queued request waits for others to share its batch")
+    flags.DEFINE_integer("max_pending_rows", None, "the most rows (requests x n) queued or on the device; a request "
+                         "beyond gets a 429 with Retry-After (default: 16 x the largest of the largest bucket and the "
+                         "most n, 16)")
 
 
 def main(argv) -> None:
@@ -116,7 +120,8 @@ def main(argv) -> None:
         buckets = [int(b) for b in f.batch_buckets]
         served = build_api(f.workdir, step=f.step, model_name=f.model_name, api_key=api_key,
                            batch_buckets=buckets, max_wait_s=f.max_wait_ms / 1000, n_candidates=f.n_candidates,
-                           max_candidates=f.max_candidates, candidate_temperature=f.candidate_temperature)
+                           max_candidates=f.max_candidates, candidate_temperature=f.candidate_temperature,
+                           max_pending_rows=f.max_pending_rows)
     except (RunError, CheckpointError, ValueError) as e:
         command_line.fail(str(e))
     import uvicorn  # noqa: PLC0415

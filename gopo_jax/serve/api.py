@@ -4,7 +4,10 @@ Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`. A request 
 schema below (a wrong type or an out-of-range value is a 400 naming the field, in OpenAI's error format), encoded
 into the run's layout by the engine, and queued. The `MicroBatcher` collects queued requests for at most
 `max_wait_s` (or until a batch of `Engine.max_batch` rows is full), groups them by sampling settings and answers each
-group with one device call on a worker thread, so the event loop keeps accepting requests meanwhile. `stream=true`
+group with one device call on a worker thread, so the event loop keeps accepting requests meanwhile. It holds at most
+`max_pending_rows` rows (queued or on the device): a request beyond that gets a 429 with `Retry-After` rather than
+an answer after every client has given up; a client that disconnects while its request waits is dropped from the
+queue, so no device time goes to an answer nobody reads. `stream=true`
 answers as server-sent events (`chat.completion.chunk` objects, then `data: [DONE]`); a turn's reply is decoded by
 one jitted scan, so its tokens are sent when that scan ends, one event per token.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -42,7 +46,8 @@ MAX_SEED = (1 << 63) - 1  # jax.random.key takes an int64
 # A temperature below this is served greedily: it samples the most likely token anyway, and logits divided by it
 # overflow float32 (5e-324 is 0.0 on the device), which made every log-prob NaN and the response unencodable.
 MIN_SAMPLING_TEMPERATURE = 1e-6
-
+PENDING_BATCHES = 16  # by default the batcher holds this many device batches of rows (or of n = MAX_N requests)
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a device batch of the tiny-to-small models served here
 
 
 IMPOSSIBLE_LOGPROB = -9999.0  # what OpenAI's API reports for a token that cannot be drawn
@@ -106,13 +111,14 @@ class APIError(Exception):
     """An error answered in OpenAI's format: {"error": {message, type, param, code}}."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str = "invalid_request",
-                 type_: str = "invalid_request_error"):
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.param, self.code, self.type = status, param, code, type_
+        self.status, self.param, self.code, self.type, self.headers = status, param, code, type_, headers or {}
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"error": {"message": str(self), "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status, headers=headers)
+                                       "code": self.code}}, status_code=self.status,
+                            headers={**self.headers, **(headers or {})})
 
 
 @dataclasses.dataclass
@@ -124,10 +130,23 @@ class _Job:
 
 
 class MicroBatcher:
-    """Queues encoded requests and answers them in device batches (one worker thread runs the device)."""
+    """Queues encoded requests and answers them in device batches (one worker thread runs the device).
 
-    def __init__(self, engine: Engine, *, max_wait_s: float = 0.005, seed: int = 0):
+    At most `max_pending_rows` rows (default PENDING_BATCHES device batches) are admitted and not yet answered; a job
+    whose future is cancelled (its client left) before its batch is formed is skipped, never computed.
+    """
+
+    def __init__(self, engine: Engine, *, max_wait_s: float = 0.005, seed: int = 0,
+                 max_pending_rows: int | None = None):
         self.engine, self.max_wait_s = engine, max_wait_s
+        self.max_pending_rows = (PENDING_BATCHES * max(engine.max_batch, MAX_N) if max_pending_rows is None
+                                 else max_pending_rows)
+        if self.max_pending_rows < max(engine.max_batch, MAX_N):
+            raise ValueError(f"max_pending_rows={self.max_pending_rows} is below one device batch "
+                             f"({engine.max_batch} rows) or one request's most rows (n={MAX_N}): such requests could "
+                             "never be admitted")
+        self.pending_rows = 0  # admitted and not yet answered, failed or abandoned
+        self.rows_abandoned = 0  # rows of clients that left before their batch was formed: never computed
         self._queue: asyncio.Queue[_Job] | None = None
         self._device = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gopo-device")
         self._key = jax.random.key(seed)
@@ -145,13 +164,35 @@ class MicroBatcher:
             self._task.cancel()
         self._device.shutdown(wait=True)
 
-    async def submit(self, conversation: Conversation, n: int, sampling: Sampling) -> list[Reply]:
+    def submit(self, conversation: Conversation, n: int, sampling: Sampling) -> asyncio.Future:
+        """Queues a request of `n` rows; its future gets the replies. Cancelling the future withdraws the request.
+        Raises a 429 APIError when admitting it would hold more than `max_pending_rows` rows."""
+        if self.pending_rows + n > self.max_pending_rows:
+            raise APIError(429, f"the server is busy: {self.pending_rows} rows are waiting for the device and this "
+                           f"request of {n} would pass its limit of {self.max_pending_rows}; retry in a moment",
+                           code="server_busy", type_="rate_limit_error",
+                           headers={"retry-after": str(RETRY_AFTER_S)})
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(conversation, n, sampling, future))
-        return await future
+        self.pending_rows += n
+        future.add_done_callback(functools.partial(self._release, n))
+        self._queue.put_nowait(_Job(conversation, n, sampling, future))
+        return future
+
+    def _release(self, n: int, future: asyncio.Future) -> None:
+        self.pending_rows -= n
+
+    def _live(self, job: _Job) -> bool:
+        if job.future.cancelled():
+            self.rows_abandoned += job.n
+            return False
+        return True
 
     async def _collect(self) -> list[_Job]:
+        """The next batch's jobs, in arrival order: the first live job, then whatever arrives within `max_wait_s`,
+        up to a device batch of rows; jobs withdrawn meanwhile are dropped."""
         jobs = [await self._queue.get()]
+        while not self._live(jobs[0]):
+            jobs = [await self._queue.get()]
         rows, deadline = jobs[0].n, time.monotonic() + self.max_wait_s
         while rows < self.engine.max_batch:
             try:
@@ -159,8 +200,9 @@ class MicroBatcher:
                     self._queue.get(), deadline - time.monotonic())
             except (asyncio.QueueEmpty, asyncio.TimeoutError):
                 break
-            jobs.append(job)
-            rows += job.n
+            if self._live(job):
+                jobs.append(job)
+                rows += job.n
         return jobs
 
     async def _run(self) -> None:
@@ -171,7 +213,10 @@ class MicroBatcher:
             for job in jobs:
                 # A seeded request gets a batch of its own: its draw then depends on its seed alone.
                 groups.setdefault(job.sampling if job.sampling.seed is None else id(job), []).append(job)
-            for group in groups.values():
+            for grouped in groups.values():
+                group = [job for job in grouped if self._live(job)]  # not withdrawn while earlier groups decoded
+                if not group:
+                    continue
                 sampling = group[0].sampling
                 conversations = [job.conversation for job in group for _ in range(job.n)]
                 # Everything a request's values reach happens inside the try: an exception that escaped it would
@@ -194,7 +239,7 @@ class MicroBatcher:
                 self.rows_served += len(conversations)
                 start = 0
                 for job in group:
-                    if not job.future.done():  # a client that went away cancelled its future
+                    if not job.future.done():  # a client that left while its batch was on the device
                         job.future.set_result(replies[start:start + job.n])
                     start += job.n
 
@@ -261,9 +306,9 @@ class ServedAPI:
     """The routes' logic over one engine: request -> conversation -> replies -> OpenAI response."""
 
     def __init__(self, engine: Engine, *, model_name: str, api_key: str | None = None, max_wait_s: float = 0.005,
-                 body_timeout_s: float = BODY_TIMEOUT_S):
+                 body_timeout_s: float = BODY_TIMEOUT_S, max_pending_rows: int | None = None):
         self.engine, self.model_name, self.api_key, self.body_timeout_s = engine, model_name, api_key, body_timeout_s
-        self.batcher = MicroBatcher(engine, max_wait_s=max_wait_s)
+        self.batcher = MicroBatcher(engine, max_wait_s=max_wait_s, max_pending_rows=max_pending_rows)
         self.created = int(time.time())
 
     def check_key(self, request: Request) -> None:
@@ -298,7 +343,9 @@ class ServedAPI:
                         top_logprobs=MAX_TOP_LOGPROBS if wants_alternatives else 0, seed=req.seed,
                         n_candidates=n_candidates), max_tokens
 
-    async def complete(self, req: ChatRequest):
+    async def complete(self, req: ChatRequest, request: Request | None = None):
+        """The response to `req`; with `request` (the HTTP request it came in), a client that disconnects before
+        its answer withdraws it from the batcher's queue."""
         sampling, max_tokens = self.sampling(req)
         try:
             # Off the event loop: tokenising and realising a long history must not stall other requests' I/O.
@@ -306,7 +353,10 @@ class ServedAPI:
                 {"role": m.role, "content": m.text(), "gopo": m.gopo} for m in req.messages], req.gopo_stage)
         except RequestError as e:
             raise APIError(400, str(e), param=e.param, code=e.code) from None
-        replies = await self.batcher.submit(conversation, req.n, sampling)
+        answer = self.batcher.submit(conversation, req.n, sampling)
+        if request is not None:
+            await _unless_client_leaves(answer, request)
+        replies = await answer
         completion = self.response(conversation, replies, req, max_tokens)
         if not req.stream:
             return JSONResponse(completion)
@@ -404,6 +454,24 @@ class ServedAPI:
                                                      "max_tokens": self.engine.layout.reply_len}}]}
 
 
+async def _unless_client_leaves(answer: asyncio.Future, request: Request) -> None:
+    """Waits for `answer`, or until the client disconnects: then cancels it (the batcher skips it if its batch has
+    not formed yet) and raises a 400 that nobody reads. Starlette does not end a handler whose client left."""
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":  # the body was read: only a disconnect comes
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({answer, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not answer.done():
+        answer.cancel()
+        raise APIError(400, "the client disconnected before its answer", code="client_disconnected")
+
+
 def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     first = err.errors()[0] if err.errors() else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
@@ -470,7 +538,7 @@ def create_app(served: ServedAPI) -> FastAPI:
         return served.models()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
-        return await served.complete(body)
+    async def chat_completions(body: ChatRequest, request: Request):
+        return await served.complete(body, request)
 
     return app
