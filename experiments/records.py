@@ -76,7 +76,7 @@ def code_digest(world: str | None = None) -> str:
     return digests.get(world, digests[None])
 
 
-def _world_of(directory: pathlib.Path) -> str | None:
+def world_of(directory: pathlib.Path) -> str | None:
     """The env.name in a run directory's config.json (None when it cannot be read)."""
     try:
         return json.loads((directory / "config.json").read_text())["env"]["name"]
@@ -86,7 +86,7 @@ def _world_of(directory: pathlib.Path) -> str | None:
 
 def run_digest(directory: pathlib.Path) -> str:
     """The digest of the installed code that a run written to `directory` (its config.json) executes."""
-    return code_digest(_world_of(directory))
+    return code_digest(world_of(directory))
 
 
 def stamp(directory: pathlib.Path, digest: str | None = None) -> None:
@@ -94,18 +94,18 @@ def stamp(directory: pathlib.Path, digest: str | None = None) -> None:
     (directory / CODE).write_text(json.dumps({"gopo_jax": digest or run_digest(directory)}) + "\n")
 
 
-def _digest_of(directory: pathlib.Path) -> str | None:
+def stamped_digest(directory: pathlib.Path) -> str | None:
     try:
         return json.loads((directory / CODE).read_text()).get("gopo_jax")
     except (OSError, ValueError, AttributeError):
         return None
 
 
-def _finished(root: pathlib.Path) -> list[pathlib.Path]:
+def finished(root: pathlib.Path) -> list[pathlib.Path]:
     return sorted(p.parent for p in root.rglob("summary.json")) if root.is_dir() else []
 
 
-def _eval_lines(path: pathlib.Path) -> str:
+def eval_lines(path: pathlib.Path) -> str:
     """The lines of a metrics.jsonl that carry an `eval/` metric (a torn or foreign line is dropped)."""
     kept = []
     for line in path.read_text().splitlines():
@@ -123,8 +123,8 @@ def save(workdir: pathlib.Path, records: pathlib.Path) -> dict[str, int]:
     drops the records of other code. {"saved", "not_kept" (finished runs of other code, or without code.json),
     "dropped_stale"}."""
     counts = {"saved": 0, "not_kept": 0, "dropped_stale": 0}
-    for directory in _finished(workdir):
-        if _digest_of(directory) != run_digest(directory):
+    for directory in finished(workdir):
+        if stamped_digest(directory) != run_digest(directory):
             counts["not_kept"] += 1
             continue
         target = records / directory.relative_to(workdir)
@@ -132,10 +132,10 @@ def save(workdir: pathlib.Path, records: pathlib.Path) -> dict[str, int]:
         for name in KEPT:
             shutil.copyfile(directory / name, target / name)
         if (directory / METRICS).exists():
-            (target / METRICS).write_text(_eval_lines(directory / METRICS))
+            (target / METRICS).write_text(eval_lines(directory / METRICS))
         counts["saved"] += 1
-    for record in _finished(records):
-        if _digest_of(record) != run_digest(record):
+    for record in finished(records):
+        if stamped_digest(record) != run_digest(record):
             shutil.rmtree(record)
             counts["dropped_stale"] += 1
     return counts
@@ -145,8 +145,8 @@ def restore(records: pathlib.Path, workdir: pathlib.Path) -> dict[str, int]:
     """Copies into `workdir` every record of the installed code whose run directory has no summary.json yet.
     {"restored", "stale" (records of other code, left out), "present" (already finished in workdir)}."""
     counts = {"restored": 0, "stale": 0, "present": 0}
-    for record in _finished(records):
-        if any(not (record / name).is_file() for name in KEPT) or _digest_of(record) != run_digest(record):
+    for record in finished(records):
+        if any(not (record / name).is_file() for name in KEPT) or stamped_digest(record) != run_digest(record):
             counts["stale"] += 1
             continue
         target = workdir / record.relative_to(records)

@@ -16,6 +16,26 @@ def tiny_run_config():
     return c
 
 
+def tiny_method_config(method: str):
+    """The embedded-default config of `method` (GOPO or a baseline) at its smallest end-to-end run: SFT warm start,
+    one iteration of rollout + updates, evaluation; ~30-60 s on 2 cores."""
+    from configs import mgshop
+    from configs.baselines import add_baseline_config
+
+    c = mgshop.get_config()
+    with c.unlocked():
+        add_baseline_config(c)
+        c.method = method
+        c.sft.steps, c.sft.episodes, c.sft.batch_size = 2, 16, 8
+        # 8 rows: one per fake device of the data axis.
+        c.train.steps, c.train.groups, c.train.group_size, c.train.minibatches, c.train.epochs = 1, 2, 4, 1, 2
+        c.eval.episodes = 4
+        c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 32, 64, 1
+        c.baselines.ppo.value_layers = 1
+        c.baselines.memento.bank_size = 64
+    return c
+
+
 def fake_train(cfg, workdir):
     """Stands in for training a sweep run: TSE = β_pref/10 + seed/100 (hand-checkable), two eval points."""
     tse = cfg.gopo.beta_pref / 10 + cfg.seed / 100

@@ -5,26 +5,10 @@ import math
 
 import pytest
 
-from configs import mgshop
-from configs.baselines import add_baseline_config
 from gopo_jax.train.driver import train_run
+from tests.helpers import tiny_method_config
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_config(method: str):
-    c = mgshop.get_config()
-    with c.unlocked():
-        add_baseline_config(c)
-        c.method = method
-        c.sft.steps, c.sft.episodes, c.sft.batch_size = 2, 16, 8
-        # 8 rows: one per fake device of the data axis.
-        c.train.steps, c.train.groups, c.train.group_size, c.train.minibatches, c.train.epochs = 1, 2, 4, 1, 2
-        c.eval.episodes = 4
-        c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 32, 64, 1
-        c.baselines.ppo.value_layers = 1
-        c.baselines.memento.bank_size = 64
-    return c
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +19,7 @@ def results(tmp_path_factory):
         method = name.split("/")[0]
         if method not in cache:
             workdir = tmp_path_factory.mktemp(method)
-            summary = train_run(tiny_config(method), workdir)
+            summary = train_run(tiny_method_config(method), workdir)
             lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines() if l.strip()]
             cache[method] = (summary, [l for l in lines if any(k.startswith("train/") for k in l)])
             judged = [json.loads(l) for l in (workdir / "judge_samples.jsonl").read_text().splitlines()]

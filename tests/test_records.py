@@ -127,7 +127,7 @@ def test_a_run_is_stamped_and_checked_with_its_worlds_digest(tmp_path):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"env": {"name": "multiwoz"}}))
     records.stamp(run)
-    assert records._digest_of(run) == records.code_digest("multiwoz") != records.code_digest("tmallbrand")
+    assert records.stamped_digest(run) == records.code_digest("multiwoz") != records.code_digest("tmallbrand")
     # Unreadable, or a world the table does not name: the whole run code.
     for text in ("{", json.dumps({"env": {"name": "a_new_world"}})):
         (run / "config.json").write_text(text)
@@ -165,8 +165,8 @@ def test_a_worlds_own_files_are_executed_by_its_runs_only():
 @pytest.mark.parametrize("text", ["", "{", "[]", '{"gopo_jax": 3}'])
 def test_a_damaged_stamp_reads_as_other_code(tmp_path, text):
     (tmp_path / records.CODE).write_text(text)
-    assert records._digest_of(tmp_path) in (None, 3)
-    assert records._digest_of(tmp_path) != records.code_digest()
+    assert records.stamped_digest(tmp_path) in (None, 3)
+    assert records.stamped_digest(tmp_path) != records.code_digest()
 
 
 def test_no_run_code_imports_what_the_digest_leaves_out():
