@@ -460,6 +460,14 @@ def _dialogue_label(key, record):
     return (f"dialogue {key!r}",)
 
 
+@pytest.mark.parametrize("bleu", [True, False])
+def test_predictions_without_a_single_turn_are_an_error(multiwoz_dir, bleu):
+    """Found by the fuzzer with a local example database: BLEU over no turns raised IndexError."""
+    predictions = {dialogue_id: [] for dialogue_id in multiwoz_eval.human_references(multiwoz_dir, "test")}
+    with pytest.raises(multiwoz_eval.MultiWOZDataError, match="every dialogue's turn list is empty"):
+        multiwoz_eval.evaluate(predictions, multiwoz_dir, split="test", bleu=bleu)
+
+
 def test_the_multiwoz_examples_load(multiwoz_dir, tmp_path):
     data = multiwoz.load_data(multiwoz_dir, "test")
     assert [g.dialogue_id for g in data.goals] == ["mul0001", "sng0002"]
@@ -743,6 +751,15 @@ def test_the_hf_index_loads(workdir):
         (folder / shard).write_bytes(b"")
     (folder / hf_io.INDEX_FILE).write_text(json.dumps(HF_INDEX))
     assert hf_io._weight_files(folder) == {name: folder / f for name, f in HF_INDEX["weight_map"].items()}
+
+
+def test_a_shard_name_too_long_for_the_file_system_is_a_missing_shard(workdir):
+    """Found by the fuzzer with a local example database: a 300-byte name made `is_file` raise OSError."""
+    folder = workdir / "hf_index_long_name"
+    folder.mkdir()
+    (folder / hf_io.INDEX_FILE).write_text(json.dumps({"weight_map": {"lm_head.weight": "x" * 300}}))
+    with pytest.raises(hf_io.HFModelError, match="lists shard file\\(s\\) that are missing"):
+        hf_io._weight_files(folder)
 
 
 @FUZZ

@@ -720,6 +720,9 @@ def _validate(predictions: dict, goals: dict, booked: dict, reference_turns: dic
         if dialogue_id not in booked:
             raise MultiWOZDataError(f"{booked_path} has no entry for {dialogue_id!r}; re-fetch the file")
         clean[dialogue_id] = [dict(t) for t in turns]
+    if not any(clean.values()):
+        raise MultiWOZDataError("predictions: every dialogue's turn list is empty, so there is nothing to score; "
+                                "give one {'response': ...} per system turn")
     return clean
 
 

@@ -169,6 +169,14 @@ def checkpoint_config(path) -> Qwen3Config:
         raise HFModelError(f"{folder / 'config.json'}: {e}") from None
 
 
+def _is_file(path: pathlib.Path) -> bool:
+    """Whether `path` is a file; False for a name the file system cannot hold (over 255 bytes: OSError)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     """HF tensor name -> the safetensors file holding it."""
     single, index = folder / SINGLE_FILE, folder / INDEX_FILE
@@ -184,7 +192,7 @@ def _weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
             raise HFModelError(f"{index}: weight_map[{bad!r}] = {weight_map[bad]!r:.60} is not the name of a shard "
                                "file in the checkpoint folder")
         files = {name: folder / file for name, file in weight_map.items()}
-        absent = sorted({str(f) for f in files.values() if not f.is_file()})
+        absent = sorted({str(f) for f in files.values() if not _is_file(f)})
         if absent:
             raise HFModelError(f"{index} lists shard file(s) that are missing: {absent}")
         return files
