@@ -12,8 +12,8 @@ hours on this machine. This command takes the records stamped with COMMIT's dige
 experiments/records.py, so a change of the digest's rules is carried as well), prints the run-code files that differ
 from the installed code, and retrains a sample from the records' own configs: per world and label (`--check=label`)
 or per world (`--check=world`) the cheapest unit, one run or the seed group trained vmapped as it was. Only when every
-sampled run ends with its record's summary (but `wall_seconds`), final parameters and evaluation lines (but their
-wall-clock `time`) does it restamp all of COMMIT's records with the installed code's digests; otherwise it names the
+sampled run ends with its record's summary (but its wall time and a seed group's checkpoint folder), final parameters
+and evaluation lines (but their wall-clock `time`; a step a resumed run logged twice counts once) does it restamp all of COMMIT's records with the installed code's digests; otherwise it names the
 first difference and stamps nothing: the change changed results, so retrain. What the sample cannot show (a change
 on a path only unsampled runs take) is the caller's argument: write it in the commit that carries the stamps.
 """
@@ -39,8 +39,7 @@ from gopo_jax import command_line
 FLAGS = flags.FLAGS
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SUMMARY = "summary.json"
-_UNTIMED_SUMMARY = ("wall_seconds",)  # the only summary fields a retrained run may change
-_UNTIMED_EVAL = ("time",)
+_UNTIMED_EVAL = ("time",)  # the only field of an evaluation line a retrained run may change
 
 
 class CarryError(ValueError):
@@ -92,13 +91,17 @@ def carried(records: pathlib.Path, old: dict[str | None, str]) -> list[pathlib.P
 
 
 def units(directories: list[pathlib.Path]) -> list[Unit]:
-    """The records grouped as they were trained: the seeds of one folder that trained vmapped form one unit."""
-    groups: dict[pathlib.Path, list[pathlib.Path]] = {}
+    """The records grouped as they were trained: the seeds of one setting that trained vmapped together form one
+    unit (`seed_parallel.seeds`)."""
+    groups: dict[tuple, list[pathlib.Path]] = {}
     out = []
     for directory in directories:
         summary = json.loads((directory / SUMMARY).read_text())
-        if summary.get("seed_parallel"):
-            groups.setdefault(directory.parent, []).append(directory)
+        group = summary.get("seed_parallel")
+        if group:
+            # The seeds that trained together (a sitting may have trained only some of a setting's seeds).
+            seeds = tuple(group.get("seeds", ())) if isinstance(group, dict) else ()
+            groups.setdefault((directory.parent, seeds), []).append(directory)
         else:
             out.append(Unit((directory,), False, float(summary.get("wall_seconds", 0.0))))
     for members in groups.values():
@@ -145,27 +148,43 @@ def _without(record: dict, keys: tuple[str, ...]) -> dict:
     return {k: v for k, v in record.items() if k not in keys}
 
 
-def _eval_records(path: pathlib.Path) -> list[dict]:
-    return [_without(json.loads(line), _UNTIMED_EVAL) for line in records_lib.eval_lines(path).splitlines()]
+def _comparable_summary(directory: pathlib.Path) -> dict:
+    """A run's summary but when and where it trained: its wall time, and a seed group's checkpoint folder."""
+    summary = _without(json.loads((directory / SUMMARY).read_text()), ("wall_seconds",))
+    if isinstance(summary.get("seed_parallel"), dict):
+        summary["seed_parallel"] = _without(summary["seed_parallel"], ("group_dir",))
+    return summary
+
+
+def _eval_by_step(path: pathlib.Path) -> dict:
+    """step -> the distinct evaluation lines logged at it, but their wall-clock `time`. A resumed run logs some
+    steps again (its reference point, identical), which a run trained in one go does not: copies count once."""
+    out: dict = {}
+    for line in records_lib.eval_lines(path).splitlines():
+        record = _without(json.loads(line), _UNTIMED_EVAL)
+        out.setdefault(record.get("step"), set()).add(json.dumps(record, sort_keys=True))
+    return out
 
 
 def difference(record: pathlib.Path, retrained: pathlib.Path) -> str | None:
     """What differs between a record and its retrained run (the first difference), or None."""
-    kept = _without(json.loads((record / SUMMARY).read_text()), _UNTIMED_SUMMARY)
-    again = _without(json.loads((retrained / SUMMARY).read_text()), _UNTIMED_SUMMARY)
+    kept, again = _comparable_summary(record), _comparable_summary(retrained)
     if kept.get("final_params_sha256") != again.get("final_params_sha256"):
         return (f"final parameters {str(kept.get('final_params_sha256'))[:12]} -> "
                 f"{str(again.get('final_params_sha256'))[:12]}")
     for key in sorted(kept.keys() | again.keys()):
         if kept.get(key) != again.get(key):
             return f"summary.{key}: {json.dumps(kept.get(key))[:120]} -> {json.dumps(again.get(key))[:120]}"
-    lines, lines_again = _eval_records(record / records_lib.METRICS), _eval_records(retrained / records_lib.METRICS)
-    if len(lines) != len(lines_again):
-        return f"{len(lines)} evaluation lines -> {len(lines_again)}"
-    for i, (a, b) in enumerate(zip(lines, lines_again)):
-        key = next((k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)), None)
-        if key is not None:
-            return f"evaluation line {i + 1} ({key}): {a.get(key)} -> {b.get(key)}"
+    steps, steps_again = _eval_by_step(record / records_lib.METRICS), _eval_by_step(retrained / records_lib.METRICS)
+    if steps.keys() != steps_again.keys():
+        return f"evaluated at steps {sorted(steps, key=str)} -> {sorted(steps_again, key=str)}"
+    for step in sorted(steps, key=str):
+        if steps[step] != steps_again[step]:
+            if len(steps[step]) == len(steps_again[step]) == 1:
+                a, b = (json.loads(next(iter(lines))) for lines in (steps[step], steps_again[step]))
+                key = next(k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k))
+                return f"evaluation at step {step} ({key}): {a.get(key)} -> {b.get(key)}"
+            return f"evaluation at step {step}: {len(steps[step])} distinct lines -> {len(steps_again[step])}"
     return None
 
 

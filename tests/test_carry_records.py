@@ -19,9 +19,9 @@ def _record(root: pathlib.Path, relative: str, *, seconds: float, seed_parallel:
     directory = root / relative
     directory.mkdir(parents=True)
     (directory / "config.json").write_text(json.dumps({"env": {"name": world}, "seed": int(relative[-1])}))
+    group = {"seed_parallel": {"seeds": [0, 1], "group_dir": str(directory.parent)}} if seed_parallel else {}
     (directory / "summary.json").write_text(json.dumps({"env": world, "wall_seconds": seconds,
-                                                        "final_params_sha256": params,
-                                                        **({"seed_parallel": True} if seed_parallel else {})}))
+                                                        "final_params_sha256": params, **group}))
     (directory / records.METRICS).write_text(json.dumps({"step": 1, "eval/tse": 0.25, "time": 1.0}) + "\n")
     records.stamp(directory, OLD[world])
     return directory
@@ -29,13 +29,15 @@ def _record(root: pathlib.Path, relative: str, *, seconds: float, seed_parallel:
 
 def _copying_trainer(records_root: pathlib.Path, scratch: pathlib.Path, edit=lambda summary: summary):
     """Stand-ins for the trainers: each 'retrained' run is its record again (its summary passed through `edit`),
-    with a new wall time and new evaluation times, as a real rerun has; the calls are logged."""
+    with a new wall time, group folder and evaluation times, as a real rerun has; the calls are logged."""
     calls = []
 
     def one(config, target):
         source = records_root / pathlib.Path(target).relative_to(scratch / "runs")
         pathlib.Path(target).mkdir(parents=True)
         summary = edit(json.loads((source / "summary.json").read_text()) | {"wall_seconds": 99.0})
+        if "seed_parallel" in summary:  # a group trains its checkpoints in a folder of the scratch directory
+            summary["seed_parallel"] = summary["seed_parallel"] | {"group_dir": str(pathlib.Path(target).parent)}
         (pathlib.Path(target) / "summary.json").write_text(json.dumps(summary))
         line = json.loads((source / records.METRICS).read_text()) | {"time": 2.0}
         (pathlib.Path(target) / records.METRICS).write_text(json.dumps(line) + "\n")
@@ -86,6 +88,16 @@ def test_the_sample_is_the_cheapest_unit_per_world_or_per_world_and_label(kept):
         carry_records.sample(units, kept, "seed")
 
 
+def test_seeds_of_one_setting_trained_in_two_sittings_are_two_units(tmp_path):
+    first = [_record(tmp_path, f"runs/synthetic_shop/sft/seed{k}", seconds=10, seed_parallel=True) for k in (0, 1)]
+    later = _record(tmp_path, "runs/synthetic_shop/sft/seed2", seconds=5, seed_parallel=True)
+    summary = json.loads((later / "summary.json").read_text())
+    summary["seed_parallel"]["seeds"] = [2]
+    (later / "summary.json").write_text(json.dumps(summary))
+    units = carry_records.units(carry_records.carried(tmp_path, OLD))
+    assert sorted(u.directories for u in units) == [tuple(first), (later,)]
+
+
 def test_identical_retrained_runs_carry_every_record_of_the_old_code(kept, tmp_path):
     train, train_group, calls = _copying_trainer(kept, tmp_path / "scratch")
     out = carry_records.carry(kept, OLD, tmp_path / "scratch", check="world", train_fn=train,
@@ -119,7 +131,15 @@ def test_an_evaluation_line_that_differs_is_named(tmp_path):
         (directory / "summary.json").write_text(json.dumps({"final_params_sha256": "a", "wall_seconds": 1.0}))
         (directory / records.METRICS).write_text(json.dumps({"step": 3, "eval/tse": tse, "time": tse}) + "\n"
                                                  + json.dumps({"step": 3, "train/loss": 1.0}) + "\n")
-    assert carry_records.difference(record, again) == "evaluation line 1 (eval/tse): 0.25 -> 0.5"
+    assert carry_records.difference(record, again) == "evaluation at step 3 (eval/tse): 0.25 -> 0.5"
+    # A resumed run logs its reference point again (identical but for the time): it is the same evaluation.
+    lines = [{"step": 0, "eval/tse": 0.1, "time": 1.0}, {"step": 3, "eval/tse": 0.25, "time": 2.0},
+             {"step": 0, "eval/tse": 0.1, "time": 3.0}]
+    (record / records.METRICS).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (again / records.METRICS).write_text("".join(json.dumps(x | {"time": 9.0}) + "\n" for x in lines[:2]))
+    assert carry_records.difference(record, again) is None
+    (again / records.METRICS).write_text("".join(json.dumps(x) + "\n" for x in lines[1:2]))
+    assert carry_records.difference(record, again) == "evaluated at steps [0, 3] -> [3]"
 
 
 def test_a_commits_digests_follow_its_own_rules(tmp_path):
