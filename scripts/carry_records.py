@@ -93,21 +93,16 @@ def carried(records: pathlib.Path, old: dict[str | None, str]) -> list[pathlib.P
 def units(directories: list[pathlib.Path]) -> list[Unit]:
     """The records grouped as they were trained: the seeds of one setting that trained vmapped together form one
     unit (`seed_parallel.seeds`)."""
-    groups: dict[tuple, list[pathlib.Path]] = {}
-    out = []
+    groups: dict[tuple, list[tuple[pathlib.Path, float]]] = {}
     for directory in directories:
         summary = json.loads((directory / SUMMARY).read_text())
         group = summary.get("seed_parallel")
-        if group:
-            # The seeds that trained together (a sitting may have trained only some of a setting's seeds).
-            seeds = tuple(group.get("seeds", ())) if isinstance(group, dict) else ()
-            groups.setdefault((directory.parent, seeds), []).append(directory)
-        else:
-            out.append(Unit((directory,), False, float(summary.get("wall_seconds", 0.0))))
-    for members in groups.values():
-        cost = max(float(json.loads((d / SUMMARY).read_text()).get("wall_seconds", 0.0)) for d in members)
-        out.append(Unit(tuple(sorted(members)), True, cost))
-    return out
+        # The seeds that trained together (a sitting may have trained only some of a setting's seeds); a run alone.
+        key = (("group", directory.parent, tuple(group.get("seeds", ())) if isinstance(group, dict) else ())
+               if group else ("run", directory))
+        groups.setdefault(key, []).append((directory, float(summary.get("wall_seconds", 0.0))))
+    return [Unit(tuple(sorted(d for d, _ in members)), key[0] == "group", max(s for _, s in members))
+            for key, members in groups.items()]
 
 
 def sample(all_units: list[Unit], records: pathlib.Path, check: str) -> list[Unit]:

@@ -148,7 +148,9 @@ def test_a_commits_digests_follow_its_own_rules(tmp_path):
     package = pathlib.Path(records.__file__).parents[1] / "gopo_jax"
     shutil.copytree(package, repo / "gopo_jax", ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "experiments").mkdir()
-    rules = pathlib.Path(records.__file__).read_text().replace('"peer_watch.py")', '"peer_watch.py", "sampling.py")')
+    installed_rules = pathlib.Path(records.__file__).read_text()
+    rules = installed_rules.replace('"peer_watch.py")', '"peer_watch.py", "sampling.py")')
+    assert rules != installed_rules
     (repo / "experiments" / "records.py").write_text(rules)
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)

@@ -115,10 +115,9 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.param, self.code, self.type, self.headers = status, param, code, type_, headers or {}
 
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+    def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": str(self), "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status,
-                            headers={**self.headers, **(headers or {})})
+                                       "code": self.code}}, status_code=self.status, headers=self.headers)
 
 
 @dataclasses.dataclass
@@ -267,9 +266,9 @@ class BodyLimit:
             return await too_large.response()(scope, receive, send)
         except TimeoutError:
             late = APIError(408, f"the request body did not arrive within {self.timeout_s:g} s",
-                            code="request_timeout")
+                            code="request_timeout", headers={"connection": "close"})
             # The client is still inside its body: close the connection rather than read on after the answer.
-            return await late.response(headers={"connection": "close"})(scope, receive, send)
+            return await late.response()(scope, receive, send)
         if body is None:  # the client left; nobody reads this answer, but the API-key middleware needs one
             return await APIError(400, "the client disconnected inside its request body",
                                   code="client_disconnected").response()(scope, receive, send)
@@ -343,9 +342,9 @@ class ServedAPI:
                         top_logprobs=MAX_TOP_LOGPROBS if wants_alternatives else 0, seed=req.seed,
                         n_candidates=n_candidates), max_tokens
 
-    async def complete(self, req: ChatRequest, request: Request | None = None):
-        """The response to `req`; with `request` (the HTTP request it came in), a client that disconnects before
-        its answer withdraws it from the batcher's queue."""
+    async def complete(self, req: ChatRequest, request: Request):
+        """The response to `req`, which came in `request`: a client that disconnects before its answer withdraws it
+        from the batcher's queue."""
         sampling, max_tokens = self.sampling(req)
         try:
             # Off the event loop: tokenising and realising a long history must not stall other requests' I/O.
@@ -354,9 +353,8 @@ class ServedAPI:
         except RequestError as e:
             raise APIError(400, str(e), param=e.param, code=e.code) from None
         answer = self.batcher.submit(conversation, req.n, sampling)
-        if request is not None:
-            await _unless_client_leaves(answer, request)
-        replies = await answer
+        await _unless_client_leaves(answer, request)
+        replies = answer.result()
         completion = self.response(conversation, replies, req, max_tokens)
         if not req.stream:
             return JSONResponse(completion)
